@@ -1,0 +1,69 @@
+"""Fixtures shared by the suite: the Hub simulator, a cache, and real mounts."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vfs.testing.hubsim import HubSimulator
+from vfs.testing.mounts import MountProcess, isolated_environment
+
+
+def fuse_available():
+    return os.path.exists("/dev/fuse") and shutil.which("fusermount3") and os.geteuid() == 0
+
+
+needs_fuse = pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse, fusermount3 and root")
+
+
+@pytest.fixture
+def hub():
+    with HubSimulator() as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def mount_factory(tmp_path):
+    """Builds MountProcess objects for a manifest text; stops them all at the end."""
+    mounts = []
+
+    def make(manifest_text, endpoint, *, cache_dir=None, mountpoint=None, env=None, args=(), start=True):
+        index = len(mounts)
+        manifest = tmp_path / f"models-{index}.yaml"
+        manifest.write_text(manifest_text)
+        mount = MountProcess(
+            manifest, mountpoint or tmp_path / f"mnt-{index}", cache_dir or tmp_path / "cache",
+            endpoint, tmp_path / f"mount-{index}.log",
+            env=isolated_environment(tmp_path, env), extra_args=args)
+        mounts.append(mount)
+        return mount.start() if start else mount
+
+    yield make
+    for mount in mounts:
+        mount.stop()
+
+
+def unexpected_log_lines(text, allowed=()):
+    """Log lines at WARNING or above that a test did not expect."""
+    bad = [line for line in text.splitlines()
+           if (" WARNING " in line or " ERROR " in line or "Traceback" in line)]
+    return [line for line in bad if not any(pattern in line for pattern in allowed)]
+
+
+@pytest.fixture
+def random_file(tmp_path):
+    """Writes `size` deterministic pseudo-random bytes to a file and returns its path."""
+    def make(name, size, seed=1):
+        import random
+        path = Path(tmp_path) / "sources" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        generator = random.Random(seed)
+        with open(path, "wb") as out:
+            remaining = size
+            while remaining:
+                chunk = min(remaining, 1 << 20)
+                out.write(generator.randbytes(chunk))
+                remaining -= chunk
+        return path
+    return make

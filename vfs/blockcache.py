@@ -1,0 +1,391 @@
+"""The on-disk block cache: blobs, block presence, single-flight fetch, verification.
+
+Knows nothing of FUSE, inodes or the Hub: a blob is a content id and a size, and bytes
+come from a `BlockSource` the caller hands in.
+
+Layout (format 1) under the cache directory:
+
+    format                              "lamina-llm-cache cache" / "format 1" / "block_size N"
+    CACHEDIR.TAG                        so backup tools skip the cache
+    blobs/<algo>/<hh>/<hex>.data        sparse file of the blob's full size
+    blobs/<algo>/<hh>/<hex>.log         presence log: one 16-byte record per block stored
+    blobs/<algo>/<hh>/<hex>.ok          present once the whole blob hashed to its content id
+
+Durability rules:
+- A block's bytes are pwritten and fdatasync'ed *before* its record is appended to the
+  log and the log is fdatasync'ed. A record is the only proof that a block is present,
+  so after a crash or SIGKILL every block counted present is on disk.
+- A record carries the block's crc32 and its own crc32; a torn or garbled record is
+  ignored (its block is fetched again). Later records for a block win over earlier ones.
+- A block read from disk for the first time in this process is checked against its crc
+  before it is served; a mismatch drops it and fetches it again.
+- When every block is present the blob is hashed against its content id (sha256 for LFS
+  files, git blob sha1 for small ones); only then is `.ok` written. A mismatch discards
+  the blob's presence and says so in the log. Blobs of one block are hashed before a
+  single byte of them is served.
+
+Concurrency rules:
+- In-memory state (Blob.present/.crcs/.checked, the in-flight table) is only touched from
+  the trio thread. Worker threads do blocking work (HTTP, pwrite + fsync, hashing) on
+  values handed to them and return results; they never touch that state.
+- One fetch per (blob, block) at a time, whatever the number of readers or handles: the
+  first asker starts it, later askers wait for the same Flight and share its bytes. A
+  flight stays in the table until its bytes are durable, so nobody fetches it twice.
+- Other processes (`pull`) append to the same logs. Before fetching a block that looks
+  absent, the log's new records are read in, so their work is reused.
+"""
+
+import errno
+import hashlib
+import logging
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from . import errors
+from .atomic import fsync_directory, write_atomically
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+RECORD = struct.Struct("<4sIII")       # magic, block index, block crc32, record crc32
+RECORD_MAGIC = b"BLK1"
+CACHEDIR_TAG = b"Signature: 8a477f597d28d172789f06886806bc55\n# lamina-llm-cache block cache\n"
+
+
+class BlockSource(Protocol):
+    """Where a blob's bytes come from when they are not cached."""
+
+    describe: str   # "model/file" for log lines
+
+    def fetch(self, start: int, length: int) -> bytes:
+        """Exactly `length` bytes from `start` (blocking; called in a worker thread)."""
+
+
+@dataclass(eq=False)
+class Flight:
+    """One block being fetched: readers wait on `done`, then take `data` or `error`."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+    error: BaseException | None = None
+
+
+class Blob:
+    """One content id's cached bytes; shared by every file that has this content."""
+
+    def __init__(self, base: Path, content_id, size, block_size):
+        self.content_id, self.size, self.block_size = content_id, size, block_size
+        self.data_path = base.with_suffix(".data")
+        self.log_path = base.with_suffix(".log")
+        self.ok_path = base.with_suffix(".ok")
+        self.blocks = max(1, -(-size // block_size))
+        self.present = bytearray(self.blocks)
+        self.checked = bytearray(self.blocks)
+        self.crcs = [0] * self.blocks
+        self.log_read = 0               # bytes of the log already applied
+        self.verified = False
+        self.open_count = 0
+        self.data_fd = self.log_fd = None
+
+    def block_range(self, index):
+        start = index * self.block_size
+        return start, min(self.block_size, self.size - start)
+
+    def cached_bytes(self):
+        return sum(self.block_range(i)[1] for i in range(self.blocks) if self.present[i])
+
+    def complete(self):
+        return all(self.present)
+
+    def open_files(self):
+        self.data_path.parent.mkdir(parents=True, exist_ok=True)
+        self.data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
+        if os.fstat(self.data_fd).st_size != self.size:
+            os.ftruncate(self.data_fd, self.size)
+        self.log_fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        self.verified = self.ok_path.exists()
+        self.read_new_records()
+
+    def read_new_records(self):
+        """Apply log records appended since the last look (by us or another process)."""
+        end = os.fstat(self.log_fd).st_size
+        if end < self.log_read:      # the log was reset (blob discarded elsewhere)
+            self.forget_all()
+        whole = (end - self.log_read) // RECORD.size * RECORD.size
+        raw = os.pread(self.log_fd, whole, self.log_read) if whole else b""
+        self.log_read += len(raw)
+        for offset in range(0, len(raw), RECORD.size):
+            self._apply(raw[offset:offset + RECORD.size])
+
+    def _apply(self, record):
+        magic, index, crc, own_crc = RECORD.unpack(record)
+        if magic != RECORD_MAGIC or own_crc != zlib.crc32(record[:12]) or index >= self.blocks:
+            return                      # torn or foreign record: its block stays absent
+        if not self.present[index] or self.crcs[index] != crc:
+            self.checked[index] = 0
+        self.present[index], self.crcs[index] = 1, crc
+
+    def forget_all(self):
+        self.present[:] = bytes(self.blocks)
+        self.checked[:] = bytes(self.blocks)
+        self.log_read = 0
+        self.verified = False
+
+    def close_files(self):
+        for fd in (self.data_fd, self.log_fd):
+            if fd is not None:
+                os.close(fd)
+        self.data_fd = self.log_fd = None
+
+
+def make_record(index, crc):
+    head = struct.pack("<4sII", RECORD_MAGIC, index, crc)
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def content_hasher(content_id, size):
+    """A hashlib object primed so its hexdigest equals the content id's hex when bytes match."""
+    algo, _ = content_id.split(":", 1)
+    if algo == "sha256":
+        return hashlib.sha256()
+    hasher = hashlib.sha1()
+    hasher.update(b"blob %d\0" % size)  # git hashes a header before the bytes
+    return hasher
+
+
+def matches_content_id(content_id, size, chunks):
+    hasher = content_hasher(content_id, size)
+    for chunk in chunks:
+        hasher.update(chunk)
+    return hasher.hexdigest() == content_id.split(":", 1)[1]
+
+
+def file_chunks(fd, size, chunk=8 * 1024 * 1024):
+    for offset in range(0, size, chunk):
+        yield os.pread(fd, min(chunk, size - offset), offset)
+
+
+class BlockCache:
+    def __init__(self, root, block_size, fetch_workers=8):
+        self.root = Path(root)
+        self.block_size = open_cache_dir(self.root, block_size)
+        self._blobs: dict[str, Blob] = {}
+        self._inflight: dict[tuple[str, int], Flight] = {}
+        self._fetch_limiter = trio.CapacityLimiter(fetch_workers)
+        self._disk_limiter = trio.CapacityLimiter(4)
+        self._nursery = None
+
+    def start(self, nursery):
+        """Background fetches and verifications run in `nursery` (one per mount)."""
+        self._nursery = nursery
+
+    def blob(self, content_id, size):
+        """The one Blob of `content_id`, opened on first use."""
+        blob = self._blobs.get(content_id)
+        if blob is None:
+            blob = Blob(self.blob_base(content_id), content_id, size, self.block_size)
+            blob.open_files()
+            self._blobs[content_id] = blob
+        return blob
+
+    def blob_base(self, content_id):
+        algo, digest = content_id.split(":", 1)
+        if algo not in ("sha256", "sha1") or not all(c in "0123456789abcdef" for c in digest):
+            raise errors.CacheError(f"not a content id: {content_id!r}")
+        return self.root / "blobs" / algo / digest[:2] / digest
+
+    def peek(self, content_id, size):
+        """(cached bytes, verified) of a blob, read from disk without opening it for use."""
+        blob = self._blobs.get(content_id)
+        if blob is not None:
+            return blob.cached_bytes(), blob.verified
+        probe = Blob(self.blob_base(content_id), content_id, size, self.block_size)
+        try:
+            probe.log_fd = os.open(probe.log_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0, False
+        try:
+            probe.read_new_records()
+            return probe.cached_bytes(), probe.ok_path.exists()
+        finally:
+            probe.close_files()
+
+    def inflight(self, blob, index):
+        return (blob.content_id, index) in self._inflight
+
+    async def read(self, blob, index, start, length, source):
+        """`length` bytes at `start` inside block `index` of `blob`."""
+        if blob.present[index]:
+            data = await self._read_present(blob, index, start, length)
+            if data is not None:
+                return data
+        data = await self._fetched_block(blob, index, source)
+        return bytes(memoryview(data)[start:start + length])
+
+    async def _read_present(self, blob, index, start, length):
+        block_start, _ = blob.block_range(index)
+        if blob.checked[index]:
+            return os.pread(blob.data_fd, length, block_start + start)
+        block = await self._check_block(blob, index)
+        return None if block is None else bytes(memoryview(block)[start:start + length])
+
+    async def _check_block(self, blob, index):
+        """The whole block if its bytes on disk match its crc; else None (and absent)."""
+        block_start, block_len = blob.block_range(index)
+        async with self._disk_limiter:
+            block = await trio.to_thread.run_sync(os.pread, blob.data_fd, block_len, block_start)
+        if len(block) == block_len and zlib.crc32(block) == blob.crcs[index]:
+            blob.checked[index] = 1
+            return block
+        log.error("%s: block %d (offset %d) is corrupt on disk; fetching it again",
+                  blob.content_id, index, block_start)
+        blob.present[index] = 0
+        if blob.verified:
+            blob.verified = False
+            _unlink_quietly(blob.ok_path)
+        return None
+
+    def prefetch(self, blob, index, source):
+        """Start fetching block `index` in the background unless it is here or coming."""
+        if index >= blob.blocks or blob.present[index] or self.inflight(blob, index):
+            return
+        self._start_flight(blob, index, source)
+
+    async def _fetched_block(self, blob, index, source):
+        flight = self._inflight.get((blob.content_id, index))
+        if flight is None:
+            blob.read_new_records()       # another process may have stored it meanwhile
+            if blob.present[index]:
+                data = await self._read_present(blob, index, 0, blob.block_range(index)[1])
+                if data is not None:
+                    return data
+            flight = self._start_flight(blob, index, source)
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.data
+
+    def _start_flight(self, blob, index, source):
+        flight = Flight()
+        self._inflight[(blob.content_id, index)] = flight
+        self._nursery.start_soon(self._fly, blob, index, source, flight)
+        return flight
+
+    async def _fly(self, blob, index, source, flight):
+        try:
+            flight.data = await self._download(blob, index, source)
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting reader
+            flight.error = exc
+            del self._inflight[(blob.content_id, index)]
+            flight.done.set()
+            return
+        flight.done.set()
+        try:
+            await self._store(blob, index, flight.data, source)
+        except Exception:  # noqa: BLE001 - a background task must never end the mount
+            log.exception("%s: storing block %d failed", source.describe, index)
+        finally:
+            del self._inflight[(blob.content_id, index)]
+        if blob.complete() and not blob.verified:
+            self._nursery.start_soon(self._verify_in_background, blob, source.describe)
+
+    async def _verify_in_background(self, blob, describe):
+        try:
+            await self.verify(blob, describe)
+        except Exception:  # noqa: BLE001 - a background task must never end the mount
+            log.exception("%s: verifying %s failed", describe, blob.content_id)
+
+    async def _download(self, blob, index, source):
+        block_start, block_len = blob.block_range(index)
+        async with self._fetch_limiter:
+            data = await trio.to_thread.run_sync(source.fetch, block_start, block_len)
+        if len(data) != block_len:
+            raise errors.FetchError(f"{source.describe}: got {len(data)} bytes for block {index}")
+        if blob.blocks == 1 and not matches_content_id(blob.content_id, blob.size, [data]):
+            raise errors.IntegrityError(
+                f"{source.describe}: bytes from the Hub do not match {blob.content_id}")
+        return data
+
+    async def _store(self, blob, index, data, source):
+        """Make the block durable, then record it; a full disk only costs the caching."""
+        crc = zlib.crc32(data)
+        block_start, _ = blob.block_range(index)
+        try:
+            async with self._disk_limiter:
+                await trio.to_thread.run_sync(_write_block, blob.data_fd, blob.log_fd,
+                                              block_start, data, index, crc)
+        except OSError as exc:
+            level = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
+            log.error("%s: block %d not cached (%s); served from memory", source.describe, index, level)
+            return
+        blob.read_new_records()
+        blob.checked[index] = 1
+
+    async def verify(self, blob, describe=""):
+        """Hash the complete blob; mark it verified, or discard it on a mismatch."""
+        async with self._disk_limiter:
+            good = await trio.to_thread.run_sync(
+                lambda: matches_content_id(blob.content_id, blob.size, file_chunks(blob.data_fd, blob.size)))
+        if good:
+            await trio.to_thread.run_sync(write_atomically, blob.ok_path, b"")
+            blob.verified = True
+            return True
+        log.error("%s: %s does not match its content id; discarding it, it will be fetched again",
+                  describe or blob.content_id, blob.content_id)
+        await trio.to_thread.run_sync(_reset_log, blob.log_fd)
+        blob.forget_all()
+        blob.read_new_records()
+        return False
+
+
+def _write_block(data_fd, log_fd, offset, data, index, crc):
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(data_fd, view, offset)
+        view, offset = view[written:], offset + written
+    os.fdatasync(data_fd)
+    os.write(log_fd, make_record(index, crc))
+    os.fdatasync(log_fd)
+
+
+def _reset_log(log_fd):
+    os.ftruncate(log_fd, 0)
+    os.fsync(log_fd)
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def open_cache_dir(root: Path, block_size):
+    """Create or check the cache directory; the block size of an existing cache wins."""
+    marker = root / "format"
+    if marker.exists():
+        return _read_format(marker)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "CACHEDIR.TAG").write_bytes(CACHEDIR_TAG)
+    write_atomically(marker, f"lamina-llm-cache cache\nformat {FORMAT_VERSION}\nblock_size {block_size}\n".encode())
+    fsync_directory(root)
+    return block_size
+
+
+def _read_format(marker):
+    try:
+        lines = dict(line.split(" ", 1) for line in marker.read_text().splitlines()[1:] if " " in line)
+        version, block_size = int(lines["format"]), int(lines["block_size"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise errors.CacheError(f"{marker}: unreadable cache format marker ({exc})") from None
+    if version != FORMAT_VERSION:
+        raise errors.CacheError(
+            f"{marker.parent}: cache format {version} is not supported by this version "
+            f"(it reads format {FORMAT_VERSION}); use another --cache-dir or upgrade")
+    return block_size

@@ -1,0 +1,253 @@
+"""Argument parsing, logging setup and subcommands; the only reader of sys.argv."""
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from . import __version__, errors
+from .settings import from_environment
+
+log = logging.getLogger("vfs")
+
+SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text):
+    """'500G', '1.5T', '1048576' -> bytes."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1] if value and value[-1] in SIZE_UNITS else ""
+    try:
+        return int(float(value[:-1] if unit else value) * SIZE_UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 500G)") from None
+
+
+def human(size):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def add_common(parser):
+    parser.add_argument("-m", "--manifest", default="models.yaml", help="the manifest (default ./models.yaml)")
+    parser.add_argument("--cache-dir", help="block cache directory (default $XDG_CACHE_HOME/lamina-llm-cache)")
+    parser.add_argument("--endpoint", help="Hub URL (default $HF_ENDPOINT or https://huggingface.co)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="lamina-llm-cache", description=(
+        "Mount the models of models.yaml as read-only files, fetched lazily from the Hugging Face Hub."))
+    parser.add_argument("--version", action="version", version=f"lamina-llm-cache {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mount = commands.add_parser("mount", help="mount the manifest's models (foreground unless --background)")
+    mount.add_argument("mountpoint", nargs="?", help="default: models/ beside the manifest")
+    add_common(mount)
+    mount.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    mount.add_argument("--read-ahead-kb", type=int, default=1024, help="kernel read-ahead of the mount")
+    mount.add_argument("--max-size", type=parse_size, help="cap the cache at this size (e.g. 500G)")
+    mount.add_argument("--block-size", type=parse_size, help="block size of a new cache (default 8M)")
+    mount.add_argument("--background", action="store_true", help="return once the mount is ready")
+    mount.add_argument("--log-file", help="write the log here (default: stderr)")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    unmount = commands.add_parser("unmount", help="unmount a mountpoint")
+    unmount.add_argument("mountpoint")
+
+    listing = commands.add_parser("list", help="models, backends, sizes and how much is cached")
+    add_common(listing)
+    listing.add_argument("--json", action="store_true")
+
+    info = commands.add_parser("info", help="one model's files, commit, content ids and cache state")
+    info.add_argument("name")
+    add_common(info)
+    info.add_argument("--json", action="store_true")
+
+    add = commands.add_parser("add", help="add a model to the manifest")
+    add.add_argument("name")
+    add.add_argument("--hf", required=True, help="Hub repo id, e.g. org/name")
+    add.add_argument("--file", help="the repo file for a single-file model (e.g. a .gguf)")
+    add.add_argument("--revision", help="branch, tag or commit (default main)")
+    add.add_argument("--backend", default="llama.cpp", help="llama.cpp | mlc | vllm | transformers")
+    add.add_argument("--include", action="append", default=[], help="glob of files for a directory model")
+    add_common(add)
+
+    demo = commands.add_parser("demo", help="mount a generated model from a simulated Hub (no network)")
+    demo.add_argument("mountpoint", nargs="?", help="default: a new temporary directory")
+    demo.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def setup_logging(verbose, log_file=None):
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("urllib3", "httpx", "httpx2", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def settings_for(args):
+    return from_environment(
+        endpoint=getattr(args, "endpoint", None), cache_dir=getattr(args, "cache_dir", None),
+        max_size=getattr(args, "max_size", None), read_ahead_kb=getattr(args, "read_ahead_kb", None),
+        allow_other=getattr(args, "allow_other", None), block_size=getattr(args, "block_size", None))
+
+
+def load(args):
+    from .manifest import load_manifest
+    return load_manifest(args.manifest)
+
+
+def cmd_mount(args):
+    if args.background:
+        return spawn_background(args)
+    from . import mount
+    manifest = load(args)
+    mountpoint = Path(args.mountpoint or Path(args.manifest).resolve().parent / "models")
+    fs = mount.build(settings_for(args), manifest)
+    mount.run(fs, mountpoint, on_ready=lambda: report_ready(args.ready_fd, mountpoint))
+    return 0
+
+
+def report_ready(ready_fd, mountpoint):
+    if ready_fd is None:
+        print(f"lamina-llm-cache: serving {mountpoint} (Ctrl-C to unmount)", file=sys.stderr, flush=True)
+        return
+    os.write(ready_fd, b"ready\n")
+    os.close(ready_fd)
+
+
+def spawn_background(args):
+    """Run the mount in a detached child and return once it is ready, or with its error."""
+    read_end, write_end = os.pipe()
+    argv = [a for a in sys.argv[1:] if a != "--background"] + ["--ready-fd", str(write_end)]
+    log_file = args.log_file or str(Path(settings_for(args).cache_dir) / "mount.log")
+    if not args.log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        argv += ["--log-file", log_file]
+    with open(log_file, "ab") as log_output:
+        child = subprocess.Popen([sys.executable, "-m", "vfs"] + argv, pass_fds=(write_end,),
+                                 stdin=subprocess.DEVNULL, stdout=log_output, stderr=log_output,
+                                 start_new_session=True)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as ready:
+        answer = ready.read().decode(errors="replace")
+    if answer.startswith("ready"):
+        print(f"lamina-llm-cache: mounted (pid {child.pid}, log {log_file})")
+        return 0
+    code = child.wait()
+    print(f"lamina-llm-cache: {answer.strip() or f'mount failed; see {log_file}'}", file=sys.stderr)
+    return code or 1
+
+
+def cmd_unmount(args):
+    from .mount import unmount
+    unmount(Path(args.mountpoint))
+    return 0
+
+
+def model_rows(args):
+    """Per model: its spec, snapshot (or None) and per-file cache state, without mounting."""
+    from .blockcache import BlockCache
+    from .hub import Hub
+    from .snapshots import SnapshotStore
+    settings = settings_for(args)
+    manifest = load(args)
+    cache = BlockCache(settings.cache_dir, settings.block_size)
+    hub = Hub(settings, SnapshotStore(settings.cache_dir))
+    rows = []
+    for spec in manifest.models:
+        snapshot = None if spec.hf is None else pin_quietly(hub, spec, settings)
+        files = [] if snapshot is None else [
+            (f, *cache.peek(f.content_id, f.size)) for f in snapshot.files]
+        rows.append((spec, snapshot, files))
+    return rows
+
+
+def pin_quietly(hub, spec, settings):
+    try:
+        return hub.pin(spec, online=False)
+    except errors.HubError:
+        if settings.offline:
+            raise
+        return hub.pin(spec, online=True)
+
+
+def cmd_list(args):
+    rows = model_rows(args)
+    if args.json:
+        print(json.dumps([row_json(spec, snap, files) for spec, snap, files in rows], indent=2))
+        return 0
+    print(f"{'NAME':24} {'BACKEND':10} {'SIZE':>10} {'CACHED':>7}  PATH")
+    for spec, snapshot, files in rows:
+        size = sum(f.size for f, _, _ in files)
+        cached = sum(c for _, c, _ in files)
+        share = f"{100 * cached / size:.0f}%" if size else "-"
+        print(f"{spec.name:24} {spec.backend:10} {human(size) if snapshot else '-':>10} {share:>7}  {spec.path}")
+    return 0
+
+
+def row_json(spec, snapshot, files):
+    return {
+        "name": spec.name, "backend": spec.backend, "path": spec.path, "hf": spec.hf,
+        "revision": spec.revision, "commit": snapshot.commit if snapshot else None,
+        "size": sum(f.size for f, _, _ in files), "cached_bytes": sum(c for _, c, _ in files),
+        "files": [{"path": f.path, "size": f.size, "content_id": f.content_id,
+                   "cached_bytes": cached, "verified": verified} for f, cached, verified in files],
+    }
+
+
+def cmd_info(args):
+    rows = [row for row in model_rows(args) if row[0].name == args.name]
+    if not rows:
+        raise errors.UsageError(f"no model named {args.name!r} in {args.manifest}")
+    data = row_json(*rows[0])
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for key in ("name", "backend", "path", "hf", "revision", "commit"):
+        print(f"{key:9} {data[key] if data[key] is not None else '-'}")
+    print(f"{'size':9} {human(data['size'])}, {human(data['cached_bytes'])} cached")
+    for f in data["files"]:
+        state = "verified" if f["verified"] else f"{human(f['cached_bytes'])} cached"
+        print(f"  {f['path']}  {human(f['size'])}  {f['content_id'][:19]}…  {state}")
+    return 0
+
+
+def cmd_add(args):
+    from .manifest import add_model
+    spec = add_model(args.manifest, args.name, hf=args.hf, backend=args.backend, file=args.file,
+                     revision=args.revision, include=tuple(args.include))
+    print(f"added {spec.name}: {spec.path} ({spec.hf})")
+    return 0
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    return run_demo(args.mountpoint)
+
+
+COMMANDS = {"mount": cmd_mount, "unmount": cmd_unmount, "list": cmd_list, "info": cmd_info,
+            "add": cmd_add, "demo": cmd_demo}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "verbose", False), getattr(args, "log_file", None))
+    try:
+        return COMMANDS[args.command](args)
+    except errors.LaminaError as exc:
+        print(f"lamina-llm-cache: error: {exc}", file=sys.stderr)
+        if getattr(args, "ready_fd", None) is not None:
+            os.write(args.ready_fd, f"error: {exc}\n".encode())
+        return errors.exit_code_for(exc)
+    except KeyboardInterrupt:
+        return 130

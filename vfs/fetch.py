@@ -1,0 +1,208 @@
+"""Ranged HTTP reads of one file's bytes: resolve, retries, backoff, timeouts, checks.
+
+The only importer of the HTTP client. Blocking: callers run it in worker threads; each
+thread keeps its own `requests.Session` (a session is not safe to share across threads).
+
+Every ranged answer is checked before a byte of it is used: status 206, the exact
+Content-Range asked for, and exactly the length asked for. A server that ignores Range
+(200 + whole body) is read by skipping to the offset, never by trusting the slice it
+sent. A connection that dies mid-body resumes from the exact byte it stopped at. The
+token goes only to the Hub's own origin, never to the CDN a redirect points to.
+"""
+
+import logging
+import threading
+import time
+import urllib.parse
+
+import requests
+
+from . import errors
+from .retry import RETRY_STATUSES, backoff, server_hint
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 5
+CHUNK = 1024 * 1024
+
+
+class _Retry(Exception):
+    """One attempt failed in a way worth another try; `wait` is the server's hint."""
+
+    def __init__(self, reason, wait=None):
+        super().__init__(reason)
+        self.wait = wait
+
+
+def origin(url):
+    parts = urllib.parse.urlsplit(url)
+    return (parts.scheme, parts.hostname, parts.port)
+
+
+class RangeFetcher:
+    def __init__(self, settings):
+        self.settings = settings
+        self._local = threading.local()
+        self._targets = {}          # resolve URL -> URL the bytes come from (after redirects)
+        self._lock = threading.Lock()
+
+    def session(self):
+        if getattr(self._local, "session", None) is None:
+            session = requests.Session()
+            session.headers["Accept-Encoding"] = "identity"
+            session.headers["User-Agent"] = "lamina-llm-cache"
+            self._local.session = session
+        return self._local.session
+
+    def _headers_for(self, url, extra=None):
+        headers = dict(extra or {})
+        if self.settings.token and origin(url) == origin(self.settings.endpoint):
+            headers["Authorization"] = f"Bearer {self.settings.token}"
+        return headers
+
+    def read_range(self, url, start, length, what=""):
+        """Exactly `length` bytes of `url` from `start`, or a LaminaError within the deadline."""
+        buffer = bytearray(length)
+        view = memoryview(buffer)
+        got = 0
+        deadline = time.monotonic() + self.settings.read_deadline
+        for attempt in range(self.settings.max_retries + 1):
+            try:
+                got += self._read_into(url, start + got, view[got:])
+                return buffer
+            except _Retry as problem:
+                got += getattr(problem, "got", 0)
+                self._wait_or_give_up(problem, attempt, deadline, what, start + got)
+        raise AssertionError("unreachable")
+
+    def _wait_or_give_up(self, problem, attempt, deadline, what, offset):
+        wait = backoff(attempt, problem.wait)
+        if attempt >= self.settings.max_retries or time.monotonic() + wait > deadline:
+            raise errors.FetchError(f"{what}: offset {offset}: {problem} (gave up after {attempt + 1} tries)")
+        log.info("%s: offset %d: %s; retry in %.2fs", what, offset, problem, wait)
+        time.sleep(wait)
+
+    def _read_into(self, url, start, view):
+        """One attempt: fill `view` from `start`; on failure raise _Retry carrying bytes got."""
+        target = self.resolve(url)
+        end = start + len(view) - 1
+        try:
+            response = self.session().get(
+                target, headers=self._headers_for(target, {"Range": f"bytes={start}-{end}"}),
+                stream=True, allow_redirects=False,
+                timeout=(self.settings.connect_timeout, self.settings.read_timeout))
+        except requests.RequestException as exc:
+            raise _Retry(f"request failed: {type(exc).__name__}") from None
+        with response:
+            skip = self._check_response(url, response, start, end)
+            return self._read_body(response, view, skip)
+
+    def _check_response(self, url, response, start, end):
+        """Bytes to skip before the asked range begins (0 unless the server ignored Range)."""
+        status = response.status_code
+        if status == 206:
+            _check_partial(response, start, end)
+            return 0
+        if status == 200:
+            log.warning("%s ignored the Range header; skipping to offset %d", _safe(url), start)
+            return start
+        self._raise_for_status(url, response)
+
+    def _raise_for_status(self, url, response):
+        status = response.status_code
+        if status in (401, 403):
+            with self._lock:
+                self._targets.pop(url, None)  # a signed CDN URL may have expired
+            raise errors.AccessDenied(f"access denied (HTTP {status})")
+        if status == 404:
+            raise errors.EntryNotFound("the file is gone from the Hub (HTTP 404)")
+        if status == 416:
+            raise errors.FetchError("range not satisfiable: the Hub's file is shorter than its listing")
+        if status in RETRY_STATUSES:
+            raise _Retry(f"HTTP {status}", server_hint(response.headers))
+        raise errors.FetchError(f"unexpected HTTP {status}")
+
+    def _read_body(self, response, view, skip):
+        got = 0
+        try:
+            _discard(response.raw, skip)
+            while got < len(view):
+                n = response.raw.readinto(view[got:got + CHUNK])
+                if not n:
+                    break
+                got += n
+        except (OSError, requests.RequestException, _urllib3_errors()) as exc:
+            raise _with_progress(_Retry(f"connection broke mid-body: {type(exc).__name__}"), got) from None
+        if got < len(view):
+            raise _with_progress(_Retry(f"short body ({got} of {len(view)} bytes)"), got)
+        return got
+
+    def resolve(self, url):
+        """The URL that serves the bytes: follows the Hub's redirects once and remembers."""
+        with self._lock:
+            if url in self._targets:
+                return self._targets[url]
+        target = self._follow_redirects(url)
+        with self._lock:
+            self._targets[url] = target
+        return target
+
+    def _follow_redirects(self, url):
+        current = url
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                response = self.session().head(
+                    current, headers=self._headers_for(current), allow_redirects=False,
+                    timeout=(self.settings.connect_timeout, self.settings.read_timeout))
+            except requests.RequestException as exc:
+                raise _Retry(f"request failed: {type(exc).__name__}") from None
+            if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
+                _require_hub_headers(response)
+                current = urllib.parse.urljoin(current, response.headers["location"])
+                continue
+            if response.status_code == 200:
+                return current
+            self._raise_for_status(url, response)
+        raise errors.FetchError(f"too many redirects (more than {MAX_REDIRECTS}): a redirect loop")
+
+
+def _check_partial(response, start, end):
+    expected = f"bytes {start}-{end}/"
+    content_range = response.headers.get("content-range", "")
+    if not content_range.startswith(expected):
+        raise errors.FetchError(f"wrong Content-Range {content_range!r}, asked for bytes {start}-{end}")
+    length = response.headers.get("content-length")
+    if length is not None and int(length) != end - start + 1:
+        raise errors.FetchError(f"wrong Content-Length {length}, asked for {end - start + 1} bytes")
+
+
+def _require_hub_headers(response):
+    """A Hub redirect names the commit and the content; without them it is not the Hub."""
+    if "x-repo-commit" not in response.headers:
+        raise errors.FetchError("the Hub's redirect has no X-Repo-Commit header")
+    if not (response.headers.get("x-linked-etag") or response.headers.get("etag")):
+        raise errors.FetchError("the Hub's redirect has no ETag")
+
+
+def _discard(raw, count):
+    while count > 0:
+        chunk = raw.read(min(count, CHUNK))
+        if not chunk:
+            raise _Retry("body ended before the asked offset")
+        count -= len(chunk)
+
+
+def _with_progress(problem, got):
+    problem.got = got
+    return problem
+
+
+def _urllib3_errors():
+    import urllib3.exceptions
+    return urllib3.exceptions.HTTPError
+
+
+def _safe(url):
+    """A URL fit for a log line: no query string (signed CDN URLs carry credentials there)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))

@@ -1,0 +1,167 @@
+"""Wiring and lifecycle of a mount: pin, build, pyfuse3.init/main/close, signals, readiness.
+
+Order matters here. Everything that can fail for a user-visible reason (manifest, Hub,
+cache, mountpoint) fails before pyfuse3.init, with a clear message and nothing mounted.
+After init, the daemon must not stat its own mountpoint until pyfuse3.main is running
+(the kernel would wait on a reply nobody sends). The kernel resets the mount's
+read_ahead_kb when the FUSE handshake completes, so it is raised from inside the loop,
+after a first request has gone through.
+"""
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from . import errors
+from .blockcache import BlockCache
+from .fetch import RangeFetcher
+from .hub import Hub, resolve_url
+from .ops import Operations
+from .reader import OpenFile, Reader, RemoteSource
+from .snapshots import SnapshotStore
+from .tree import Tree
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Filesystem:
+    """Everything one mount serves, built before anything is mounted."""
+
+    settings: object
+    tree: Tree
+    cache: BlockCache
+    fetcher: RangeFetcher
+    reader: Reader
+
+    def open_file(self, node):
+        ref = node.file
+        blob = self.cache.blob(ref.content_id, ref.size)
+        blob.open_count += 1
+        url = resolve_url(self.settings.endpoint, ref.repo, ref.commit, ref.repo_path)
+        return OpenFile(blob, RemoteSource(self.fetcher, url, ref.describe), ref.size)
+
+    def operations(self):
+        return Operations(self.tree, self.reader, self.cache, self.open_file)
+
+
+def pin_all(settings, manifest, store):
+    """Model name -> Snapshot (None for models without a source); offline falls back to the store."""
+    hub = Hub(settings, store)
+    online = not settings.offline
+    snapshots = {}
+    for spec in manifest.models:
+        if spec.hf is None:
+            snapshots[spec.name] = None
+            continue
+        snapshots[spec.name] = hub.pin(spec, online=online)
+        online = online and hub.reachable
+    return snapshots
+
+
+def build(settings, manifest):
+    cache = BlockCache(settings.cache_dir, settings.block_size, settings.fetch_workers)
+    snapshots = pin_all(settings, manifest, SnapshotStore(settings.cache_dir))
+    tree = Tree.build(manifest, snapshots)
+    return Filesystem(settings, tree, cache, RangeFetcher(settings), Reader(cache))
+
+
+def mount_options(settings):
+    options = set(pyfuse3.default_options) | {"fsname=lamina-llm-cache", "subtype=lamina", "ro"}
+    if settings.allow_other:
+        options.add("allow_other")
+    return options
+
+
+def prepare_mountpoint(mountpoint: Path):
+    """Create the mountpoint, or clear a dead mount left by a killed daemon."""
+    try:
+        os.stat(mountpoint)
+    except FileNotFoundError:
+        mountpoint.mkdir(parents=True)
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise errors.LaminaError(f"{mountpoint}: {exc.strerror}") from None
+        log.warning("%s: a previous daemon died and left a dead mount; clearing it", mountpoint)
+        unmount(mountpoint, lazy=True)
+        return
+    if is_mounted(mountpoint):
+        raise errors.LaminaError(f"{mountpoint} is already mounted; unmount it first")
+
+
+def is_mounted(mountpoint):
+    target = os.path.realpath(mountpoint)
+    return any(fields[4] == target for fields in _mountinfo())
+
+
+def _mountinfo():
+    with open("/proc/self/mountinfo") as table:
+        for line in table:
+            fields = line.split()
+            fields[4] = fields[4].replace("\\040", " ")
+            yield fields
+
+
+def unmount(mountpoint, lazy=False):
+    command = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise errors.LaminaError(f"unmount {mountpoint}: {result.stderr.strip() or 'failed'}")
+
+
+def set_read_ahead(mountpoint, kilobytes):
+    """Raise the mount's read_ahead_kb so the kernel asks for big reads; False if not allowed."""
+    target = os.path.realpath(mountpoint)
+    for fields in _mountinfo():
+        if fields[4] == target:
+            try:
+                Path(f"/sys/class/bdi/{fields[2]}/read_ahead_kb").write_text(str(kilobytes))
+                return True
+            except OSError as exc:
+                log.info("read_ahead_kb stays at the kernel default (%s)", exc.strerror)
+                return False
+    return False
+
+
+def run(fs: Filesystem, mountpoint, on_ready=lambda: None):
+    """Mount `fs` at `mountpoint` and serve until unmounted or signalled (blocking)."""
+    mountpoint = Path(mountpoint)
+    prepare_mountpoint(mountpoint)
+    pyfuse3.init(fs.operations(), str(mountpoint), mount_options(fs.settings))
+    try:
+        trio.run(_serve, fs, mountpoint, on_ready)
+    finally:
+        pyfuse3.close(unmount=True)
+    log.info("unmounted %s", mountpoint)
+
+
+async def _serve(fs, mountpoint, on_ready):
+    async with trio.open_nursery() as nursery:
+        fs.cache.start(nursery)
+        nursery.start_soon(_main_loop, nursery.cancel_scope)
+        nursery.start_soon(_terminate_on_signal)
+        # A first request through the mount proves the handshake is done.
+        await trio.to_thread.run_sync(os.stat, mountpoint)
+        set_read_ahead(mountpoint, fs.settings.read_ahead_kb)
+        log.info("mounted %s (%d models)", mountpoint, len(fs.tree.listing(1)))
+        on_ready()
+
+
+async def _main_loop(cancel_scope):
+    await pyfuse3.main()
+    cancel_scope.cancel()
+
+
+async def _terminate_on_signal():
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()

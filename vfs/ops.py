@@ -1,0 +1,195 @@
+"""The pyfuse3 Operations: thin handlers over the tree and the reader, one errno decorator.
+
+Every handler goes through `handler`, so no exception but FUSEError ever reaches pyfuse3
+(one would end its main loop and leave every reader on the host with a dead mount).
+Files are immutable, so attributes and entries are cached by the kernel for a long time
+and files open with keep_cache: warm reads never reach Python.
+"""
+
+import errno
+import functools
+import logging
+import os
+import time
+
+import pyfuse3
+
+from . import errors
+from .reader import OpenFile
+
+log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT = 3600.0         # content is pinned: attributes cannot change under a mount
+NEGATIVE_TIMEOUT = 60.0       # loaders probe for missing files; let the kernel remember
+XATTR_PREFIX = "user.lamina."
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+def handler(function):
+    """Turn every exception into a FUSEError with the one errno table, logging failures."""
+
+    @functools.wraps(function)
+    async def wrapper(self, *args):
+        try:
+            return await function(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except errors.LaminaError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EROFS):
+                log.error("%s: %s", function.__name__, exc)
+            raise pyfuse3.FUSEError(errors.errno_for(exc)) from None
+        except Exception:  # noqa: BLE001 - a bug must cost one read, not the mount
+            log.exception("%s%r failed", function.__name__, args[:3])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def read_only(function):
+    @functools.wraps(function)
+    async def refuse(self, *args):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    return refuse
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+
+    def __init__(self, tree, reader, cache, open_file):
+        """`open_file(node) -> OpenFile` builds a handle's read state (wired in mount.py)."""
+        super().__init__()
+        self.tree, self.reader, self.cache = tree, reader, cache
+        self._open_file = open_file
+        self._handles: dict[int, OpenFile] = {}
+        self._next_handle = 1
+        self._mtime_ns = time.time_ns()
+        self._uid, self._gid = os.getuid(), os.getgid()
+
+    def _node(self, inode):
+        node = self.tree.node(inode)
+        if node is None:
+            raise errors.NotFound(f"inode {inode}")
+        return node
+
+    def _attributes(self, node):
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino, attrs.st_mode = node.inode, node.mode
+        attrs.st_nlink = 2 if node.is_dir else 1
+        attrs.st_size = node.size
+        attrs.st_blksize = 1024 * 1024
+        attrs.st_blocks = -(-node.size // 512)
+        attrs.st_uid, attrs.st_gid = self._uid, self._gid
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._mtime_ns
+        attrs.attr_timeout = attrs.entry_timeout = ATTR_TIMEOUT
+        return attrs
+
+    @handler
+    async def lookup(self, parent_inode, name, ctx=None):
+        node = self.tree.lookup(parent_inode, os.fsdecode(name))
+        if node is None:
+            missing = pyfuse3.EntryAttributes()
+            missing.st_ino, missing.entry_timeout = 0, NEGATIVE_TIMEOUT
+            return missing
+        return self._attributes(node)
+
+    @handler
+    async def getattr(self, inode, ctx=None):
+        return self._attributes(self._node(inode))
+
+    @handler
+    async def opendir(self, inode, ctx):
+        if not self._node(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @handler
+    async def readdir(self, fh, start_id, token):
+        entries = self.tree.listing(fh)
+        for position in range(start_id, len(entries)):
+            node = entries[position]
+            if not pyfuse3.readdir_reply(token, os.fsencode(node.name), self._attributes(node), position + 1):
+                break
+
+    @handler
+    async def releasedir(self, fh):
+        return None
+
+    @handler
+    async def open(self, inode, flags, ctx):
+        if flags & WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self._node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        handle = self._next_handle
+        self._next_handle += 1
+        self._handles[handle] = self._open_file(node)
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    @handler
+    async def read(self, fh, off, size):
+        handle = self._handles[fh]
+        try:
+            return await self.reader.read(handle, off, size)
+        except errors.LaminaError as exc:
+            raise type(exc)(f"{handle.source.describe}: read at offset {off}: {exc}") from None
+
+    @handler
+    async def release(self, fh):
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            handle.blob.open_count -= 1
+
+    @handler
+    async def access(self, inode, mode, ctx):
+        self._node(inode)
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    @handler
+    async def statfs(self, ctx):
+        stats = pyfuse3.StatvfsData()
+        total = sum(node.size for node in self.tree.files())
+        stats.f_bsize = stats.f_frsize = 4096
+        stats.f_blocks = -(-total // 4096)
+        stats.f_bfree = stats.f_bavail = 0
+        stats.f_files = len(self.tree.nodes)
+        stats.f_namemax = 255
+        return stats
+
+    @handler
+    async def listxattr(self, inode, ctx):
+        node = self._node(inode)
+        return [os.fsencode(XATTR_PREFIX + key) for key in self._xattrs(node)]
+
+    @handler
+    async def getxattr(self, inode, name, ctx):
+        values = self._xattrs(self._node(inode))
+        key = os.fsdecode(name)
+        if not key.startswith(XATTR_PREFIX) or key[len(XATTR_PREFIX):] not in values:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return values[key[len(XATTR_PREFIX):]].encode()
+
+    def _xattrs(self, node):
+        ref = node.file
+        if ref is None:
+            return {"model": node.model} if node.model else {}
+        cached, verified = self.cache.peek(ref.content_id, ref.size)
+        return {"model": ref.model, "repo": ref.repo, "revision": ref.revision, "commit": ref.commit,
+                "path": ref.repo_path, "content_id": ref.content_id, "size": str(ref.size),
+                "cached_bytes": str(cached), "verified": "yes" if verified else "no"}
+
+    # Everything that would change the filesystem: EROFS, always.
+    setattr = read_only(pyfuse3.Operations.setattr)
+    mknod = read_only(pyfuse3.Operations.mknod)
+    mkdir = read_only(pyfuse3.Operations.mkdir)
+    unlink = read_only(pyfuse3.Operations.unlink)
+    rmdir = read_only(pyfuse3.Operations.rmdir)
+    symlink = read_only(pyfuse3.Operations.symlink)
+    rename = read_only(pyfuse3.Operations.rename)
+    link = read_only(pyfuse3.Operations.link)
+    create = read_only(pyfuse3.Operations.create)
+    write = read_only(pyfuse3.Operations.write)
+    setxattr = read_only(pyfuse3.Operations.setxattr)
+    removexattr = read_only(pyfuse3.Operations.removexattr)

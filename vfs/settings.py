@@ -1,0 +1,70 @@
+"""Runtime options: one frozen dataclass, built from flags and the environment.
+
+This is the only module that reads the environment, so every other module receives
+its configuration explicitly and tests can build a Settings by hand.
+"""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+DEFAULT_BLOCK_SIZE = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    endpoint: str = DEFAULT_ENDPOINT
+    token: str | None = field(default=None, repr=False)  # never printed
+    cache_dir: Path = Path("~/.cache/lamina-llm-cache").expanduser()
+    hf_hub_cache: Path = Path("~/.cache/huggingface/hub").expanduser()
+    block_size: int = DEFAULT_BLOCK_SIZE
+    max_size: int | None = None          # bytes; None = bounded by free space only
+    min_free_fraction: float = 0.05      # keep this share of the disk free
+    read_ahead_kb: int = 1024
+    allow_other: bool = False
+    connect_timeout: float = 10.0
+    read_timeout: float = 15.0           # a stalled body is abandoned after this
+    read_deadline: float = 60.0          # a FUSE read gets its bytes or EIO within this
+    max_retries: int = 5
+    fetch_workers: int = 8               # concurrent range requests, all files together
+    offline: bool = False
+
+
+def _token_from_env(env):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if env.get(name):
+            return env[name].strip()
+    token_file = Path(_hf_home(env)) / "token"
+    try:
+        return token_file.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _hf_home(env):
+    default = Path(env.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "huggingface"
+    return Path(env.get("HF_HOME", default)).expanduser()
+
+
+def default_cache_dir(env=None):
+    env = os.environ if env is None else env
+    base = Path(env.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    return base / "lamina-llm-cache"
+
+
+def from_environment(env=None, **overrides):
+    """Settings from `env` (default os.environ), with explicit flag values on top."""
+    env = os.environ if env is None else env
+    values = {
+        "endpoint": (env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
+        "token": _token_from_env(env),
+        "cache_dir": default_cache_dir(env),
+        "hf_hub_cache": Path(env.get("HF_HUB_CACHE", _hf_home(env) / "hub")).expanduser(),
+        "offline": env.get("HF_HUB_OFFLINE", "") in ("1", "true", "yes"),
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values["endpoint"], str):
+        values["endpoint"] = values["endpoint"].rstrip("/")
+    values["cache_dir"] = Path(values["cache_dir"]).expanduser()
+    return Settings(**values)

@@ -1,0 +1,114 @@
+"""A real mount in a subprocess, for tests, demos and benchmarks.
+
+The daemon runs as `python -m vfs mount` with a private ready pipe, so the caller knows
+the moment the mount serves (or why it failed) and keeps the process handle to signal
+or kill it. Stopping always leaves no mount behind: a clean unmount when the daemon
+answers, a lazy one plus SIGKILL when it does not.
+"""
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BASE_ENV = {"HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def isolated_environment(home, extra=None):
+    """An environment with no inherited Hub token or cache, rooted in `home`."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "HUGGING_FACE_"))}
+    env.update(BASE_ENV, HF_HOME=str(Path(home) / "hf-home"))
+    env.update(extra or {})
+    return env
+
+
+class MountFailed(RuntimeError):
+    pass
+
+
+class MountProcess:
+    def __init__(self, manifest, mountpoint, cache_dir, endpoint, log_path, env=None, extra_args=()):
+        self.manifest, self.mountpoint = Path(manifest), Path(mountpoint)
+        self.cache_dir, self.endpoint, self.log_path = Path(cache_dir), endpoint, Path(log_path)
+        self.env = env or isolated_environment(self.log_path.parent)
+        self.extra_args = list(extra_args)
+        self.process = None
+
+    def command(self, ready_fd):
+        return [sys.executable, "-m", "vfs", "mount", str(self.mountpoint), "-m", str(self.manifest),
+                "--cache-dir", str(self.cache_dir), "--endpoint", self.endpoint,
+                "--log-file", str(self.log_path), "--ready-fd", str(ready_fd), *self.extra_args]
+
+    def start(self, timeout=60):
+        """Start the daemon and wait until it serves; MountFailed with its message if not."""
+        read_end, write_end = os.pipe()
+        self.process = subprocess.Popen(self.command(write_end), pass_fds=(write_end,), env=self.env,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
+        os.close(write_end)
+        try:
+            answer = _read_with_deadline(read_end, timeout)
+        finally:
+            os.close(read_end)
+        if not answer.startswith(b"ready"):
+            self.kill()
+            raise MountFailed(answer.decode(errors="replace").strip() or self.stderr_text())
+        return self
+
+    def stderr_text(self):
+        if self.process and self.process.poll() is not None:
+            return self.process.stderr.read().decode(errors="replace")
+        return ""
+
+    def log_text(self):
+        try:
+            return self.log_path.read_text()
+        except OSError:
+            return ""
+
+    def stop(self, timeout=15):
+        """SIGTERM (a clean unmount); on a hang, a lazy unmount and SIGKILL."""
+        if self.process is None or self.process.poll() is not None:
+            lazy_unmount(self.mountpoint)
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        lazy_unmount(self.mountpoint)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _read_with_deadline(fd, timeout):
+    deadline = time.monotonic() + timeout
+    chunks = []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        if b"\n" in chunk:
+            break
+    return b"".join(chunks)
+
+
+def lazy_unmount(mountpoint):
+    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
