@@ -11,6 +11,7 @@ def write_atomically(path, data: bytes):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
@@ -21,6 +22,16 @@ def write_atomically(path, data: bytes):
             os.unlink(tmp)
         raise
     fsync_directory(path.parent)
+
+
+def _mode_for(path):
+    """Keep an existing file's mode; a new file gets 0666 less the umask, like open()."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def fsync_directory(path):

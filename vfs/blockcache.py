@@ -48,14 +48,13 @@ from typing import Protocol
 import trio
 
 from . import errors
-from .atomic import fsync_directory, write_atomically
+from .atomic import write_atomically
+from .cachedir import CacheDir
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 RECORD = struct.Struct("<4sIII")       # magic, block index, block crc32, record crc32
 RECORD_MAGIC = b"BLK1"
-CACHEDIR_TAG = b"Signature: 8a477f597d28d172789f06886806bc55\n# lamina-llm-cache block cache\n"
 
 
 class BlockSource(Protocol):
@@ -90,6 +89,7 @@ class Blob:
         self.crcs = [0] * self.blocks
         self.log_read = 0               # bytes of the log already applied
         self.verified = False
+        self.failed_verifications = 0
         self.open_count = 0
         self.data_fd = self.log_fd = None
 
@@ -172,13 +172,17 @@ def file_chunks(fd, size, chunk=8 * 1024 * 1024):
 
 
 class BlockCache:
-    def __init__(self, root, block_size, fetch_workers=8):
-        self.root = Path(root)
-        self.block_size = open_cache_dir(self.root, block_size)
+    def __init__(self, directory: CacheDir, fetch_workers=8, max_size=None, min_free_fraction=0.05,
+                 pinned=frozenset()):
+        self.directory = directory
+        self.block_size = directory.block_size
+        self.max_size, self.min_free_fraction = max_size, min_free_fraction
+        self.pinned = set(pinned)       # content ids eviction must not touch
         self._blobs: dict[str, Blob] = {}
         self._inflight: dict[tuple[str, int], Flight] = {}
         self._fetch_limiter = trio.CapacityLimiter(fetch_workers)
         self._disk_limiter = trio.CapacityLimiter(4)
+        self._usage = None              # bytes on disk, kept current between scans
         self._nursery = None
 
     def start(self, nursery):
@@ -186,26 +190,22 @@ class BlockCache:
         self._nursery = nursery
 
     def blob(self, content_id, size):
-        """The one Blob of `content_id`, opened on first use."""
+        """The one Blob of `content_id`, opened on first use; marks it recently used."""
         blob = self._blobs.get(content_id)
         if blob is None:
-            blob = Blob(self.blob_base(content_id), content_id, size, self.block_size)
+            blob = Blob(self.directory.blob_base(content_id), content_id, size, self.block_size)
             blob.open_files()
             self._blobs[content_id] = blob
+        else:
+            os.utime(blob.data_path)
         return blob
-
-    def blob_base(self, content_id):
-        algo, digest = content_id.split(":", 1)
-        if algo not in ("sha256", "sha1") or not all(c in "0123456789abcdef" for c in digest):
-            raise errors.CacheError(f"not a content id: {content_id!r}")
-        return self.root / "blobs" / algo / digest[:2] / digest
 
     def peek(self, content_id, size):
         """(cached bytes, verified) of a blob, read from disk without opening it for use."""
         blob = self._blobs.get(content_id)
         if blob is not None:
             return blob.cached_bytes(), blob.verified
-        probe = Blob(self.blob_base(content_id), content_id, size, self.block_size)
+        probe = Blob(self.directory.blob_base(content_id), content_id, size, self.block_size)
         try:
             probe.log_fd = os.open(probe.log_path, os.O_RDONLY)
         except FileNotFoundError:
@@ -250,6 +250,24 @@ class BlockCache:
             blob.verified = False
             _unlink_quietly(blob.ok_path)
         return None
+
+    async def fill(self, blob, source, on_block=lambda length: None, parallel=4):
+        """Fetch every absent block of `blob`, `parallel` at a time (pull uses this)."""
+        blob.read_new_records()
+        slots = trio.Semaphore(parallel)
+
+        async def fetch_one(index):
+            try:
+                await self._fetched_block(blob, index, source)
+                on_block(blob.block_range(index)[1])
+            finally:
+                slots.release()
+
+        async with trio.open_nursery() as nursery:
+            for index in range(blob.blocks):
+                if not blob.present[index]:
+                    await slots.acquire()
+                    nursery.start_soon(fetch_one, index)
 
     def prefetch(self, blob, index, source):
         """Start fetching block `index` in the background unless it is here or coming."""
@@ -316,16 +334,51 @@ class BlockCache:
         """Make the block durable, then record it; a full disk only costs the caching."""
         crc = zlib.crc32(data)
         block_start, _ = blob.block_range(index)
-        try:
-            async with self._disk_limiter:
-                await trio.to_thread.run_sync(_write_block, blob.data_fd, blob.log_fd,
-                                              block_start, data, index, crc)
-        except OSError as exc:
-            level = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
-            log.error("%s: block %d not cached (%s); served from memory", source.describe, index, level)
-            return
+        for attempt in (1, 2):
+            await self._make_room(len(data), force=attempt > 1)
+            try:
+                async with self._disk_limiter:
+                    await trio.to_thread.run_sync(_write_block, blob.data_fd, blob.log_fd,
+                                                  block_start, data, index, crc)
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC or attempt > 1:
+                    cause = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
+                    log.error("%s: block %d not cached (%s); served from memory", source.describe, index, cause)
+                    return
+        self._usage = (self._usage or 0) + len(data)
         blob.read_new_records()
         blob.checked[index] = 1
+
+    async def _make_room(self, incoming, force=False):
+        """Evict least recently used blobs when `incoming` bytes would break the budget."""
+        if self._usage is None:
+            self._usage = await trio.to_thread.run_sync(self.directory.usage)
+        over_cap = self.max_size is not None and self._usage + incoming > self.max_size
+        if not (force or over_cap or await trio.to_thread.run_sync(self._below_free_floor, incoming)):
+            return
+        # On ENOSPC (force) free a margin, so the very next block does not hit it again.
+        extra = incoming * (8 if force else 1)
+        amount = await trio.to_thread.run_sync(
+            self.directory.bytes_to_free, self.max_size, self.min_free_fraction, extra)
+        evicted = await trio.to_thread.run_sync(self.directory.evict, amount, self._protected())
+        for content_id in evicted:
+            self._forget_blob(content_id)
+        self._usage = await trio.to_thread.run_sync(self.directory.usage)
+
+    def _below_free_floor(self, incoming):
+        disk = os.statvfs(self.directory.root)
+        return disk.f_bavail * disk.f_frsize - incoming < disk.f_blocks * disk.f_frsize * self.min_free_fraction
+
+    def _protected(self):
+        busy = {blob.content_id for blob in self._blobs.values() if blob.open_count > 0}
+        busy |= {content_id for content_id, _ in self._inflight}
+        return busy | self.pinned
+
+    def _forget_blob(self, content_id):
+        blob = self._blobs.pop(content_id, None)
+        if blob is not None:
+            blob.close_files()
 
     async def verify(self, blob, describe=""):
         """Hash the complete blob; mark it verified, or discard it on a mismatch."""
@@ -339,6 +392,7 @@ class BlockCache:
         log.error("%s: %s does not match its content id; discarding it, it will be fetched again",
                   describe or blob.content_id, blob.content_id)
         await trio.to_thread.run_sync(_reset_log, blob.log_fd)
+        blob.failed_verifications += 1
         blob.forget_all()
         blob.read_new_records()
         return False
@@ -364,28 +418,3 @@ def _unlink_quietly(path):
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def open_cache_dir(root: Path, block_size):
-    """Create or check the cache directory; the block size of an existing cache wins."""
-    marker = root / "format"
-    if marker.exists():
-        return _read_format(marker)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "CACHEDIR.TAG").write_bytes(CACHEDIR_TAG)
-    write_atomically(marker, f"lamina-llm-cache cache\nformat {FORMAT_VERSION}\nblock_size {block_size}\n".encode())
-    fsync_directory(root)
-    return block_size
-
-
-def _read_format(marker):
-    try:
-        lines = dict(line.split(" ", 1) for line in marker.read_text().splitlines()[1:] if " " in line)
-        version, block_size = int(lines["format"]), int(lines["block_size"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise errors.CacheError(f"{marker}: unreadable cache format marker ({exc})") from None
-    if version != FORMAT_VERSION:
-        raise errors.CacheError(
-            f"{marker.parent}: cache format {version} is not supported by this version "
-            f"(it reads format {FORMAT_VERSION}); use another --cache-dir or upgrade")
-    return block_size

@@ -78,6 +78,24 @@ def build_parser():
     add.add_argument("--include", action="append", default=[], help="glob of files for a directory model")
     add_common(add)
 
+    pull = commands.add_parser("pull", help="fetch models fully and verify them (no mount needed)")
+    pull.add_argument("names", nargs="*", metavar="NAME")
+    pull.add_argument("--all", action="store_true", help="every model of the manifest")
+    add_common(pull)
+
+    verify = commands.add_parser("verify", help="re-hash cached models against their content ids")
+    verify.add_argument("names", nargs="*", metavar="NAME")
+    add_common(verify)
+
+    gc = commands.add_parser("gc", help="evict least recently used blobs down to a size")
+    gc.add_argument("--max-size", type=parse_size, help="target size (without it: drop blobs no model names)")
+    add_common(gc)
+
+    for verb, text in (("pin", "keep a model's blobs out of eviction"), ("unpin", "undo pin")):
+        sub = commands.add_parser(verb, help=text)
+        sub.add_argument("name")
+        add_common(sub)
+
     demo = commands.add_parser("demo", help="mount a generated model from a simulated Hub (no network)")
     demo.add_argument("mountpoint", nargs="?", help="default: a new temporary directory")
     demo.add_argument("-v", "--verbose", action="store_true")
@@ -157,11 +175,12 @@ def cmd_unmount(args):
 def model_rows(args):
     """Per model: its spec, snapshot (or None) and per-file cache state, without mounting."""
     from .blockcache import BlockCache
+    from .cachedir import CacheDir
     from .hub import Hub
     from .snapshots import SnapshotStore
     settings = settings_for(args)
     manifest = load(args)
-    cache = BlockCache(settings.cache_dir, settings.block_size)
+    cache = BlockCache(CacheDir(settings.cache_dir, settings.block_size))
     hub = Hub(settings, SnapshotStore(settings.cache_dir))
     rows = []
     for spec in manifest.models:
@@ -206,10 +225,8 @@ def row_json(spec, snapshot, files):
 
 
 def cmd_info(args):
-    rows = [row for row in model_rows(args) if row[0].name == args.name]
-    if not rows:
-        raise errors.UsageError(f"no model named {args.name!r} in {args.manifest}")
-    data = row_json(*rows[0])
+    load(args).get(args.name)      # an unknown name is a usage error
+    data = row_json(*[row for row in model_rows(args) if row[0].name == args.name][0])
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -230,13 +247,36 @@ def cmd_add(args):
     return 0
 
 
+def cmd_pull(args):
+    from . import manage
+    if not args.names and not args.all:
+        raise errors.UsageError("pull: name at least one model, or --all")
+    return manage.pull(settings_for(args), load(args), args.names, everything=args.all)
+
+
+def cmd_verify(args):
+    from . import manage
+    return manage.verify(settings_for(args), load(args), args.names)
+
+
+def cmd_gc(args):
+    from . import manage
+    return manage.gc(settings_for(args), load(args), args.max_size)
+
+
+def cmd_pin(args):
+    from . import manage
+    return manage.pin(settings_for(args), load(args), args.name, pinned=args.command == "pin")
+
+
 def cmd_demo(args):
     from .demo import run_demo
     return run_demo(args.mountpoint)
 
 
 COMMANDS = {"mount": cmd_mount, "unmount": cmd_unmount, "list": cmd_list, "info": cmd_info,
-            "add": cmd_add, "demo": cmd_demo}
+            "add": cmd_add, "pull": cmd_pull, "verify": cmd_verify, "gc": cmd_gc,
+            "pin": cmd_pin, "unpin": cmd_pin, "demo": cmd_demo}
 
 
 def main(argv=None):

@@ -21,11 +21,13 @@ import trio
 
 from . import errors
 from .blockcache import BlockCache
+from .cachedir import CacheDir
 from .fetch import RangeFetcher
 from .hub import Hub, resolve_url
 from .ops import Operations
-from .reader import OpenFile, Reader, RemoteSource
+from .reader import OpenFile, Reader
 from .snapshots import SnapshotStore
+from .sources import HfCacheSource, RemoteSource, hf_cached_blob
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -45,8 +47,13 @@ class Filesystem:
         ref = node.file
         blob = self.cache.blob(ref.content_id, ref.size)
         blob.open_count += 1
+        return OpenFile(blob, self.source_for(ref, blob), ref.size)
+
+    def source_for(self, ref, blob):
         url = resolve_url(self.settings.endpoint, ref.repo, ref.commit, ref.repo_path)
-        return OpenFile(blob, RemoteSource(self.fetcher, url, ref.describe), ref.size)
+        remote = RemoteSource(self.fetcher, url, ref.describe)
+        local = hf_cached_blob(self.settings.hf_hub_cache, ref)
+        return remote if local is None else HfCacheSource(local, remote, blob)
 
     def operations(self):
         return Operations(self.tree, self.reader, self.cache, self.open_file)
@@ -67,10 +74,21 @@ def pin_all(settings, manifest, store):
 
 
 def build(settings, manifest):
-    cache = BlockCache(settings.cache_dir, settings.block_size, settings.fetch_workers)
+    directory = CacheDir(settings.cache_dir, settings.block_size)
     snapshots = pin_all(settings, manifest, SnapshotStore(settings.cache_dir))
+    cache = BlockCache(directory, settings.fetch_workers, settings.max_size, settings.min_free_fraction,
+                       pinned=pinned_content(manifest, snapshots, directory))
     tree = Tree.build(manifest, snapshots)
     return Filesystem(settings, tree, cache, RangeFetcher(settings), Reader(cache))
+
+
+def pinned_content(manifest, snapshots, directory):
+    """Content ids eviction must keep: `pin: true` models and models pinned with `pin`."""
+    pinned = set().union(*directory.pinned().values())
+    for spec in manifest.models:
+        if spec.pin and snapshots.get(spec.name):
+            pinned |= {f.content_id for f in snapshots[spec.name].files}
+    return pinned
 
 
 def mount_options(settings):

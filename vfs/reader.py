@@ -13,16 +13,6 @@ from dataclasses import dataclass
 from .blockcache import BlockCache, BlockSource
 
 
-class RemoteSource:
-    """A Hub file's bytes, fetched by HTTP range reads."""
-
-    def __init__(self, fetcher, url, describe):
-        self.fetcher, self.url, self.describe = fetcher, url, describe
-
-    def fetch(self, start, length):
-        return self.fetcher.read_range(self.url, start, length, self.describe)
-
-
 @dataclass
 class OpenFile:
     """One open handle's view: what it reads, and its sequential-access state."""

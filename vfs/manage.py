@@ -1,0 +1,139 @@
+"""Cache management without a mount: pull, verify, gc, pin. Shares the cache with mounts.
+
+`pull` uses the same block cache code as a mount (same durability and verification
+rules), so a pull interrupted at any point resumes where it stopped, and a running mount
+picks up the blocks a pull stored.
+"""
+
+import logging
+import sys
+import time
+
+import trio
+
+from . import errors, mount
+
+log = logging.getLogger(__name__)
+
+
+def selected_files(fs, manifest, names, everything=False):
+    """File refs of the named models (all models when `everything`), one per content id."""
+    known = {spec.name for spec in manifest.models}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise errors.UsageError(f"no model named {unknown[0]!r} in {manifest.source}")
+    wanted = known if everything or not names else set(names)
+    unique = {}
+    for node in fs.tree.files():
+        if node.model in wanted:
+            unique.setdefault(node.file.content_id, node.file)
+    return list(unique.values())
+
+
+class Progress:
+    """One updating line on a terminal; a plain line per 10% otherwise."""
+
+    def __init__(self, total, stream=sys.stderr):
+        self.total, self.done, self.stream = total, 0, stream
+        self.started = time.monotonic()
+        self.tty = stream.isatty()
+        self._last_tenth = -1
+
+    def advance(self, amount):
+        self.done += amount
+        share = self.done / self.total if self.total else 1.0
+        rate = self.done / max(time.monotonic() - self.started, 1e-6) / 1e6
+        line = f"pull: {self.done / 2**30:.2f}/{self.total / 2**30:.2f} GiB {share:6.1%} {rate:8.1f} MB/s"
+        if self.tty:
+            self.stream.write("\r" + line)
+        elif int(share * 10) != self._last_tenth:
+            self._last_tenth = int(share * 10)
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def finish(self):
+        if self.tty:
+            self.stream.write("\n")
+
+
+def pull(settings, manifest, names, everything=False):
+    fs = mount.build(settings, manifest)
+    refs = selected_files(fs, manifest, names, everything)
+    missing = sum(ref.size - fs.cache.peek(ref.content_id, ref.size)[0] for ref in refs)
+    progress = Progress(missing)
+    failed = trio.run(_pull, fs, refs, progress)
+    progress.finish()
+    for ref in failed:
+        print(f"pull: {ref.describe}: does not match {ref.content_id} after two tries", file=sys.stderr)
+    print(f"pull: {len(refs) - len(failed)} of {len(refs)} files complete and verified")
+    return 1 if failed else 0
+
+
+async def _pull(fs, refs, progress):
+    failed = []
+    for ref in refs:
+        for _ in range(2):     # a mismatch discards the blob; one more full try
+            if await _pull_one(fs, ref, progress):
+                break
+        else:
+            failed.append(ref)
+    return failed
+
+
+async def _pull_one(fs, ref, progress):
+    async with trio.open_nursery() as nursery:
+        fs.cache.start(nursery)
+        blob = fs.cache.blob(ref.content_id, ref.size)
+        blob.open_count += 1
+        try:
+            await fs.cache.fill(blob, fs.source_for(ref, blob), progress.advance)
+        finally:
+            blob.open_count -= 1
+    if blob.complete() and not blob.verified:
+        await fs.cache.verify(blob, ref.describe)
+    return blob.verified
+
+
+def verify(settings, manifest, names):
+    fs = mount.build(settings, manifest)
+    refs = selected_files(fs, manifest, names)
+    bad = trio.run(_verify_all, fs, refs)
+    print(f"verify: {len(refs) - bad} ok, {bad} discarded")
+    return 1 if bad else 0
+
+
+async def _verify_all(fs, refs):
+    bad = 0
+    for ref in refs:
+        blob = fs.cache.blob(ref.content_id, ref.size)
+        if not blob.complete():
+            print(f"{ref.describe}: incomplete ({blob.cached_bytes()} of {ref.size} bytes cached)")
+            continue
+        good = await fs.cache.verify(blob, ref.describe)
+        print(f"{ref.describe}: {'ok' if good else 'MISMATCH: discarded, will be fetched again'}")
+        bad += not good
+    return bad
+
+
+def gc(settings, manifest, max_size):
+    """Evict to `max_size` (LRU); without a size, drop blobs no manifest model names."""
+    fs = mount.build(settings, manifest)
+    directory = fs.cache.directory
+    named = {node.file.content_id for node in fs.tree.files()}
+    if max_size is None:
+        evicted = directory.evict(float("inf"), protected=named | fs.cache.pinned)
+    else:
+        evicted = directory.evict(max(0, directory.usage() - max_size), protected=fs.cache.pinned)
+    print(f"gc: evicted {len(evicted)} blobs; cache now {directory.usage()} bytes")
+    return 0
+
+
+def pin(settings, manifest, name, pinned=True):
+    fs = mount.build(settings, manifest)
+    refs = selected_files(fs, manifest, [name])
+    if pinned:
+        fs.cache.directory.pin(name, {ref.content_id for ref in refs})
+        print(f"pinned {name}: {len(refs)} files kept out of eviction")
+    else:
+        print(f"unpinned {name}" if fs.cache.directory.unpin(name) else f"{name} was not pinned")
+    return 0

@@ -1,0 +1,57 @@
+"""Where a blob's missing bytes come from: the Hub, or a copy already in the HF cache.
+
+A source is blocking (it runs in worker threads) and knows nothing of blocks or presence.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+from .snapshots import repo_slug
+
+log = logging.getLogger(__name__)
+
+
+class RemoteSource:
+    """A Hub file's bytes, fetched by HTTP range reads."""
+
+    def __init__(self, fetcher, url, describe):
+        self.fetcher, self.url, self.describe = fetcher, url, describe
+
+    def fetch(self, start, length):
+        return self.fetcher.read_range(self.url, start, length, self.describe)
+
+
+class HfCacheSource:
+    """Bytes from a blob huggingface_hub already downloaded, falling back to the Hub.
+
+    The copy is not trusted blindly: blocks copied from it are hashed with the rest of
+    the blob, and once a blob built from it fails verification, the Hub is used instead.
+    """
+
+    def __init__(self, path, remote, blob):
+        self.path, self.remote, self.blob = Path(path), remote, blob
+        self.describe = remote.describe
+
+    def fetch(self, start, length):
+        if self.blob.failed_verifications:
+            return self.remote.fetch(start, length)
+        try:
+            with open(self.path, "rb") as local:
+                data = os.pread(local.fileno(), length, start)
+        except OSError as exc:
+            log.warning("%s: Hugging Face cache copy unreadable (%s); using the Hub", self.describe, exc.strerror)
+            data = b""
+        return data if len(data) == length else self.remote.fetch(start, length)
+
+
+def hf_cached_blob(hf_hub_cache, ref):
+    """The path of `ref`'s bytes in the Hugging Face cache, if a copy of the right size is there."""
+    algo, _, digest = ref.content_id.partition(":")
+    if algo != "sha256":
+        return None       # huggingface_hub names small files by git sha1 only inside refs, skip them
+    candidate = Path(hf_hub_cache) / repo_slug(ref.repo) / "blobs" / digest
+    try:
+        return candidate if candidate.stat().st_size == ref.size else None
+    except OSError:
+        return None
