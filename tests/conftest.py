@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,16 @@ def mount_factory(tmp_path):
     yield make
     for mount in mounts:
         mount.stop()
+
+
+def eventually(condition, timeout=10.0):
+    """Poll `condition` until it holds or `timeout` passes; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
 
 
 def unexpected_log_lines(text, allowed=()):
