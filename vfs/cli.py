@@ -53,6 +53,9 @@ def build_parser():
     mount.add_argument("--read-ahead-kb", type=int, default=1024, help="kernel read-ahead of the mount")
     mount.add_argument("--max-size", type=parse_size, help="cap the cache at this size (e.g. 500G)")
     mount.add_argument("--block-size", type=parse_size, help="block size of a new cache (default 8M)")
+    mount.add_argument("--read-timeout", type=float, help="seconds a stalled transfer is waited for (default 15)")
+    mount.add_argument("--read-deadline", type=float,
+                       help="seconds within which a read gets its bytes or EIO (default 60)")
     mount.add_argument("--background", action="store_true", help="return once the mount is ready")
     mount.add_argument("--log-file", help="write the log here (default: stderr)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -108,7 +111,7 @@ def setup_logging(verbose, log_file=None):
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("urllib3", "httpx", "httpx2", "huggingface_hub", "filelock"):
+    for noisy in ("urllib3", "httpx", "httpx2", "huggingface_hub", "filelock", "gguf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -116,7 +119,8 @@ def settings_for(args):
     return from_environment(
         endpoint=getattr(args, "endpoint", None), cache_dir=getattr(args, "cache_dir", None),
         max_size=getattr(args, "max_size", None), read_ahead_kb=getattr(args, "read_ahead_kb", None),
-        allow_other=getattr(args, "allow_other", None), block_size=getattr(args, "block_size", None))
+        allow_other=getattr(args, "allow_other", None), block_size=getattr(args, "block_size", None),
+        read_timeout=getattr(args, "read_timeout", None), read_deadline=getattr(args, "read_deadline", None))
 
 
 def load(args):
