@@ -252,22 +252,31 @@ class BlockCache:
         return None
 
     async def fill(self, blob, source, on_block=lambda length: None, parallel=4):
-        """Fetch every absent block of `blob`, `parallel` at a time (pull uses this)."""
+        """Fetch every absent block of `blob`, `parallel` at a time (pull uses this).
+
+        The first failure stops the rest and is raised as itself (not as a group).
+        """
         blob.read_new_records()
         slots = trio.Semaphore(parallel)
+        failures = []
 
-        async def fetch_one(index):
+        async def fetch_one(index, cancel_scope):
             try:
                 await self._fetched_block(blob, index, source)
                 on_block(blob.block_range(index)[1])
+            except errors.LaminaError as exc:
+                failures.append(exc)
+                cancel_scope.cancel()
             finally:
                 slots.release()
 
         async with trio.open_nursery() as nursery:
             for index in range(blob.blocks):
-                if not blob.present[index]:
+                if not blob.present[index] and not failures:
                     await slots.acquire()
-                    nursery.start_soon(fetch_one, index)
+                    nursery.start_soon(fetch_one, index, nursery.cancel_scope)
+        if failures:
+            raise failures[0]
 
     def prefetch(self, blob, index, source):
         """Start fetching block `index` in the background unless it is here or coming."""

@@ -151,9 +151,11 @@ def spawn_background(args):
     """Run the mount in a detached child and return once it is ready, or with its error."""
     read_end, write_end = os.pipe()
     argv = [a for a in sys.argv[1:] if a != "--background"] + ["--ready-fd", str(write_end)]
-    log_file = args.log_file or str(Path(settings_for(args).cache_dir) / "mount.log")
+    from .cachedir import CacheDir
+    settings = settings_for(args)
+    CacheDir(settings.cache_dir, settings.block_size)      # refuse a bad cache before forking
+    log_file = args.log_file or str(settings.cache_dir / "mount.log")
     if not args.log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         argv += ["--log-file", log_file]
     with open(log_file, "ab") as log_output:
         child = subprocess.Popen([sys.executable, "-m", "vfs"] + argv, pass_fds=(write_end,),

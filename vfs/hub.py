@@ -154,8 +154,12 @@ def classify(spec, exc, attempt):
 
 
 def spec_has_token(exc):
-    request = getattr(exc, "request", None) or getattr(getattr(exc, "response", None), "request", None)
-    return bool(request is not None and request.headers.get("authorization"))
+    """Whether the failed request carried a token (httpx raises when no request is attached)."""
+    try:
+        request = exc.response.request if exc.response is not None else exc.request
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(request.headers.get("authorization"))
 
 
 def _classify_status(where, exc, attempt):

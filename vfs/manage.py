@@ -87,6 +87,9 @@ async def _pull_one(fs, ref, progress):
         blob.open_count += 1
         try:
             await fs.cache.fill(blob, fs.source_for(ref, blob), progress.advance)
+        except errors.IntegrityError as exc:
+            log.error("%s", exc)
+            return False
         finally:
             blob.open_count -= 1
     if blob.complete() and not blob.verified:
