@@ -149,7 +149,9 @@ def classify(spec, exc, attempt):
     if isinstance(exc, hf_errors.HfHubHTTPError):
         return _classify_status(where, exc, attempt)
     if isinstance(exc, hf_errors.HTTPError) or isinstance(exc, OSError):
-        return errors.HubUnreachable(f"{where}: Hub unreachable: {type(exc).__name__}"), backoff(attempt)
+        # Two quick retries ride out a blip; past that, a mount starts from its pinned snapshots.
+        wait = backoff(attempt) if attempt < 2 else None
+        return errors.HubUnreachable(f"{where}: Hub unreachable: {type(exc).__name__}"), wait
     return errors.HubError(f"{where}: unexpected answer from the Hub: {type(exc).__name__}: {exc}"), None
 
 
