@@ -114,7 +114,7 @@ class Hub:
                 mapped, wait = classify(spec, exc, attempt)
                 if wait is None or attempt == self.settings.max_retries or time.monotonic() + wait > deadline:
                     raise mapped from None
-                log.info("model %r: %s; retrying in %.1fs", spec.name, mapped, wait)
+                log.info("%s; retrying in %.1fs", mapped, wait)
                 time.sleep(wait)
         raise AssertionError("unreachable")
 
