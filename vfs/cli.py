@@ -178,23 +178,19 @@ def cmd_unmount(args):
     return 0
 
 
-def model_rows(args):
-    """Per model: its spec, snapshot (or None) and per-file cache state, without mounting."""
+def model_reports(args):
+    """Every model's report, pinned from the stored snapshots (the Hub only when never pinned)."""
     from .blockcache import BlockCache
     from .cachedir import CacheDir
     from .hub import Hub
+    from .report import model_report
     from .snapshots import SnapshotStore
     settings = settings_for(args)
     manifest = load(args)
     cache = BlockCache(CacheDir(settings.cache_dir, settings.block_size))
     hub = Hub(settings, SnapshotStore(settings.cache_dir))
-    rows = []
-    for spec in manifest.models:
-        snapshot = None if spec.hf is None else pin_quietly(hub, spec, settings)
-        files = [] if snapshot is None else [
-            (f, *cache.peek(f.content_id, f.size)) for f in snapshot.files]
-        rows.append((spec, snapshot, files))
-    return rows
+    return [model_report(spec, None if spec.hf is None else pin_quietly(hub, spec, settings), cache)
+            for spec in manifest.models]
 
 
 def pin_quietly(hub, spec, settings):
@@ -207,32 +203,21 @@ def pin_quietly(hub, spec, settings):
 
 
 def cmd_list(args):
-    rows = model_rows(args)
+    reports = model_reports(args)
     if args.json:
-        print(json.dumps([row_json(spec, snap, files) for spec, snap, files in rows], indent=2))
+        print(json.dumps(reports, indent=2))
         return 0
     print(f"{'NAME':24} {'BACKEND':10} {'SIZE':>10} {'CACHED':>7}  PATH")
-    for spec, snapshot, files in rows:
-        size = sum(f.size for f, _, _ in files)
-        cached = sum(c for _, c, _ in files)
-        share = f"{100 * cached / size:.0f}%" if size else "-"
-        print(f"{spec.name:24} {spec.backend:10} {human(size) if snapshot else '-':>10} {share:>7}  {spec.path}")
+    for model in reports:
+        size = human(model["size"]) if model["commit"] else "-"
+        share = f"{100 * model['cached_bytes'] / model['size']:.0f}%" if model["size"] else "-"
+        print(f"{model['name']:24} {model['backend']:10} {size:>10} {share:>7}  {model['path']}")
     return 0
-
-
-def row_json(spec, snapshot, files):
-    return {
-        "name": spec.name, "backend": spec.backend, "path": spec.path, "hf": spec.hf,
-        "revision": spec.revision, "commit": snapshot.commit if snapshot else None,
-        "size": sum(f.size for f, _, _ in files), "cached_bytes": sum(c for _, c, _ in files),
-        "files": [{"path": f.path, "size": f.size, "content_id": f.content_id,
-                   "cached_bytes": cached, "verified": verified} for f, cached, verified in files],
-    }
 
 
 def cmd_info(args):
     load(args).get(args.name)      # an unknown name is a usage error
-    data = row_json(*[row for row in model_rows(args) if row[0].name == args.name][0])
+    data = next(model for model in model_reports(args) if model["name"] == args.name)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0

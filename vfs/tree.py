@@ -47,17 +47,42 @@ class Node:
         return (stat.S_IFDIR | 0o555) if self.is_dir else (stat.S_IFREG | 0o444)
 
 
+def _same_content(a, b):
+    if a is None or b is None:
+        return a is b
+    return (a.content_id, a.size) == (b.content_id, b.size)
+
+
 class Tree:
-    def __init__(self):
+    """Inode numbers are never reused for different content: a rebuilt tree keeps the inode
+    of every entry whose path and content are unchanged (so the kernel keeps its page cache
+    for them) and gives everything else a number the previous tree never used."""
+
+    def __init__(self, previous=None):
         self.nodes = {ROOT_INODE: Node(ROOT_INODE, "", ROOT_INODE, True)}
+        self.paths = {ROOT_INODE: ""}
+        self._previous = previous
+        self._next_inode = max(previous.nodes) + 1 if previous else ROOT_INODE + 1
 
     @classmethod
-    def build(cls, manifest, snapshots):
+    def build(cls, manifest, snapshots, previous=None):
         """A tree with every manifest model; `snapshots` maps model name -> Snapshot or None."""
-        tree = cls()
+        tree = cls(previous)
         for spec in manifest.models:
             tree._add_model(spec, snapshots.get(spec.name))
+        tree._previous = None
         return tree
+
+    def changed_entries(self, previous):
+        """(parent inode, name) of every entry of `previous` that is gone or now another inode."""
+        stale = []
+        for inode, node in previous.nodes.items():
+            if inode == ROOT_INODE:
+                continue
+            current = self.lookup(node.parent, node.name)
+            if current is None or current.inode != inode:
+                stale.append((node.parent, node.name))
+        return stale
 
     def node(self, inode):
         return self.nodes.get(inode)
@@ -107,11 +132,28 @@ class Tree:
         if self.lookup(parent, name) is not None:
             log.warning("model %r: %r appears twice; keeping the first", ref.model, ref.repo_path)
             return
-        node = self._new_node(parent, name, is_dir=False, model=ref.model)
+        node = self._new_node(parent, name, is_dir=False, model=ref.model, ref=ref)
         node.size, node.file = ref.size, ref
 
-    def _new_node(self, parent, name, is_dir, model):
-        node = Node(len(self.nodes) + 1, name, parent, is_dir, model=model)
+    def _new_node(self, parent, name, is_dir, model, ref=None):
+        path = f"{self.paths[parent]}/{name}"
+        node = Node(self._inode_for(path, is_dir, ref), name, parent, is_dir, model=model)
         self.nodes[node.inode] = node
+        self.paths[node.inode] = path
         self.nodes[parent].children[name] = node.inode
+        return node
+
+    def _inode_for(self, path, is_dir, ref):
+        old = self._previous.node_at(path) if self._previous else None
+        if old is not None and old.is_dir == is_dir and _same_content(old.file, ref):
+            return old.inode
+        self._next_inode += 1
+        return self._next_inode - 1
+
+    def node_at(self, path):
+        node = self.nodes[ROOT_INODE]
+        for name in path.strip("/").split("/") if path.strip("/") else []:
+            node = self.lookup(node.inode, name)
+            if node is None:
+                return None
         return node
