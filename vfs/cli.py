@@ -56,6 +56,7 @@ def build_parser():
     mount.add_argument("--read-timeout", type=float, help="seconds a stalled transfer is waited for (default 15)")
     mount.add_argument("--read-deadline", type=float,
                        help="seconds within which a read gets its bytes or EIO (default 60)")
+    mount.add_argument("--api", metavar="HOST:PORT", help="serve the REST API here (e.g. 127.0.0.1:8765)")
     mount.add_argument("--background", action="store_true", help="return once the mount is ready")
     mount.add_argument("--log-file", help="write the log here (default: stderr)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -134,8 +135,10 @@ def cmd_mount(args):
     from . import mount
     manifest = load(args)
     mountpoint = Path(args.mountpoint or Path(args.manifest).resolve().parent / "models")
+    from .api import parse_address
+    api_address = parse_address(args.api) if args.api else None
     fs = mount.build(settings_for(args), manifest)
-    mount.run(fs, mountpoint, on_ready=lambda: report_ready(args.ready_fd, mountpoint))
+    mount.run(fs, mountpoint, on_ready=lambda: report_ready(args.ready_fd, mountpoint), api_address=api_address)
     return 0
 
 

@@ -20,12 +20,15 @@ import pyfuse3
 import trio
 
 from . import errors
+from .api import Api
 from .blockcache import BlockCache
 from .cachedir import CacheDir
 from .fetch import RangeFetcher
 from .hub import Hub, resolve_url
+from .manifest import load_manifest
 from .ops import Operations
 from .reader import OpenFile, Reader
+from .report import model_report
 from .snapshots import SnapshotStore
 from .sources import HfCacheSource, RemoteSource, hf_cached_blob
 from .tree import Tree
@@ -38,10 +41,14 @@ class Filesystem:
     """Everything one mount serves, built before anything is mounted."""
 
     settings: object
+    manifest: object
+    snapshots: dict
     tree: Tree
     cache: BlockCache
     fetcher: RangeFetcher
     reader: Reader
+    ops: Operations | None = None
+    nursery: object = None
 
     def open_file(self, node):
         ref = node.file
@@ -56,7 +63,37 @@ class Filesystem:
         return remote if local is None else HfCacheSource(local, remote, blob)
 
     def operations(self):
-        return Operations(self.tree, self.reader, self.cache, self.open_file)
+        if self.ops is None:
+            self.ops = Operations(self.tree, self.reader, self.cache, self.open_file)
+        return self.ops
+
+    def reports(self):
+        return [model_report(spec, self.snapshots.get(spec.name), self.cache) for spec in self.manifest.models]
+
+    async def fill(self, ref, on_block):
+        """Fetch all of `ref`'s bytes into the cache (the API's /download)."""
+        blob = self.cache.blob(ref.content_id, ref.size)
+        blob.open_count += 1        # an open blob is never evicted under our feet
+        try:
+            await self.cache.fill(blob, self.source_for(ref, blob), on_block)
+        finally:
+            blob.open_count -= 1
+
+    async def refresh(self):
+        """Reload the manifest and re-pin; the mount shows the new tree. Returns entries changed."""
+        manifest = await trio.to_thread.run_sync(load_manifest, self.manifest.source)
+        snapshots = await trio.to_thread.run_sync(
+            pin_all, self.settings, manifest, SnapshotStore(self.settings.cache_dir))
+        tree = Tree.build(manifest, snapshots, previous=self.tree)
+        stale = tree.changed_entries(self.tree)
+        self.manifest, self.snapshots, self.tree = manifest, snapshots, tree
+        self.cache.pinned = pinned_content(manifest, snapshots, self.cache.directory)
+        if self.ops is not None:
+            self.ops.replace_tree(tree)
+            for parent, name in stale:
+                pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+        log.info("refreshed %s: %d models, %d entries changed", manifest.source, len(manifest.models), len(stale))
+        return len(stale)
 
 
 def pin_all(settings, manifest, store):
@@ -79,7 +116,7 @@ def build(settings, manifest):
     cache = BlockCache(directory, settings.fetch_workers, settings.max_size, settings.min_free_fraction,
                        pinned=pinned_content(manifest, snapshots, directory))
     tree = Tree.build(manifest, snapshots)
-    return Filesystem(settings, tree, cache, RangeFetcher(settings), Reader(cache))
+    return Filesystem(settings, manifest, snapshots, tree, cache, RangeFetcher(settings), Reader(cache))
 
 
 def pinned_content(manifest, snapshots, directory):
@@ -149,21 +186,24 @@ def set_read_ahead(mountpoint, kilobytes):
     return False
 
 
-def run(fs: Filesystem, mountpoint, on_ready=lambda: None):
+def run(fs: Filesystem, mountpoint, on_ready=lambda: None, api_address=None):
     """Mount `fs` at `mountpoint` and serve until unmounted or signalled (blocking)."""
     mountpoint = Path(mountpoint)
     prepare_mountpoint(mountpoint)
     pyfuse3.init(fs.operations(), str(mountpoint), mount_options(fs.settings))
     try:
-        trio.run(_serve, fs, mountpoint, on_ready)
+        trio.run(_serve, fs, mountpoint, on_ready, api_address)
     finally:
         pyfuse3.close(unmount=True)
     log.info("unmounted %s", mountpoint)
 
 
-async def _serve(fs, mountpoint, on_ready):
+async def _serve(fs, mountpoint, on_ready, api_address):
     async with trio.open_nursery() as nursery:
         fs.cache.start(nursery)
+        fs.nursery = nursery
+        if api_address is not None:
+            await nursery.start(Api(fs).serve, *api_address)
         nursery.start_soon(_main_loop, nursery.cancel_scope)
         nursery.start_soon(_terminate_on_signal)
         # A first request through the mount proves the handshake is done.

@@ -65,9 +65,16 @@ class Operations(pyfuse3.Operations):
         self._next_handle = 1
         self._mtime_ns = time.time_ns()
         self._uid, self._gid = os.getuid(), os.getgid()
+        self._retired = {}         # nodes of earlier trees: open files may still stat them
+
+    def replace_tree(self, tree):
+        """Serve `tree` from now on (after a refresh); inodes the kernel still holds keep answering."""
+        self._retired.update((inode, node) for inode, node in self.tree.nodes.items()
+                             if inode not in tree.nodes)
+        self.tree = tree
 
     def _node(self, inode):
-        node = self.tree.node(inode)
+        node = self.tree.node(inode) or self._retired.get(inode)
         if node is None:
             raise errors.NotFound(f"inode {inode}")
         return node
