@@ -90,10 +90,18 @@ class Filesystem:
         self.cache.pinned = pinned_content(manifest, snapshots, self.cache.directory)
         if self.ops is not None:
             self.ops.replace_tree(tree)
-            for parent, name in stale:
-                pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+            # Synchronously, in a worker: when /refresh answers, the kernel has forgotten them.
+            await trio.to_thread.run_sync(_invalidate_entries, stale)
         log.info("refreshed %s: %d models, %d entries changed", manifest.source, len(manifest.models), len(stale))
         return len(stale)
+
+
+def _invalidate_entries(entries):
+    for parent, name in entries:
+        try:
+            pyfuse3.invalidate_entry(parent, os.fsencode(name))
+        except FileNotFoundError:
+            pass        # the kernel never looked it up
 
 
 def pin_all(settings, manifest, store):
