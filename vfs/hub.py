@@ -2,9 +2,11 @@
 
 The only importer of huggingface_hub. Every one of its exceptions becomes one of ours
 here, with a message that names the model. Metadata calls are retried on 429/5xx and
-network errors (huggingface_hub itself retries none of them for these calls). Names the
+network errors, and every request has a timeout (huggingface_hub's own client has none).
+The tree listing is paged here rather than by `list_repo_tree`, which retries each page
+for ~23 s on its own with no timeout and would hang a mount on a silent Hub. Names the
 Hub returns are checked before anything else sees them: a hostile listing can never make
-a path that escapes the mount or the cache.
+a path that escapes the mount or the cache, nor grow without bound.
 """
 
 import logging
@@ -14,6 +16,7 @@ import urllib.parse
 
 import huggingface_hub
 from huggingface_hub import errors as hf_errors
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from . import errors
 from .retry import RETRY_STATUSES, backoff, server_hint
@@ -23,7 +26,8 @@ log = logging.getLogger(__name__)
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 HEX_RE = re.compile(r"^[0-9a-f]+$")
-MAX_FILES = 100_000          # a bigger listing is treated as hostile
+MAX_ENTRIES = 100_000        # a bigger listing is treated as hostile
+MAX_FILE_SIZE = 1 << 40      # the Hub caps files at 50 GB; a listing past 1 TiB is lying
 
 
 def is_safe_repo_path(path):
@@ -71,7 +75,8 @@ class Hub:
         return commit, tree
 
     def _resolve_online(self, spec):
-        info = self._call(spec, self.api.model_info, spec.hf, revision=spec.revision)
+        info = self._call(spec, self.api.model_info, spec.hf, revision=spec.revision,
+                          timeout=self.settings.read_timeout)
         commit = (info.sha or "").lower()
         if not COMMIT_RE.match(commit):
             raise errors.HubError(f"model {spec.name!r}: the Hub gave no commit sha for {spec.hf}@{spec.revision}")
@@ -83,17 +88,37 @@ class Hub:
         return commit, tree
 
     def _list_tree(self, spec, commit):
-        def listing():
-            return list(self.api.list_repo_tree(spec.hf, recursive=True, revision=commit))
-        files = []
-        for entry in self._call(spec, listing):
-            if hasattr(entry, "size") and hasattr(entry, "blob_id"):
-                remote = remote_file(spec, entry)
+        """The files of `spec.hf` at `commit`, page by page; each page is retried on its own."""
+        url = f"{self.settings.endpoint}/api/models/{spec.hf}/tree/{commit}?recursive=true&expand=false"
+        files, entries, ignored = [], 0, []
+        while url:
+            page, url = self._call(spec, self._tree_page, url)
+            entries += len(page)
+            if entries > MAX_ENTRIES:
+                raise errors.HubError(f"model {spec.name!r}: {spec.hf} lists more than {MAX_ENTRIES} entries; refused")
+            for entry in page:
+                remote = remote_file(entry)
                 if remote is not None:
                     files.append(remote)
-            if len(files) > MAX_FILES:
-                raise errors.HubError(f"model {spec.name!r}: {spec.hf} lists more than {MAX_FILES} files")
+                elif not _is_directory(entry):
+                    ignored.append(entry.get("path") if isinstance(entry, dict) else entry)
+        if ignored:
+            log.warning("model %r: ignored %d unsafe or malformed entries of %s's listing, e.g. %.200r",
+                        spec.name, len(ignored), spec.hf, ignored[0])
         return tuple(files)
+
+    def _tree_page(self, url):
+        """One page of a tree listing and the URL of the next one (None at the end)."""
+        headers = build_hf_headers(token=self.settings.token or False)
+        response = get_session().get(url, headers=headers, timeout=self.settings.read_timeout)
+        hf_raise_for_status(response)
+        page = response.json()
+        if not isinstance(page, list):
+            raise ValueError("a tree listing page is not a JSON list")
+        next_url = response.links.get("next", {}).get("url")
+        if next_url and _origin(next_url) != _origin(self.settings.endpoint):
+            raise ValueError("the listing's next page is on another origin")  # the token would follow it
+        return page, next_url
 
     def _select(self, spec, commit, tree):
         if spec.is_dir:
@@ -119,19 +144,30 @@ class Hub:
         raise AssertionError("unreachable")
 
 
-def remote_file(spec, entry):
-    """A checked RemoteFile from a tree entry, or None (logged) when the entry is unsafe."""
-    if not is_safe_repo_path(entry.path):
-        log.warning("model %r: ignoring unsafe file name %r from %s", spec.name, entry.path, spec.hf)
+def remote_file(entry):
+    """A checked RemoteFile from one raw tree entry, or None (a directory, or unsafe/malformed)."""
+    if not isinstance(entry, dict) or entry.get("type") != "file" or not is_safe_repo_path(entry.get("path")):
         return None
-    lfs_sha = (entry.lfs or {}).get("sha256") if entry.lfs else None
-    content_id = f"sha256:{lfs_sha}" if lfs_sha else f"sha1:{entry.blob_id}"
-    digest = content_id.split(":", 1)[1]
-    expected_len = 64 if lfs_sha else 40
-    if not isinstance(entry.size, int) or entry.size < 0 or len(digest) != expected_len or not HEX_RE.match(digest):
-        log.warning("model %r: ignoring %r from %s: bad size or content id", spec.name, entry.path, spec.hf)
+    size, oid, lfs = entry.get("size"), entry.get("oid"), entry.get("lfs")
+    if lfs is not None:
+        oid = lfs.get("oid") if isinstance(lfs, dict) else None
+    expected_len = 40 if lfs is None else 64
+    if not (_is_size(size) and isinstance(oid, str) and len(oid) == expected_len and HEX_RE.match(oid)):
         return None
-    return RemoteFile(entry.path, entry.size, content_id)
+    return RemoteFile(entry["path"], size, f"sha1:{oid}" if lfs is None else f"sha256:{oid}")
+
+
+def _is_size(value):
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_FILE_SIZE
+
+
+def _is_directory(entry):
+    return isinstance(entry, dict) and entry.get("type") == "directory" and is_safe_repo_path(entry.get("path"))
+
+
+def _origin(url):
+    parts = urllib.parse.urlsplit(url)
+    return (parts.scheme, parts.hostname, parts.port)
 
 
 def classify(spec, exc, attempt):
