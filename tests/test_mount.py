@@ -49,6 +49,7 @@ def sources(hub, tmp_path, random_file):
     weights = repo_files(write_safetensors_dir(tmp_path / "weights"))
     weights["big.bin"] = random_file("big.bin", 5 * MiB + 12345)
     weights["notes.md"] = b"not shown: excluded by the manifest\n"
+    weights["empty.txt"] = b""
     hub.add_repo("org/tiny-GGUF", files={"tiny.Q4_K_M.gguf": gguf, "README.md": b"# tiny\n"})
     hub.add_repo("org/weights", files=weights)
     return {"gguf": gguf, "weights": weights}
