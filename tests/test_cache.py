@@ -247,3 +247,21 @@ def test_a_wrong_blob_in_the_hugging_face_cache_is_not_trusted(hub, big_source, 
     drop_page_cache()
     assert sha256_of(path) == content
     assert eventually(lambda: xattr(path, "verified") == "yes")
+
+
+def test_one_blob_serves_every_model_and_revision_naming_the_same_content(hub, big_source, mount_factory):
+    hub.add_repo("org/mirror", files={"renamed.gguf": big_source, "other.txt": b"x"})
+    manifest = MANIFEST + """  mirror:
+    path: /models/mirror/
+    backend: llama.cpp
+    hf: org/mirror
+    include: ["*.gguf"]
+"""
+    mount = mount_factory(manifest, hub.endpoint, args=BLOCK)
+    first = mount.mountpoint / "big" / "model.gguf"
+    second = mount.mountpoint / "mirror" / "renamed.gguf"
+    assert xattr(first, "content_id") == xattr(second, "content_id")
+    assert sha256_of(first) == sha256_of(big_source)
+    assert eventually(lambda: xattr(second, "verified") == "yes")
+    assert sha256_of(second) == sha256_of(big_source)
+    assert cdn_bytes(hub) == big_source.stat().st_size

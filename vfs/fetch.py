@@ -8,6 +8,11 @@ Content-Range asked for, and exactly the length asked for. A server that ignores
 (200 + whole body) is read by skipping to the offset, never by trusting the slice it
 sent. A connection that dies mid-body resumes from the exact byte it stopped at. The
 token goes only to the Hub's own origin, never to the CDN a redirect points to.
+
+A read that failed (retries exhausted, or refused) makes reads from the same offset of
+the same file fail at once, with the same error object, for RECENT_FAILURE seconds: the
+kernel asks again for the first page right after a failed read-ahead, and a reader must
+not wait out the deadline twice (nor see the failure logged twice).
 """
 
 import logging
@@ -24,6 +29,8 @@ log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 CHUNK = 1024 * 1024
+RECENT_FAILURE = 2.0
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
 class _Retry(Exception):
@@ -44,6 +51,7 @@ class RangeFetcher:
         self.settings = settings
         self._local = threading.local()
         self._targets = {}          # resolve URL -> URL the bytes come from (after redirects)
+        self._failures = {}         # (url, start) -> (when, error) of recent failures
         self._lock = threading.Lock()
 
     def session(self):
@@ -62,6 +70,33 @@ class RangeFetcher:
 
     def read_range(self, url, start, length, what=""):
         """Exactly `length` bytes of `url` from `start`, or a LaminaError within the deadline."""
+        key = (url, start)
+        with self._lock:
+            recent = self._recent_failure(key, time.monotonic())
+        if recent is not None:
+            raise recent.with_traceback(None)
+        try:
+            return self._read_with_retries(url, start, length, what)
+        except errors.LaminaError as exc:
+            raise self._remember_failure(key, exc).with_traceback(None) from None
+
+    def _recent_failure(self, key, now):
+        when, error = self._failures.get(key, (0.0, None))
+        return error if now - when < RECENT_FAILURE else None
+
+    def _remember_failure(self, key, error):
+        """The error to raise: one already remembered for `key` (a concurrent read's), or this one."""
+        now = time.monotonic()
+        with self._lock:
+            earlier = self._recent_failure(key, now)
+            if earlier is not None:
+                return earlier
+            for old in [k for k, (when, _) in self._failures.items() if now - when >= RECENT_FAILURE]:
+                del self._failures[old]
+            self._failures[key] = (now, error)
+        return error
+
+    def _read_with_retries(self, url, start, length, what):
         buffer = bytearray(length)
         view = memoryview(buffer)
         got = 0
@@ -113,7 +148,9 @@ class RangeFetcher:
         if status in (401, 403):
             with self._lock:
                 self._targets.pop(url, None)  # a signed CDN URL may have expired
-            raise errors.AccessDenied(f"access denied (HTTP {status})")
+            gated = response.headers.get("x-error-code") == "GatedRepo"
+            hint = "the repository is gated: accept its terms on the Hub and set HF_TOKEN" if gated else "check HF_TOKEN"
+            raise errors.AccessDenied(f"access denied (HTTP {status}); {hint}")
         if status == 404:
             raise errors.EntryNotFound("the file is gone from the Hub (HTTP 404)")
         if status == 416:
@@ -148,7 +185,8 @@ class RangeFetcher:
         return target
 
     def _follow_redirects(self, url):
-        current = url
+        """Follow the Hub's redirects; each hop and the Hub's own answer must look like the Hub's."""
+        current, seen = url, {url}
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 response = self.session().head(
@@ -156,11 +194,17 @@ class RangeFetcher:
                     timeout=(self.settings.connect_timeout, self.settings.read_timeout))
             except requests.RequestException as exc:
                 raise _Retry(f"request failed: {type(exc).__name__}") from None
-            if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
-                _require_hub_headers(response)
-                current = urllib.parse.urljoin(current, response.headers["location"])
+            if response.status_code in REDIRECTS and "location" in response.headers:
+                following = urllib.parse.urljoin(current, response.headers["location"])
+                if following in seen:
+                    raise errors.FetchError(f"redirect loop: {_safe(current)} redirects back to {_safe(following)}")
+                _require_hub_headers(response, "redirect")
+                current = following
+                seen.add(current)
                 continue
             if response.status_code == 200:
+                if current == url:
+                    _require_hub_headers(response, "answer")
                 return current
             self._raise_for_status(url, response)
         raise errors.FetchError(f"too many redirects (more than {MAX_REDIRECTS}): a redirect loop")
@@ -172,16 +216,16 @@ def _check_partial(response, start, end):
     if not content_range.startswith(expected):
         raise errors.FetchError(f"wrong Content-Range {content_range!r}, asked for bytes {start}-{end}")
     length = response.headers.get("content-length")
-    if length is not None and int(length) != end - start + 1:
+    if length is not None and length.strip() != str(end - start + 1):
         raise errors.FetchError(f"wrong Content-Length {length}, asked for {end - start + 1} bytes")
 
 
-def _require_hub_headers(response):
-    """A Hub redirect names the commit and the content; without them it is not the Hub."""
+def _require_hub_headers(response, what):
+    """A Hub answer names the commit and the content; without them it is not the Hub (a proxy?)."""
     if "x-repo-commit" not in response.headers:
-        raise errors.FetchError("the Hub's redirect has no X-Repo-Commit header")
+        raise errors.FetchError(f"the Hub's {what} has no X-Repo-Commit header: not the Hub, or a proxy in the way")
     if not (response.headers.get("x-linked-etag") or response.headers.get("etag")):
-        raise errors.FetchError("the Hub's redirect has no ETag")
+        raise errors.FetchError(f"the Hub's {what} has no ETag: not the Hub, or a proxy in the way")
 
 
 def _discard(raw, count):

@@ -45,6 +45,18 @@ def handler(function):
     return wrapper
 
 
+def log_read_failure_once(describe, offset, exc):
+    """One log line per failure, however many readers and kernel requests it reaches.
+
+    A failed fetch hands the same error object to every reader waiting on it, and the
+    fetcher repeats it for the kernel's immediate re-ask of the same page.
+    """
+    if getattr(exc, "logged", False):
+        return
+    exc.logged = True
+    log.error("read: %s: read at offset %d: %s", describe, offset, exc)
+
+
 def read_only(function):
     @functools.wraps(function)
     async def refuse(self, *args):
@@ -140,7 +152,8 @@ class Operations(pyfuse3.Operations):
         try:
             return await self.reader.read(handle, off, size)
         except errors.LaminaError as exc:
-            raise type(exc)(f"{handle.source.describe}: read at offset {off}: {exc}") from None
+            log_read_failure_once(handle.source.describe, off, exc)
+            raise pyfuse3.FUSEError(errors.errno_for(exc)) from None
 
     @handler
     async def release(self, fh):
