@@ -181,6 +181,7 @@ class BlockCache:
         self._blobs: dict[str, Blob] = {}
         self._inflight: dict[tuple[str, int], Flight] = {}
         self._fetch_limiter = trio.CapacityLimiter(fetch_workers)
+        self._memory_limiter = trio.CapacityLimiter(2 * fetch_workers)  # blocks held in memory
         self._disk_limiter = trio.CapacityLimiter(4)
         self._usage = None              # bytes on disk, kept current between scans
         self._nursery = None
@@ -305,20 +306,23 @@ class BlockCache:
         return flight
 
     async def _fly(self, blob, index, source, flight):
-        try:
-            flight.data = await self._download(blob, index, source)
-        except Exception as exc:  # noqa: BLE001 - handed to every waiting reader
-            flight.error = exc
-            del self._inflight[(blob.content_id, index)]
+        # A block holds memory from its download until it is durable; bounding how many
+        # do bounds the daemon's memory whatever the number of readers and read-aheads.
+        async with self._memory_limiter:
+            try:
+                flight.data = await self._download(blob, index, source)
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting reader
+                flight.error = exc
+                del self._inflight[(blob.content_id, index)]
+                flight.done.set()
+                return
             flight.done.set()
-            return
-        flight.done.set()
-        try:
-            await self._store(blob, index, flight.data, source)
-        except Exception:  # noqa: BLE001 - a background task must never end the mount
-            log.exception("%s: storing block %d failed", source.describe, index)
-        finally:
-            del self._inflight[(blob.content_id, index)]
+            try:
+                await self._store(blob, index, flight.data, source)
+            except Exception:  # noqa: BLE001 - a background task must never end the mount
+                log.exception("%s: storing block %d failed", source.describe, index)
+            finally:
+                del self._inflight[(blob.content_id, index)]
         if blob.complete() and not blob.verified:
             self._nursery.start_soon(self._verify_in_background, blob, source.describe)
 
@@ -341,14 +345,13 @@ class BlockCache:
 
     async def _store(self, blob, index, data, source):
         """Make the block durable, then record it; a full disk only costs the caching."""
-        crc = zlib.crc32(data)
         block_start, _ = blob.block_range(index)
         for attempt in (1, 2):
             await self._make_room(len(data), force=attempt > 1)
             try:
                 async with self._disk_limiter:
                     await trio.to_thread.run_sync(_write_block, blob.data_fd, blob.log_fd,
-                                                  block_start, data, index, crc)
+                                                  block_start, data, index)
                 break
             except OSError as exc:
                 if exc.errno != errno.ENOSPC or attempt > 1:
@@ -407,7 +410,8 @@ class BlockCache:
         return False
 
 
-def _write_block(data_fd, log_fd, offset, data, index, crc):
+def _write_block(data_fd, log_fd, offset, data, index):
+    crc = zlib.crc32(data)  # here, not on the trio thread: 2 ms per 8 MiB stalls every reader
     view = memoryview(data)
     while view:
         written = os.pwrite(data_fd, view, offset)

@@ -209,6 +209,7 @@ def run(fs: Filesystem, mountpoint, on_ready=lambda: None, api_address=None):
 async def _serve(fs, mountpoint, on_ready, api_address):
     async with trio.open_nursery() as nursery:
         fs.cache.start(nursery)
+        fs.reader.start(nursery)
         fs.nursery = nursery
         if api_address is not None:
             await nursery.start(Api(fs).serve, *api_address)

@@ -1,16 +1,35 @@
-"""File offset/length -> blocks, and the read-ahead policy for sequential readers.
+"""File offset/length -> blocks, and the read-ahead policy: streams, first touches, warm-up.
 
 A FUSE read is answered in full (up to EOF) by looping over the blocks it touches. Each
-open handle keeps a little state: where its last read ended and how far ahead to fetch.
-Reads that continue where the last one ended grow the window (1 block, doubling up to
-`max_window` blocks); a jump resets it, so random readers fetch only what they touch.
-Fetched-ahead blocks go straight to disk, so memory stays bounded by the number of
-fetches in flight, whatever the number of readers.
+open handle keeps a little state, and three policies decide what to fetch beyond it:
+
+- Sequential streams. A read that continues where the handle's last one ended (give or
+  take the kernel's reordering) doubles the handle's window, up to `max_ahead` bytes;
+  the blocks of the window are fetched in the background, several Range requests at
+  once, so one cold stream keeps the link busy. A jump resets the window: random
+  readers fetch only what they touch.
+- Cold first touches. A read that jumps to a block nobody has fetched or is fetching
+  would otherwise wait for the whole block (8 MiB: milliseconds). It is answered by a
+  Range request for exactly its bytes while the block is fetched beside it, so the time
+  to first byte is one small request, like curl's.
+- Warm-up. The first read at offset 0 of a GGUF or safetensors file starts `warmup`,
+  which fetches the file's blocks in the order its loader will touch them.
+
+Memory stays bounded whatever the number of readers: fetched blocks go to disk, and the
+block cache caps how many are held in memory at once; direct reads are small and few.
 """
 
+import threading
 from dataclasses import dataclass
 
+import trio
+
+from . import warmup
 from .blockcache import BlockCache, BlockSource
+
+MIB = 1024 * 1024
+SEQUENTIAL_SLACK = 2 * MIB      # the kernel may deliver a stream's reads slightly out of order
+DIRECT_READ_MAX = 4 * MIB       # a bigger first touch just waits for its blocks
 
 
 @dataclass
@@ -22,38 +41,113 @@ class OpenFile:
     size: int
     next_offset: int = 0
     window: int = 0                 # blocks to keep fetched ahead of the reader
+    reads: int = 0
 
 
 class Reader:
-    def __init__(self, cache: BlockCache, max_window=8):
+    def __init__(self, cache: BlockCache, max_ahead=64 * MIB, direct_reads=4, warmup_parallel=4):
         self.cache = cache
-        self.max_window = max_window
+        self.max_window = max(2, max_ahead // cache.block_size)
+        self.warmup_parallel = warmup_parallel
+        self._direct_limiter = trio.CapacityLimiter(direct_reads)
+        self._nursery = None
+        self._warming = set()           # content ids whose warm-up has run in this process
+
+    def start(self, nursery):
+        """Warm-ups run in `nursery` (one per mount); without it there is no warm-up."""
+        self._nursery = nursery
 
     async def read(self, handle: OpenFile, offset, size):
         """The bytes at [offset, offset+size), short only at end of file."""
         end = min(offset + size, handle.size)
         if offset >= end:
             return b""
-        self._read_ahead(handle, offset, end)
+        if handle.reads == 0 and offset == 0:
+            self._start_warmup(handle)
+        continuing = self._track(handle, offset, end)
+        if not continuing and self._untouched(handle.blob, offset, end):
+            return await self._read_direct(handle, offset, end)
+        self._read_ahead(handle, end)
+        return await self.read_blocks(handle.blob, handle.source, offset, end)
+
+    async def read_blocks(self, blob, source, offset, end):
+        """The bytes at [offset, end) through the block cache (fetching what is missing)."""
         pieces = []
         block_size = self.cache.block_size
         position = offset
         while position < end:
             index, inside = divmod(position, block_size)
             length = min(end - position, block_size - inside)
-            pieces.append(await self.cache.read(handle.blob, index, inside, length, handle.source))
+            pieces.append(await self.cache.read(blob, index, inside, length, source))
             position += length
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def _read_ahead(self, handle, offset, end):
-        block_size = self.cache.block_size
-        # The kernel may deliver a stream's reads slightly out of order: allow some slack.
-        sequential = abs(offset - handle.next_offset) <= 2 * 1024 * 1024 or offset == 0
-        last = (end - 1) // block_size
-        if not sequential:
-            handle.window = 0
-        elif last > handle.next_offset // block_size or handle.window == 0:
-            handle.window = min(self.max_window, max(1, handle.window * 2))
+    def _track(self, handle, offset, end):
+        """Note this read in the handle's state; True if it continues the handle's stream."""
+        continuing = handle.reads > 0 and abs(offset - handle.next_offset) <= SEQUENTIAL_SLACK
+        handle.window = min(self.max_window, max(1, handle.window * 2)) if continuing else 0
         handle.next_offset = end
+        handle.reads += 1
+        return continuing
+
+    def _untouched(self, blob, offset, end):
+        """True for a read inside one block that nobody has fetched or is fetching."""
+        # A one-block blob is hashed before any byte of it is served: no shortcut there.
+        index = offset // self.cache.block_size
+        return (blob.blocks > 1 and (end - 1) // self.cache.block_size == index
+                and end - offset <= DIRECT_READ_MAX
+                and not blob.present[index] and not self.cache.inflight(blob, index))
+
+    async def _read_direct(self, handle, offset, end):
+        """A first touch: its own small Range request, while its block is fetched around it."""
+        # The block's flight starts now (so concurrent readers of the block wait for it, not
+        # fetch it again) and is built from these very bytes plus the rest: what is served
+        # here is what gets hashed against the content id, and discarded if wrong.
+        spliced = SplicedSource(handle.source, offset, end)
+        self.cache.prefetch(handle.blob, offset // self.cache.block_size, spliced)
+        data = None
+        try:
+            async with self._direct_limiter:
+                data = await trio.to_thread.run_sync(handle.source.fetch, offset, end - offset)
+        finally:
+            spliced.provide(data)
+        return bytes(data)
+
+    def _read_ahead(self, handle, end):
+        last = (end - 1) // self.cache.block_size
         for index in range(last + 1, last + 1 + handle.window):
             self.cache.prefetch(handle.blob, index, handle.source)
+
+    def _start_warmup(self, handle):
+        blob = handle.blob
+        if self._nursery is None or blob.content_id in self._warming:
+            return
+        self._warming.add(blob.content_id)
+        self._nursery.start_soon(warmup.run, self, blob, handle.source, self.warmup_parallel)
+
+
+class SplicedSource:
+    """A block's source whose bytes [start, end) come from a first-touch read in another thread."""
+
+    def __init__(self, source, start, end, patience=120.0):
+        self.source, self.start, self.end, self.patience = source, start, end, patience
+        self.describe = source.describe
+        self._ready = threading.Event()
+        self._data = None
+
+    def provide(self, data):
+        """The first-touch read's bytes, or None if it failed (then they are fetched here)."""
+        self._data = data
+        self._ready.set()
+
+    def fetch(self, start, length):
+        end = start + length
+        if not start <= self.start < self.end <= end:
+            return self.source.fetch(start, length)
+        head = self.source.fetch(start, self.start - start) if self.start > start else b""
+        tail = self.source.fetch(self.end, end - self.end) if end > self.end else b""
+        self._ready.wait(self.patience)     # the read has its own deadline; this is a backstop
+        middle = self._data
+        if middle is None:
+            middle = self.source.fetch(self.start, self.end - self.start)
+        return b"".join((head, middle, tail))
