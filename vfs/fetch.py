@@ -9,10 +9,11 @@ Content-Range asked for, and exactly the length asked for. A server that ignores
 sent. A connection that dies mid-body resumes from the exact byte it stopped at. The
 token goes only to the Hub's own origin, never to the CDN a redirect points to.
 
-A read that failed (retries exhausted, or refused) makes reads from the same offset of
-the same file fail at once, with the same error object, for RECENT_FAILURE seconds: the
+A read that failed (retries exhausted, or refused) makes reads in the same block of the
+same file fail at once, with the same error object, for RECENT_FAILURE seconds: the
 kernel asks again for the first page right after a failed read-ahead, and a reader must
-not wait out the deadline twice (nor see the failure logged twice).
+not wait out the deadline twice, nor see one failure logged twice because a block fetch
+and a small first-touch read of that block failed side by side.
 """
 
 import http.client
@@ -52,7 +53,7 @@ class RangeFetcher:
         self.settings = settings
         self._local = threading.local()
         self._targets = {}          # resolve URL -> URL the bytes come from (after redirects)
-        self._failures = {}         # (url, start) -> (when, error) of recent failures
+        self._failures = {}         # (url, block index) -> (when, error) of recent failures
         self._lock = threading.Lock()
 
     def session(self):
@@ -71,7 +72,7 @@ class RangeFetcher:
 
     def read_range(self, url, start, length, what=""):
         """Exactly `length` bytes of `url` from `start`, or a LaminaError within the deadline."""
-        key = (url, start)
+        key = (url, start // self.settings.block_size)
         with self._lock:
             recent = self._recent_failure(key, time.monotonic())
         if recent is not None:
