@@ -25,5 +25,16 @@ mount: install
 demo: install
 	$(VENV)/bin/lamina-llm-cache demo
 
+# Benchmarks against curl, hf_hub_download, rclone and local disk: writes docs/BENCHMARKS.md
+# and docs/benchmarks.png. Needs root (drops the page cache, mounts).
+bench: install
+	./bench/install-deps.sh
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m bench --out docs
+
+# The same harness on a small file with one repeat: checks it works, measures nothing.
+bench-smoke: install
+	$(PY) -m bench --smoke --out build/bench-smoke
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

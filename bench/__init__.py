@@ -1,0 +1,1 @@
+"""Benchmarks of the mount against what users would use instead (`make bench`)."""

@@ -1,0 +1,98 @@
+"""`python -m bench`: set up the Hub simulator and the files, run every comparison, write the report."""
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from . import cases, machine, report
+from .data import MIB, big_file, gguf_file
+from .server import HubProcess
+
+FULL = dict(big_mib=1024, gguf_mib=320, repeats=3, fio_seconds=5)
+SMOKE = dict(big_mib=48, gguf_mib=24, repeats=1, fio_seconds=1)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="small files, one repeat: checks the harness only")
+    parser.add_argument("--out", default="docs", help="where BENCHMARKS.md and benchmarks.png go")
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "lamina-bench"),
+                        help="scratch directory (the generated files are kept here between runs)")
+    parser.add_argument("--repeats", type=int, help="rounds per comparison (default 3; smoke 1)")
+    parser.add_argument("--no-sweeps", action="store_true", help="skip the read_ahead_kb and block size sweeps")
+    return parser.parse_args(argv)
+
+
+def run(args):
+    shape = dict(SMOKE if args.smoke else FULL)
+    if args.repeats:
+        shape["repeats"] = args.repeats
+    work = Path(args.work) / ("smoke" if args.smoke else "full")
+    tools = machine.tools()
+    if not args.smoke:
+        print("touching free memory once (lazily backed VM memory skews first runs)", flush=True)
+        machine.prefault_memory()
+    print("making the files", flush=True)
+    big = big_file(work / "repo-big", shape["big_mib"] * MIB)
+    gguf = gguf_file(work / "repo-gguf", shape["gguf_mib"])
+    with HubProcess({"bench/big": big.parent, "bench/gguf": gguf.parent}) as hub:
+        bench = cases.Bench(work, hub, big, gguf, shape["repeats"], shape["fio_seconds"], tools)
+        rows = measure(bench)
+        sweeps = ([], []) if args.no_sweeps or args.smoke else (cases.read_ahead_sweep(bench),
+                                                                  cases.block_size_sweep(bench))
+    return rows, sweeps, bench, shape
+
+
+def measure(bench):
+    rows = []
+    steps = [("cold sequential reads", lambda: cases.cold_sequential(bench)),
+             ("time to first byte", lambda: cases.first_byte(bench)),
+             ("concurrent readers", lambda: cases.concurrent_readers(bench))]
+    for name, step in steps:
+        print(name, flush=True)
+        rows += step()
+    print("filling the block cache", flush=True)
+    blob = cases.hot_cache(bench)
+    for name, step in [("block cache hot", lambda: cases.block_cache_hot(bench, blob)),
+                       ("page cache hot", lambda: cases.page_cache_hot(bench)),
+                       ("random reads", lambda: cases.random_reads(bench)),
+                       ("llama.cpp-style load", lambda: cases.llama_load(bench)),
+                       ("llama.cpp-style load, cold", lambda: cases.llama_load_cold(bench))]:
+        print(name, flush=True)
+        rows += step()
+    return rows + cases.memory(bench)
+
+
+def notes(bench, tools):
+    lines = [f"- Server check: curl reads the 1 stream at {bench.median('curl') / 1e6:,.0f} MB/s; the mount's "
+             f"cold read {bench.median('cold') / 1e6:,.0f} MB/s. The server is not the bottleneck when curl "
+             "is well above the mount."]
+    missing = [name for name, present in tools.items() if not present]
+    if missing:
+        lines.append(f"- Not installed, so not compared: {', '.join(missing)}.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        sys.exit("the benchmark drops the page cache and mounts: run it as root")
+    rows, (read_ahead, block_sizes), bench, shape = run(args)
+    print(report.table(rows))
+    for line in report.sweeps(read_ahead, block_sizes).splitlines():
+        print(line)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = (f"{shape['big_mib']} MiB file, {shape['gguf_mib']} MiB GGUF, {shape['repeats']} repeats, "
+                f"fio {shape['fio_seconds']} s")
+    (out / "BENCHMARKS.md").write_text(report.markdown(rows, read_ahead, block_sizes, machine.describe(),
+                                                       settings, notes(bench, bench.tools)))
+    plotted = report.plot(rows, out / "benchmarks.png")
+    print(f"wrote {out / 'BENCHMARKS.md'}" + (f" and {out / 'benchmarks.png'}" if plotted else
+                                                " (no plot: pip install '.[bench]' for matplotlib)"))
+
+
+if __name__ == "__main__":
+    main()
