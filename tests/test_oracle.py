@@ -1,0 +1,48 @@
+"""The random-read oracle (vfs.testing.fsx) in short runs: every byte read through the mount is the source's.
+
+The soak (at least 100,000 operations) is a command, not a test:
+    python -m vfs.testing.fsx --ops 100000 --processes 4
+    python -m vfs.testing.fsx --ops 100000 --processes 4 --rounds 20 --chaos
+Set FSX_SEED to replay a seed these tests printed.
+"""
+
+import os
+import random
+
+import pytest
+
+from conftest import needs_fuse
+from vfs.testing import fsx
+
+pytestmark = [needs_fuse, pytest.mark.fuse]
+
+
+@pytest.fixture
+def seed():
+    chosen = int(os.environ.get("FSX_SEED") or random.randrange(1 << 32))
+    print(f"fsx seed {chosen} (replay: FSX_SEED={chosen})")
+    return chosen
+
+
+def replay_hint(summary, command):
+    return f"seed {summary.seed}: {summary.mismatches}; replay with FSX_SEED={summary.seed} or `{command}`"
+
+
+def test_random_reads_by_several_processes_match_the_source_byte_for_byte(hub, mount_factory, tmp_path, seed):
+    sources = fsx.write_sources(tmp_path / "sources")
+    hub.add_repo("fsx/files", files=sources)
+    mount = mount_factory("models:\n  fsx:\n    path: /models/fsx/\n    backend: vllm\n    hf: fsx/files\n",
+                          hub.endpoint, args=("--block-size", "1M"))
+    pairs = [(mount.mountpoint / "fsx" / name, path) for name, path in sources.items()]
+    summary = fsx.run(pairs, seed, ops=4000, processes=3)
+    print(summary)
+    assert summary.ops == 4000 and set(summary.kinds) == set(fsx.KINDS)
+    assert not summary.mismatches, replay_hint(summary, f"python -m vfs.testing.fsx --seed {seed} --ops 4000")
+
+
+def test_random_reads_ride_out_transient_faults_with_exact_bytes(seed):
+    summary, bad_log = fsx.soak(ops=3000, processes=3, seed=seed, rounds=3, chaos=True)
+    print(summary)
+    assert not summary.mismatches, replay_hint(summary, f"python -m vfs.testing.fsx --chaos --seed {seed}")
+    assert not bad_log
+    assert sum(summary.faults.values()) > 0
