@@ -89,6 +89,25 @@ def test_metadata_5xx_that_persists_fails_the_mount_with_exit_1(hub, weights, tm
     assert not is_mounted(tmp_path / "mnt")
 
 
+def test_a_silent_hub_at_mount_time_fails_within_the_bound(hub, weights, tmp_path):
+    (tmp_path / "models.yaml").write_text(MANIFEST)
+    hub.add_fault(Fault("delay", origin="api", path="/revision/", seconds=60))    # accepts, never answers
+    status, _, stderr, seconds = run_cli(
+        "mount", tmp_path / "mnt", "-m", tmp_path / "models.yaml", "--cache-dir", tmp_path / "cache",
+        "--endpoint", hub.endpoint, *SHORT_BOUNDS, home=tmp_path)
+    print(f"a Hub that never answers: exit {status} after {seconds:.1f}s: {cli_error(stderr)}")
+    assert status == 1
+    assert cli_error(stderr) == "model 'weights': org/weights@main: Hub unreachable: ReadTimeout"
+    assert seconds < 3 * READ_TIMEOUT + 0.75 + SLACK + 5
+
+
+def test_a_listing_page_that_stalls_once_is_asked_again(hub, weights, mount_factory):
+    fault = hub.add_fault(Fault("delay", origin="api", path="/tree/", seconds=60, times=1))
+    mount = mount_factory(MANIFEST, hub.endpoint, args=BLOCK + SHORT_BOUNDS)
+    print(f"tree listing silent once: mount started; log: {mount.log_text().splitlines()[0]}")
+    assert fault.hits == 1 and os.listdir(mount.mountpoint / "weights") == sorted(weights)
+
+
 @pytest.mark.parametrize("code", [500, 502, 503, 504])
 def test_byte_range_5xx_is_retried_and_the_read_is_exact(hub, weights, weights_mount, code):
     fault = hub.add_fault(Fault("status", code=code, origin="cdn", method="GET", times=2))
