@@ -123,7 +123,8 @@ def test_a_small_file_read_from_the_api_origin_is_retried_too(hub, weights, weig
 
 def test_byte_range_5xx_that_persists_gives_eio_within_the_bound_and_one_log_line(hub, weights, weights_mount):
     hub.add_fault(Fault("status", code=503, origin="cdn", method="GET"))
-    read_fails(weights_mount, "HTTP 503 on every CDN GET")
+    # One page: the kernel's read-ahead for it stays inside this block.
+    read_fails(weights_mount, "HTTP 503 on every CDN GET", length=4096)
     lines = error_lines(weights_mount.log_text())
     print("\n".join(lines))
     assert len(lines) == 1
@@ -184,7 +185,7 @@ def test_a_stall_mid_body_is_abandoned_after_the_read_timeout_and_retried(hub, w
 
 def test_a_stall_that_never_ends_gives_eio_within_the_bound(hub, weights, weights_mount):
     hub.add_fault(Fault("stall", origin="cdn", method="GET", seconds=60, after_bytes=1000))
-    reading = read_fails(weights_mount, "every CDN GET stalls for 60 s")
+    reading = read_fails(weights_mount, "every CDN GET stalls for 60 s", length=4096)
     print(f"bound: 2 blocks x (read deadline + read timeout) = {READ_BOUND:.0f}s; waited {reading.seconds:.1f}s")
     assert len(error_lines(weights_mount.log_text())) == 1
 
@@ -310,7 +311,7 @@ def test_an_unreachable_hub_starts_from_the_cache_and_serves_again_once_back(hub
     online = mount_factory(MANIFEST, hub.endpoint, args=BLOCK + SHORT_BOUNDS)
     # O_DIRECT: no kernel read-ahead, so only the block of this read gets cached.
     read_exact(online, weights, "online, 4 KiB of block 1", length=4096, direct=True)
-    assert eventually(lambda: os.getxattr(file_path(online), "user.lamina.cached_bytes") == b"%d" % MiB)
+    assert eventually(lambda: int(os.getxattr(file_path(online), "user.lamina.cached_bytes")) >= MiB)
     online.stop()
     ports = [int(url.rsplit(":", 1)[1]) for url in (hub.endpoint, hub.cdn_endpoint)]
     hub.stop()
@@ -321,11 +322,11 @@ def test_an_unreachable_hub_starts_from_the_cache_and_serves_again_once_back(hub
     assert "Hub unreachable" in offline.log_text() and "serving pinned commit" in offline.log_text()
     assert os.listdir(offline.mountpoint / "weights") == sorted(weights)
     read_exact(offline, weights, "Hub down, the cached block", offset=MiB, length=MiB)
-    read_fails(offline, "Hub down, an uncached block", offset=4 * MiB, length=4096)
+    read_fails(offline, "Hub down, an uncached block (the last)", offset=5 * MiB, length=4096)
 
     with same_hub_again(*ports, weights):
-        assert reads_again(offline, weights, offset=4 * MiB, length=4096)
-        read_exact(offline, weights, "Hub back, no remount", offset=4 * MiB, length=MiB)
+        assert reads_again(offline, weights, offset=5 * MiB, length=4096)
+        read_exact(offline, weights, "Hub back, no remount", offset=3 * MiB, length=MiB)
 
 
 # ------------------------------------------------------------------ the daemon killed
