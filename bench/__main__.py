@@ -22,6 +22,7 @@ def parse_args(argv):
                         help="scratch directory (the generated files are kept here between runs)")
     parser.add_argument("--repeats", type=int, help="rounds per comparison (default 3; smoke 1)")
     parser.add_argument("--no-sweeps", action="store_true", help="skip the read_ahead_kb and block size sweeps")
+    parser.add_argument("--only", help="comma-separated cases: " + ",".join(key for key, _, _ in CASES))
     return parser.parse_args(argv)
 
 
@@ -39,36 +40,41 @@ def run(args):
     gguf = gguf_file(work / "repo-gguf", shape["gguf_mib"])
     with HubProcess({"bench/big": big.parent, "bench/gguf": gguf.parent}) as hub:
         bench = cases.Bench(work, hub, big, gguf, shape["repeats"], shape["fio_seconds"], tools)
-        rows = measure(bench)
-        sweeps = ([], []) if args.no_sweeps or args.smoke else (cases.read_ahead_sweep(bench),
+        rows = measure(bench, args.only and set(args.only.split(",")))
+        sweeps = ([], []) if args.no_sweeps or args.smoke or args.only else (cases.read_ahead_sweep(bench),
                                                                   cases.block_size_sweep(bench))
     return rows, sweeps, bench, shape
 
 
-def measure(bench):
+CASES = [("cold", "cold sequential reads", cases.cold_sequential),
+         ("ttfb", "time to first byte", cases.first_byte),
+         ("concurrent", "concurrent readers", cases.concurrent_readers),
+         ("hot", "block cache hot", cases.block_cache_hot),
+         ("page", "page cache hot", cases.page_cache_hot),
+         ("random", "random reads", cases.random_reads),
+         ("load", "llama.cpp-style load", cases.llama_load),
+         ("coldload", "llama.cpp-style load, cold", cases.llama_load_cold)]
+NEEDS_HOT_CACHE = {"hot", "page", "random", "load"}
+
+
+def measure(bench, only=None):
     rows = []
-    steps = [("cold sequential reads", lambda: cases.cold_sequential(bench)),
-             ("time to first byte", lambda: cases.first_byte(bench)),
-             ("concurrent readers", lambda: cases.concurrent_readers(bench))]
-    for name, step in steps:
+    chosen = [case for case in CASES if only is None or case[0] in only]
+    if NEEDS_HOT_CACHE & {key for key, _, _ in chosen}:
+        print("filling the block cache", flush=True)
+        bench.blob = cases.hot_cache(bench)
+    for _, name, step in chosen:
         print(name, flush=True)
-        rows += step()
-    print("filling the block cache", flush=True)
-    blob = cases.hot_cache(bench)
-    for name, step in [("block cache hot", lambda: cases.block_cache_hot(bench, blob)),
-                       ("page cache hot", lambda: cases.page_cache_hot(bench)),
-                       ("random reads", lambda: cases.random_reads(bench)),
-                       ("llama.cpp-style load", lambda: cases.llama_load(bench)),
-                       ("llama.cpp-style load, cold", lambda: cases.llama_load_cold(bench))]:
-        print(name, flush=True)
-        rows += step()
+        rows += step(bench)
     return rows + cases.memory(bench)
 
 
 def notes(bench, tools):
-    lines = [f"- Server check: curl reads the 1 stream at {bench.median('curl') / 1e6:,.0f} MB/s; the mount's "
-             f"cold read {bench.median('cold') / 1e6:,.0f} MB/s. The server is not the bottleneck when curl "
-             "is well above the mount."]
+    lines = []
+    if "curl" in bench.samples:
+        lines.append(f"- Server check: curl reads the 1 stream at {bench.median('curl') / 1e6:,.0f} MB/s; the "
+                     f"mount's cold read {bench.median('cold') / 1e6:,.0f} MB/s. The server is not the "
+                     "bottleneck when curl is well above the mount.")
     missing = [name for name, present in tools.items() if not present]
     if missing:
         lines.append(f"- Not installed, so not compared: {', '.join(missing)}.")

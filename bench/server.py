@@ -7,12 +7,13 @@ benchmark of the GIL.
 
 import subprocess
 import sys
+from pathlib import Path
 import time
 import urllib.request
 
 from vfs.testing.hubsim import SimulatorClient
 
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+ROOT = Path(__file__).resolve().parent.parent     # where `python -m bench.hubserver` resolves
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -31,7 +32,7 @@ class HubProcess:
         args = [sys.executable, "-m", "bench.hubserver"]
         for repo, directory in self.repos.items():
             args += ["--repo", f"{repo}={directory}"]
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         deadline = time.monotonic() + timeout
         line = self.process.stdout.readline()
         if not line.startswith("ready ") or time.monotonic() > deadline:

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 RECORD = struct.Struct("<4sIII")       # magic, block index, block crc32, record crc32
 RECORD_MAGIC = b"BLK1"
+MEMORY_BUDGET = 96 * 1024 * 1024       # block bytes held in memory between download and disk
 
 
 class BlockSource(Protocol):
@@ -181,7 +182,7 @@ class BlockCache:
         self._blobs: dict[str, Blob] = {}
         self._inflight: dict[tuple[str, int], Flight] = {}
         self._fetch_limiter = trio.CapacityLimiter(fetch_workers)
-        self._memory_limiter = trio.CapacityLimiter(2 * fetch_workers)  # blocks held in memory
+        self._memory_limiter = trio.CapacityLimiter(max(2, MEMORY_BUDGET // self.block_size))
         self._disk_limiter = trio.CapacityLimiter(4)
         self._usage = None              # bytes on disk, kept current between scans
         self._nursery = None

@@ -8,6 +8,7 @@ read_ahead_kb when the FUSE handshake completes, so it is raised from inside the
 after a first request has gone through.
 """
 
+import ctypes
 import errno
 import logging
 import os
@@ -54,7 +55,9 @@ class Filesystem:
         ref = node.file
         blob = self.cache.blob(ref.content_id, ref.size)
         blob.open_count += 1
-        return OpenFile(blob, self.source_for(ref, blob), ref.size)
+        handle = OpenFile(blob, self.source_for(ref, blob), ref.size)
+        self.reader.opened(handle)
+        return handle
 
     def source_for(self, ref, blob):
         url = resolve_url(self.settings.endpoint, ref.repo, ref.commit, ref.repo_path)
@@ -194,10 +197,21 @@ def set_read_ahead(mountpoint, kilobytes):
     return False
 
 
+def limit_malloc_arenas(arenas=2):
+    """Cap glibc's malloc arenas before worker threads start. Each thread that frees an
+    8 MiB block buffer otherwise keeps it cached in an arena of its own: measured here,
+    peak RSS of a cold 1 GiB read went from 140-190 MiB to 190-390 MiB without the cap."""
+    try:
+        ctypes.CDLL(None).mallopt(-8, arenas)      # -8: M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass                                        # not glibc: its allocator, its habits
+
+
 def run(fs: Filesystem, mountpoint, on_ready=lambda: None, api_address=None):
     """Mount `fs` at `mountpoint` and serve until unmounted or signalled (blocking)."""
     mountpoint = Path(mountpoint)
     prepare_mountpoint(mountpoint)
+    limit_malloc_arenas()
     pyfuse3.init(fs.operations(), str(mountpoint), mount_options(fs.settings))
     try:
         trio.run(_serve, fs, mountpoint, on_ready, api_address)

@@ -19,6 +19,8 @@ Memory stays bounded whatever the number of readers: fetched blocks go to disk, 
 block cache caps how many are held in memory at once; direct reads are small and few.
 """
 
+import logging
+import os
 import threading
 from dataclasses import dataclass
 
@@ -26,6 +28,8 @@ import trio
 
 from . import warmup
 from .blockcache import BlockCache, BlockSource
+
+log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 SEQUENTIAL_SLACK = 2 * MIB      # the kernel may deliver a stream's reads slightly out of order
@@ -42,6 +46,7 @@ class OpenFile:
     next_offset: int = 0
     window: int = 0                 # blocks to keep fetched ahead of the reader
     reads: int = 0
+    advised: int = -1               # last cached block the kernel was asked to read ahead
 
 
 class Reader:
@@ -52,10 +57,25 @@ class Reader:
         self._direct_limiter = trio.CapacityLimiter(direct_reads)
         self._nursery = None
         self._warming = set()           # content ids whose warm-up has run in this process
+        self._prepared = set()          # content ids whose source was prepared on open
 
     def start(self, nursery):
         """Warm-ups run in `nursery` (one per mount); without it there is no warm-up."""
         self._nursery = nursery
+
+    def opened(self, handle: OpenFile):
+        """A handle was opened: get its source ready (the Hub's redirect) before its first read."""
+        blob = handle.blob
+        if self._nursery is None or blob.complete() or blob.content_id in self._prepared:
+            return
+        self._prepared.add(blob.content_id)
+        self._nursery.start_soon(self._prepare, handle.source)
+
+    async def _prepare(self, source):
+        try:
+            await trio.to_thread.run_sync(source.prepare)
+        except Exception as exc:  # noqa: BLE001 - the first read meets the same problem and says so
+            log.debug("%s: resolving ahead of the first read failed: %s", source.describe, exc)
 
     async def read(self, handle: OpenFile, offset, size):
         """The bytes at [offset, offset+size), short only at end of file."""
@@ -114,9 +134,21 @@ class Reader:
         return bytes(data)
 
     def _read_ahead(self, handle, end):
-        last = (end - 1) // self.cache.block_size
-        for index in range(last + 1, last + 1 + handle.window):
-            self.cache.prefetch(handle.blob, index, handle.source)
+        blob, last = handle.blob, (end - 1) // self.cache.block_size
+        for index in range(last + 1, min(blob.blocks, last + 1 + handle.window)):
+            if blob.present[index]:
+                self._advise(handle, index)
+            else:
+                self.cache.prefetch(blob, index, handle.source)
+
+    def _advise(self, handle, index):
+        """Have the kernel read a cached block from disk ahead of the stream (asynchronously):
+        the daemon's preads then find it in memory instead of waiting on the disk one by one."""
+        if index <= handle.advised:
+            return
+        handle.advised = index
+        start, length = handle.blob.block_range(index)
+        os.posix_fadvise(handle.blob.data_fd, start, length, os.POSIX_FADV_WILLNEED)
 
     def _start_warmup(self, handle):
         blob = handle.blob
@@ -144,9 +176,10 @@ class SplicedSource:
         end = start + length
         if not start <= self.start < self.end <= end:
             return self.source.fetch(start, length)
+        # The first-touch read goes first, alone: it is what a reader is waiting for.
+        self._ready.wait(self.patience)     # that read has its own deadline; this is a backstop
         head = self.source.fetch(start, self.start - start) if self.start > start else b""
         tail = self.source.fetch(self.end, end - self.end) if end > self.end else b""
-        self._ready.wait(self.patience)     # the read has its own deadline; this is a backstop
         middle = self._data
         if middle is None:
             middle = self.source.fetch(self.start, self.end - self.start)

@@ -21,6 +21,10 @@ class RemoteSource:
     def fetch(self, start, length):
         return self.fetcher.read_range(self.url, start, length, self.describe)
 
+    def prepare(self):
+        """Follow the Hub's redirect now, so a first read costs one request, not two."""
+        self.fetcher.resolve(self.url)
+
 
 class HfCacheSource:
     """Bytes from a blob huggingface_hub already downloaded, falling back to the Hub.
@@ -32,6 +36,9 @@ class HfCacheSource:
     def __init__(self, path, remote, blob):
         self.path, self.remote, self.blob = Path(path), remote, blob
         self.describe = remote.describe
+
+    def prepare(self):
+        pass            # local bytes: nothing to resolve
 
     def fetch(self, start, length):
         if self.blob.failed_verifications:
