@@ -6,8 +6,10 @@ thread keeps its own `requests.Session` (a session is not safe to share across t
 Every ranged answer is checked before a byte of it is used: status 206, the exact
 Content-Range asked for, and exactly the length asked for. A server that ignores Range
 (200 + whole body) is read by skipping to the offset, never by trusting the slice it
-sent. A connection that dies mid-body resumes from the exact byte it stopped at. The
-token goes only to the Hub's own origin, never to the CDN a redirect points to.
+sent. A connection that dies mid-body resumes after the last byte kept: a clean close at
+the exact byte, a reset or timeout at the start of the read call it broke (bytes that
+call was receiving are asked for again). The token goes only to the Hub's own origin,
+never to the CDN a redirect points to.
 
 A read that failed (retries exhausted, or refused) makes reads in the same block of the
 same file fail at once, with the same error object, for RECENT_FAILURE seconds: the
