@@ -362,11 +362,6 @@ def test_a_killed_daemon_gives_readers_enotconn_not_a_hang(hub, weights, mount_f
     assert failure.value.errno == errno.ENOTCONN
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mount.prepare_mountpoint probes with os.stat, which the kernel answers from the root's cached "
-    "attributes (ATTR_TIMEOUT, and the daemon's own readiness stat caches them) even on a dead "
-    "mount: it reports 'already mounted' instead of clearing it. os.statvfs always reaches the "
-    "daemon and fails with ENOTCONN on a dead mount."))
 def test_mount_on_a_dead_mount_clears_it_and_mounts_again(hub, weights, mount_factory):
     first = mount_factory(MANIFEST, hub.endpoint, args=BLOCK + SHORT_BOUNDS + ("--read-deadline", "60"))
     kill_while_a_reader_waits(hub, first)

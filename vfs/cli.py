@@ -107,6 +107,8 @@ def build_parser():
 
 
 def setup_logging(verbose, log_file=None):
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -149,7 +149,9 @@ def mount_options(settings):
 def prepare_mountpoint(mountpoint: Path):
     """Create the mountpoint, or clear a dead mount left by a killed daemon."""
     try:
-        os.stat(mountpoint)
+        # statvfs always reaches the filesystem; a stat may be answered from the kernel's
+        # cached attributes even when the daemon behind them is dead.
+        os.statvfs(mountpoint)
     except FileNotFoundError:
         mountpoint.mkdir(parents=True)
         return
