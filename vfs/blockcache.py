@@ -31,6 +31,9 @@ Concurrency rules:
 - One fetch per (blob, block) at a time, whatever the number of readers or handles: the
   first asker starts it, later askers wait for the same Flight and share its bytes. A
   flight stays in the table until its bytes are durable, so nobody fetches it twice.
+- A block's bytes are held in memory from download until written (at most MEMORY_BUDGET
+  of them at once), then dropped: readers arriving later pread them from the page cache
+  while the fdatasync and the record follow, under their own limiter.
 - Other processes (`pull`) append to the same logs. Before fetching a block that looks
   absent, the log's new records are read in, so their work is reused.
 """
@@ -184,6 +187,7 @@ class BlockCache:
         self._fetch_limiter = trio.CapacityLimiter(fetch_workers)
         self._memory_limiter = trio.CapacityLimiter(max(2, MEMORY_BUDGET // self.block_size))
         self._disk_limiter = trio.CapacityLimiter(4)
+        self._sync_limiter = trio.CapacityLimiter(2)
         self._usage = None              # bytes on disk, kept current between scans
         self._nursery = None
 
@@ -228,6 +232,8 @@ class BlockCache:
             if data is not None:
                 return data
         data = await self._fetched_block(blob, index, source)
+        if data is None:                # written, not yet durable: in the page cache
+            return os.pread(blob.data_fd, length, blob.block_range(index)[0] + start)
         return bytes(memoryview(data)[start:start + length])
 
     async def _read_present(self, blob, index, start, length):
@@ -307,8 +313,11 @@ class BlockCache:
         return flight
 
     async def _fly(self, blob, index, source, flight):
-        # A block holds memory from its download until it is durable; bounding how many
-        # do bounds the daemon's memory whatever the number of readers and read-aheads.
+        # A block holds memory from its download until its bytes are written (to the page
+        # cache); bounding how many do bounds the daemon's memory whatever the number of
+        # readers and read-aheads. Making them durable (fdatasync, at disk speed) happens
+        # after, out of memory's way: the stream is not held to the disk's write speed.
+        crc = None
         async with self._memory_limiter:
             try:
                 flight.data = await self._download(blob, index, source)
@@ -319,11 +328,16 @@ class BlockCache:
                 return
             flight.done.set()
             try:
-                await self._store(blob, index, flight.data, source)
+                crc = await self._write(blob, index, flight, source)
             except Exception:  # noqa: BLE001 - a background task must never end the mount
                 log.exception("%s: storing block %d failed", source.describe, index)
-            finally:
-                del self._inflight[(blob.content_id, index)]
+        try:
+            if crc is not None:
+                await self._make_durable(blob, index, crc)
+        except Exception:  # noqa: BLE001 - a background task must never end the mount
+            log.exception("%s: storing block %d failed", source.describe, index)
+        finally:
+            del self._inflight[(blob.content_id, index)]
         if blob.complete() and not blob.verified:
             self._nursery.start_soon(self._verify_in_background, blob, source.describe)
 
@@ -344,22 +358,30 @@ class BlockCache:
                 f"{source.describe}: bytes from the Hub do not match {blob.content_id}")
         return data
 
-    async def _store(self, blob, index, data, source):
-        """Make the block durable, then record it; a full disk only costs the caching."""
+    async def _write(self, blob, index, flight, source):
+        """Write the block's bytes (not yet durable) and let go of them; its crc, or None if
+        the disk is full (then readers are served from memory and it is not cached)."""
         block_start, _ = blob.block_range(index)
+        data = flight.data
         for attempt in (1, 2):
             await self._make_room(len(data), force=attempt > 1)
             try:
                 async with self._disk_limiter:
-                    await trio.to_thread.run_sync(_write_block, blob.data_fd, blob.log_fd,
-                                                  block_start, data, index)
-                break
+                    crc = await trio.to_thread.run_sync(_write_data, blob.data_fd, block_start, data)
+                flight.data = None      # later readers pread it: the page cache holds it
+                return crc
             except OSError as exc:
                 if exc.errno != errno.ENOSPC or attempt > 1:
                     cause = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
                     log.error("%s: block %d not cached (%s); served from memory", source.describe, index, cause)
-                    return
-        self._usage = (self._usage or 0) + len(data)
+                    return None
+        return None
+
+    async def _make_durable(self, blob, index, crc):
+        """fdatasync the block's bytes, then record it: only then is it present."""
+        async with self._sync_limiter:
+            await trio.to_thread.run_sync(_sync_block, blob.data_fd, blob.log_fd, index, crc)
+        self._usage = (self._usage or 0) + blob.block_range(index)[1]
         blob.read_new_records()
         blob.checked[index] = 1
 
@@ -411,12 +433,16 @@ class BlockCache:
         return False
 
 
-def _write_block(data_fd, log_fd, offset, data, index):
+def _write_data(data_fd, offset, data):
     crc = zlib.crc32(data)  # here, not on the trio thread: 2 ms per 8 MiB stalls every reader
     view = memoryview(data)
     while view:
         written = os.pwrite(data_fd, view, offset)
         view, offset = view[written:], offset + written
+    return crc
+
+
+def _sync_block(data_fd, log_fd, index, crc):
     os.fdatasync(data_fd)
     os.write(log_fd, make_record(index, crc))
     os.fdatasync(log_fd)
