@@ -26,7 +26,7 @@ from . import errors
 
 log = logging.getLogger(__name__)
 
-FIRST_LOOK = 64 * 1024
+FIRST_LOOK = 1024 * 1024          # covers most GGUF headers (vocabularies) at once
 MAX_HEADER = 256 * 1024 * 1024   # more than any real GGUF vocabulary or safetensors header
 GGUF_DEFAULT_ALIGNMENT = 32
 
@@ -58,11 +58,13 @@ async def loader_ranges(read, size):
     parse = sniff(head)
     while parse is not None:
         try:
-            return parse(head, size)
+            # A real vocabulary is a few MiB of header: parsing it is CPU work, and the
+            # trio thread must keep serving reads meanwhile.
+            return await trio.to_thread.run_sync(parse, head, size)
         except (ValueError, KeyError, TypeError, struct.error):
             return None             # it only looked like one: leave it to read-ahead
         except Truncated as short:
-            want = max(short.need, 2 * len(head))
+            want = max(short.need, 4 * len(head))
             if len(head) >= size or want > MAX_HEADER:
                 return None
             head = await read(0, min(size, want))
@@ -166,13 +168,27 @@ def _gguf_value(cursor, kind):
             if cursor.at + size > len(cursor.data):
                 raise Truncated(cursor.at + size)
             cursor.at += size
-            return None
-        for _ in range(count):
-            _gguf_value(cursor, item_kind)
+        elif item_kind == 8:
+            _skip_strings(cursor, count)
+        else:
+            for _ in range(count):
+                _gguf_value(cursor, item_kind)
         return None
     if kind not in _GGUF_SCALARS:
         raise ValueError(f"unknown GGUF value type {kind}")
     return cursor.take(_GGUF_SCALARS[kind])
+
+
+def _skip_strings(cursor, count):
+    """Skip `count` length-prefixed strings (a vocabulary: 100k+ of them, so a tight loop)."""
+    data, at, end, unpack = cursor.data, cursor.at, len(cursor.data), struct.Struct("<Q").unpack_from
+    for _ in range(count):
+        if at + 8 > end:
+            raise Truncated()
+        at += 8 + unpack(data, at)[0]
+    if at > end:
+        raise Truncated(at)
+    cursor.at = at
 
 
 def gguf_ranges(head, size):
