@@ -149,6 +149,16 @@ class Reader:
         handle.advised = index
         start, length = handle.blob.block_range(index)
         os.posix_fadvise(handle.blob.data_fd, start, length, os.POSIX_FADV_WILLNEED)
+        if not handle.blob.checked[index] and self._nursery is not None:
+            # A block's first read in this process checks its crc (8 MiB read + crc32): do
+            # it now, in the background, rather than when the reader arrives.
+            self._nursery.start_soon(self._check_ahead, handle, index)
+
+    async def _check_ahead(self, handle, index):
+        try:
+            await self.cache.read(handle.blob, index, 0, 1, handle.source)
+        except Exception as exc:  # noqa: BLE001 - the reader meets the same problem and says so
+            log.debug("%s: checking block %d ahead failed: %s", handle.source.describe, index, exc)
 
     def _start_warmup(self, handle):
         blob = handle.blob
