@@ -190,6 +190,9 @@ class BlockCache:
         self._sync_limiter = trio.CapacityLimiter(2)
         self._usage = None              # bytes on disk, kept current between scans
         self._nursery = None
+        # Called (from the trio thread) with a content id whose bytes were discarded, so a
+        # mount can make the kernel drop pages it cached from them.
+        self.on_discard = None
 
     def start(self, nursery):
         """Background fetches and verifications run in `nursery` (one per mount)."""
@@ -424,12 +427,14 @@ class BlockCache:
             await trio.to_thread.run_sync(write_atomically, blob.ok_path, b"")
             blob.verified = True
             return True
-        log.error("%s: %s does not match its content id; discarding it, it will be fetched again",
-                  describe or blob.content_id, blob.content_id)
         await trio.to_thread.run_sync(_reset_log, blob.log_fd)
         blob.failed_verifications += 1
         blob.forget_all()
         blob.read_new_records()
+        if self.on_discard is not None:
+            await self.on_discard(blob.content_id)
+        log.error("%s: %s does not match its content id; discarded, it will be fetched again",
+                  describe or blob.content_id, blob.content_id)
         return False
 
 

@@ -82,6 +82,12 @@ class Filesystem:
         finally:
             blob.open_count -= 1
 
+    async def forget_content(self, content_id):
+        """Make the kernel drop pages it cached from bytes that failed verification."""
+        inodes = [node.inode for node in self.tree.files() if node.file.content_id == content_id]
+        if self.ops is not None and inodes:
+            await trio.to_thread.run_sync(_invalidate_data, inodes)
+
     async def refresh(self):
         """Reload the manifest and re-pin; the mount shows the new tree. Returns entries changed."""
         manifest = await trio.to_thread.run_sync(load_manifest, self.manifest.source)
@@ -97,6 +103,14 @@ class Filesystem:
             await trio.to_thread.run_sync(_invalidate_entries, stale)
         log.info("refreshed %s: %d models, %d entries changed", manifest.source, len(manifest.models), len(stale))
         return len(stale)
+
+
+def _invalidate_data(inodes):
+    for inode in inodes:
+        try:
+            pyfuse3.invalidate_inode(inode)
+        except OSError as exc:
+            log.warning("could not drop the kernel's cached pages of inode %d: %s", inode, exc.strerror)
 
 
 def _invalidate_entries(entries):
@@ -127,7 +141,9 @@ def build(settings, manifest):
     cache = BlockCache(directory, settings.fetch_workers, settings.max_size, settings.min_free_fraction,
                        pinned=pinned_content(manifest, snapshots, directory))
     tree = Tree.build(manifest, snapshots)
-    return Filesystem(settings, manifest, snapshots, tree, cache, RangeFetcher(settings), Reader(cache))
+    fs = Filesystem(settings, manifest, snapshots, tree, cache, RangeFetcher(settings), Reader(cache))
+    cache.on_discard = fs.forget_content
+    return fs
 
 
 def pinned_content(manifest, snapshots, directory):
