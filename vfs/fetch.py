@@ -169,7 +169,9 @@ class RangeFetcher:
             _discard(response.raw, skip)
             readinto = _body_reader(response.raw)
             while got < len(view):
-                n = readinto(view[got:])
+                # Bounded reads: when the connection breaks, the bytes already in are counted
+                # and the retry resumes at the exact byte, not at the attempt's first one.
+                n = readinto(view[got:got + CHUNK])
                 if not n:
                     break
                 got += n
