@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import cases, machine, report
+from . import cases, machine, profiles, report
 from .data import MIB, big_file, gguf_file
 from .server import HubProcess
 
@@ -41,6 +41,7 @@ def run(args):
     with HubProcess({"bench/big": big.parent, "bench/gguf": gguf.parent}) as hub:
         bench = cases.Bench(work, hub, big, gguf, shape["repeats"], shape["fio_seconds"], tools)
         rows = measure(bench, args.only and set(args.only.split(",")))
+        bench.profiles = profile(bench) if not (args.smoke or args.only) and profiles.available() else {}
         sweeps = ([], []) if args.no_sweeps or args.smoke or args.only else (cases.read_ahead_sweep(bench),
                                                                   cases.block_size_sweep(bench))
     return rows, sweeps, bench, shape
@@ -69,12 +70,20 @@ def measure(bench, only=None):
     return rows + cases.memory(bench)
 
 
+def profile(bench):
+    print("profiling the daemon (py-spy)", flush=True)
+    return {"cold sequential read (fresh block cache)": profiles.profile_read(bench, "cold", True, lambda m: m.big),
+            "block cache hot, page cache dropped": profiles.profile_read(bench, "hot", False, lambda m: m.big)}
+
+
 def notes(bench, tools):
     lines = []
     if "curl" in bench.samples:
         lines.append(f"- Server check: curl reads the 1 stream at {bench.median('curl') / 1e6:,.0f} MB/s; the "
                      f"mount's cold read {bench.median('cold') / 1e6:,.0f} MB/s. The server is not the "
                      "bottleneck when curl is well above the mount.")
+    if getattr(bench, "profiles", None):
+        lines.append("\n" + profiles.markdown(bench.profiles))
     missing = [name for name, present in tools.items() if not present]
     if missing:
         lines.append(f"- Not installed, so not compared: {', '.join(missing)}.")

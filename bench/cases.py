@@ -93,6 +93,7 @@ def cold_sequential(bench):
         shutil.rmtree(hf_home, ignore_errors=True)
         if bench.tools["rclone"]:
             bench.record("rclone", rclone_read(bench))
+        bench.record("fresh write", probes.write_fresh_file(bench.work / "fresh-write.tmp", size))
     rows = [throughput_row(bench, "cold sequential read", "cold", "curl", "curl -o /dev/null, one stream",
                            0.8, ">= 0.8x"),
             throughput_row(bench, "cold sequential read", "cold", "hf", "hf_hub_download, fresh HF cache",
@@ -100,6 +101,9 @@ def cold_sequential(bench):
     if bench.tools["rclone"]:
         rows.append(throughput_row(bench, "cold sequential read", "cold", "rclone",
                                    "rclone mount --vfs-cache-mode full", 2.0, ">= 2x"))
+    o, t = bench.median("cold") / MB, bench.median("fresh write") / MB
+    rows.append(Row("cold sequential read (reference, no target)", o,
+                    "pwrite of the same size into a fresh file (page cache, no fsync)", t, "MB/s", "-", None))
     return rows
 
 

@@ -25,6 +25,21 @@ def read_sequential(path):
     return total / (time.perf_counter() - started)
 
 
+def write_fresh_file(path, size, chunk=8 * MIB):
+    """Bytes per second writing `size` bytes into a new file (page cache, no fsync): the
+    ceiling for any client that keeps what it downloads, this one included."""
+    data = os.urandom(chunk)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        started = time.perf_counter()
+        for offset in range(0, size, chunk):
+            os.pwrite(fd, data[:min(chunk, size - offset)], offset)
+        return size / (time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
 def first_byte_seconds(path, offset):
     """Seconds from open to holding the byte at `offset`."""
     started = time.perf_counter()

@@ -1,6 +1,7 @@
 """docs/BENCHMARKS.md and docs/benchmarks.png from the rows of one run."""
 
 import datetime
+from pathlib import Path
 
 
 def _num(value):
@@ -37,6 +38,12 @@ def sweeps(read_ahead, block_sizes):
     return "\n".join(lines)
 
 
+def analysis():
+    """The hand-written reading of the figures (bench/ANALYSIS.md), kept across reruns."""
+    path = Path(__file__).with_name("ANALYSIS.md")
+    return "\n" + path.read_text() if path.exists() else ""
+
+
 def markdown(rows, read_ahead, block_sizes, machine, settings, notes):
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""# Benchmarks
@@ -60,7 +67,7 @@ Machine: {machine}
 ## Notes
 
 {notes}
-
+{analysis()}
 ## How to rerun
 
     make bench          # full run: installs the bench extras, fio, rclone and curl first
