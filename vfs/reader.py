@@ -142,23 +142,24 @@ class Reader:
                 self.cache.prefetch(blob, index, handle.source)
 
     def _advise(self, handle, index):
-        """Have the kernel read a cached block from disk ahead of the stream (asynchronously):
-        the daemon's preads then find it in memory instead of waiting on the disk one by one."""
-        if index <= handle.advised:
+        """Get a cached block ahead of the stream, in the background: the kernel reads it from
+        disk, and its crc (checked on a block's first read in this process) is checked now
+        rather than when the reader arrives."""
+        if index <= handle.advised or self._nursery is None:
             return
         handle.advised = index
-        start, length = handle.blob.block_range(index)
-        os.posix_fadvise(handle.blob.data_fd, start, length, os.POSIX_FADV_WILLNEED)
-        if not handle.blob.checked[index] and self._nursery is not None:
-            # A block's first read in this process checks its crc (8 MiB read + crc32): do
-            # it now, in the background, rather than when the reader arrives.
-            self._nursery.start_soon(self._check_ahead, handle, index)
+        self._nursery.start_soon(self._ready_ahead, handle, index)
 
-    async def _check_ahead(self, handle, index):
+    async def _ready_ahead(self, handle, index):
+        blob = handle.blob
+        start, length = blob.block_range(index)
         try:
-            await self.cache.read(handle.blob, index, 0, 1, handle.source)
+            # fadvise allocates the pages and queues the reads: too slow for the trio thread.
+            await trio.to_thread.run_sync(os.posix_fadvise, blob.data_fd, start, length, os.POSIX_FADV_WILLNEED)
+            if not blob.checked[index]:
+                await self.cache.read(blob, index, 0, 1, handle.source)
         except Exception as exc:  # noqa: BLE001 - the reader meets the same problem and says so
-            log.debug("%s: checking block %d ahead failed: %s", handle.source.describe, index, exc)
+            log.debug("%s: readying block %d ahead failed: %s", handle.source.describe, index, exc)
 
     def _start_warmup(self, handle):
         blob = handle.blob
