@@ -52,7 +52,9 @@ Written by `make bench` ({when}); rerun it to refresh this page and `benchmarks.
 Every pair below was measured back to back in one run against the same Hub simulator (its
 own process, serving from the page cache), {settings}; medians are quoted and the ratio
 is ours / theirs. "Cold" means a fresh block cache and a dropped page cache (`echo 3 >
-/proc/sys/vm/drop_caches`, then the server's source files read back in).
+/proc/sys/vm/drop_caches`, then the server's source files read back in), except for the
+time to first byte: a fresh mount over an empty block cache, without dropping the page
+cache (that would time the daemon paging its own code back in).
 
 Machine: {machine}
 
@@ -91,7 +93,7 @@ def plot(rows, path):
     labels = [f"{row.figure}\nvs {row.against}" for row in rows]
     # Bars show how far each figure is from its target: >= 1 is met, whichever way is better.
     ratios = [row.ratio if row.higher_is_better else 1 / row.ratio for row in rows]
-    colors = ["tab:green" if row.met else "tab:red" for row in rows]
+    colors = ["tab:gray" if row.met is None else "tab:green" if row.met else "tab:red" for row in rows]
     figure, axes = plt.subplots(figsize=(10, 0.7 * len(rows) + 1.5))
     axes.barh(range(len(rows)), ratios, color=colors)
     axes.set_yticks(range(len(rows)), labels, fontsize=7)
@@ -99,7 +101,7 @@ def plot(rows, path):
     axes.axvline(1.0, color="black", linewidth=0.8)
     for index, row in enumerate(rows):
         axes.text(ratios[index], index, f" {row.ratio:.2f}x ({row.target})", va="center", fontsize=7)
-    axes.set_xlabel("lamina-llm-cache vs alternative (>1 is better; green: target met)")
+    axes.set_xlabel("lamina-llm-cache vs alternative (>1 is better; green: target met, red: missed, gray: no target)")
     axes.set_xscale("log")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
