@@ -25,7 +25,7 @@ models:
 class BenchMount:
     """`with BenchMount(...) as mount:` mounts; the peak RSS is kept in `peaks` on the way out."""
 
-    peaks = []      # every daemon's VmHWM, for the RSS row
+    peaks = []      # (VmHWM, which mount) of every daemon, for the RSS row
 
     def __init__(self, work, endpoint, cache_dir, fresh=False, args=()):
         self.work, self.cache_dir = Path(work), Path(cache_dir)
@@ -43,7 +43,8 @@ class BenchMount:
 
     def __exit__(self, *exc):
         try:
-            self.peaks.append(rss_peak_bytes(self.process.process.pid))
+            label = " ".join([self.cache_dir.name, *self.process.extra_args])
+            self.peaks.append((rss_peak_bytes(self.process.process.pid), label))
         finally:
             self.process.stop()
 

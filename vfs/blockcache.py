@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 RECORD = struct.Struct("<4sIII")       # magic, block index, block crc32, record crc32
 RECORD_MAGIC = b"BLK1"
-MEMORY_BUDGET = 96 * 1024 * 1024       # block bytes held in memory between download and disk
+MEMORY_BUDGET = 64 * 1024 * 1024       # block bytes held in memory between download and disk
 
 
 class BlockSource(Protocol):
