@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 SEQUENTIAL_SLACK = 2 * MIB      # the kernel may deliver a stream's reads slightly out of order
 DIRECT_READ_MAX = 4 * MIB       # a bigger first touch just waits for its blocks
+PREPARE_PATIENCE = 2.0          # seconds a first read waits for the resolve begun on open
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Reader:
         self._nursery = None
         self._warming = set()           # content ids whose warm-up has run in this process
         self._prepared = set()          # content ids whose source was prepared on open
+        self._preparing = {}            # content id -> Event set when that prepare ends
 
     def start(self, nursery):
         """Warm-ups run in `nursery` (one per mount); without it there is no warm-up."""
@@ -69,13 +71,23 @@ class Reader:
         if self._nursery is None or blob.complete() or blob.content_id in self._prepared:
             return
         self._prepared.add(blob.content_id)
-        self._nursery.start_soon(self._prepare, handle.source)
+        self._preparing[blob.content_id] = trio.Event()
+        self._nursery.start_soon(self._prepare, blob.content_id, handle.source)
 
-    async def _prepare(self, source):
+    async def _prepare(self, content_id, source):
         try:
             await trio.to_thread.run_sync(source.prepare)
         except Exception as exc:  # noqa: BLE001 - the first read meets the same problem and says so
             log.debug("%s: resolving ahead of the first read failed: %s", source.describe, exc)
+        finally:
+            self._preparing.pop(content_id).set()
+
+    async def _prepared_source(self, blob):
+        """Wait (briefly) for the resolve started on open rather than race it with another."""
+        pending = self._preparing.get(blob.content_id)
+        if pending is not None:
+            with trio.move_on_after(PREPARE_PATIENCE):
+                await pending.wait()
 
     async def read(self, handle: OpenFile, offset, size):
         """The bytes at [offset, offset+size), short only at end of file."""
@@ -127,6 +139,7 @@ class Reader:
         self.cache.prefetch(handle.blob, offset // self.cache.block_size, spliced)
         data = None
         try:
+            await self._prepared_source(handle.blob)
             async with self._direct_limiter:
                 data = await trio.to_thread.run_sync(handle.source.fetch, offset, end - offset)
         finally:
