@@ -6,12 +6,14 @@ open handle keeps a little state, and three policies decide what to fetch beyond
 - Sequential streams. A read that continues where the handle's last one ended (give or
   take the kernel's reordering) doubles the handle's window, up to `max_ahead` bytes;
   the blocks of the window are fetched in the background, several Range requests at
-  once, so one cold stream keeps the link busy. A jump resets the window: random
-  readers fetch only what they touch.
+  once, so one cold stream keeps the link busy. Blocks of the window already cached are
+  read ahead from disk by the kernel (fadvise) and crc-checked ahead, off the trio
+  thread. A jump resets the window: random readers fetch only what they touch.
 - Cold first touches. A read that jumps to a block nobody has fetched or is fetching
   would otherwise wait for the whole block (8 MiB: milliseconds). It is answered by a
-  Range request for exactly its bytes while the block is fetched beside it, so the time
-  to first byte is one small request, like curl's.
+  Range request for exactly its bytes while the block is fetched around it, so the time
+  to first byte is one small request. The Hub's redirect is resolved when the file is
+  opened, and that first read waits for it rather than resolving it a second time.
 - Warm-up. The first read at offset 0 of a GGUF or safetensors file starts `warmup`,
   which fetches the file's blocks in the order its loader will touch them.
 
@@ -62,7 +64,8 @@ class Reader:
         self._preparing = {}            # content id -> Event set when that prepare ends
 
     def start(self, nursery):
-        """Warm-ups run in `nursery` (one per mount); without it there is no warm-up."""
+        """Background work (warm-ups, resolves on open, cached blocks readied ahead) runs in
+        `nursery`, one per mount; without it the reader does none of it."""
         self._nursery = nursery
 
     def opened(self, handle: OpenFile):
