@@ -145,6 +145,11 @@ class RangeFetcher:
         if status == 200:
             log.warning("%s ignored the Range header; skipping to offset %d", _safe(url), start)
             return start
+        if status in REDIRECTS and "location" in response.headers:
+            # The CDN moved the bytes on: ask there next time (never with the token).
+            with self._lock:
+                self._targets[url] = urllib.parse.urljoin(response.url, response.headers["location"])
+            raise _Retry(f"the CDN redirected (HTTP {status})")
         self._raise_for_status(url, response)
 
     def _raise_for_status(self, url, response):
@@ -207,6 +212,10 @@ class RangeFetcher:
                 if following in seen:
                     raise errors.FetchError(f"redirect loop: {_safe(current)} redirects back to {_safe(following)}")
                 _require_hub_headers(response, "redirect")
+                if origin(following) != origin(current):
+                    # The Hub has answered; the CDN is checked by the ranged GET itself
+                    # (206 + Content-Range), so a HEAD there would only cost a round trip.
+                    return following
                 current = following
                 seen.add(current)
                 continue
