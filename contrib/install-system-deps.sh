@@ -1,10 +1,14 @@
 #!/bin/sh
-# Installs the system packages a mount needs (Debian/Ubuntu): FUSE 3 and what pyfuse3 builds with.
+# Installs the Debian/Ubuntu packages a mount needs (FUSE 3 and what pyfuse3 builds with),
+# plus any tools named as arguments (each a command and the package that provides it).
 set -eu
 missing=""
 command -v fusermount3 >/dev/null 2>&1 || missing="$missing fuse3"
 pkg-config --exists fuse3 2>/dev/null || missing="$missing libfuse3-dev"
 command -v pkg-config >/dev/null 2>&1 || missing="$missing pkg-config"
+for tool in "$@"; do
+    command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+done
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     echo "missing system packages:$missing (run: sudo apt-get install$missing)" >&2
@@ -12,4 +16,4 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq fuse3 libfuse3-dev pkg-config >/dev/null
+apt-get install -y -qq $missing >/dev/null
