@@ -31,9 +31,12 @@ Concurrency rules:
 - One fetch per (blob, block) at a time, whatever the number of readers or handles: the
   first asker starts it, later askers wait for the same Flight and share its bytes. A
   flight stays in the table until its bytes are durable, so nobody fetches it twice.
-- A block's bytes are held in memory from download until written (at most MEMORY_BUDGET
-  of them at once), then dropped: readers arriving later pread them from the page cache
-  while the fdatasync and the record follow, under their own limiter.
+- Blocks pass through a fixed set of page-aligned memory buffers (blockmemory.py,
+  MEMORY_BUDGET in all): a download lands in one and stays pinned there until written
+  with O_DIRECT; a cached block a stream reads is loaded into one with O_DIRECT. Readers
+  are served from them; after a block leaves memory, readers pread it from disk.
+- A read never waits on the disk on the trio thread: a pread that might goes to a worker
+  thread; the trio thread only tries RWF_NOWAIT reads (pages already in the page cache).
 - Other processes (`pull`) append to the same logs. Before fetching a block that looks
   absent, the log's new records are read in, so their work is reused.
 """
@@ -50,15 +53,17 @@ from typing import Protocol
 
 import trio
 
-from . import errors
+from . import blockio, errors
 from .atomic import write_atomically
+from .blockmemory import BlockMemory
 from .cachedir import CacheDir
 
 log = logging.getLogger(__name__)
 
 RECORD = struct.Struct("<4sIII")       # magic, block index, block crc32, record crc32
 RECORD_MAGIC = b"BLK1"
-MEMORY_BUDGET = 64 * 1024 * 1024       # block bytes held in memory between download and disk
+MEMORY_BUDGET = 96 * 1024 * 1024       # block buffers: downloads, loads, blocks kept for readers
+READ_ROUNDS = 3                        # a read retries when its block left memory under it
 
 
 class BlockSource(Protocol):
@@ -67,7 +72,10 @@ class BlockSource(Protocol):
     describe: str   # "model/file" for log lines
 
     def fetch(self, start: int, length: int) -> bytes:
-        """Exactly `length` bytes from `start` (blocking; called in a worker thread)."""
+        """Exactly `length` bytes from `start` (blocking; called in a worker thread).
+
+        A source may also have `fetch_into(start, view)`, filling a buffer in place: then
+        that is used, and a block's bytes are received straight into their buffer."""
 
 
 @dataclass(eq=False)
@@ -75,8 +83,8 @@ class Flight:
     """One block being fetched: readers wait on `done`, then take `data` or `error`."""
 
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes | None = None
     error: BaseException | None = None
+    written: bool = False           # its bytes are in the data file (durable or not yet)
 
 
 class Blob:
@@ -95,7 +103,7 @@ class Blob:
         self.verified = False
         self.failed_verifications = 0
         self.open_count = 0
-        self.data_fd = self.log_fd = None
+        self.data_fd = self.log_fd = self.direct_fd = None
 
     def block_range(self, index):
         start = index * self.block_size
@@ -112,6 +120,7 @@ class Blob:
         self.data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
         if os.fstat(self.data_fd).st_size != self.size:
             os.ftruncate(self.data_fd, self.size)
+        self.direct_fd = blockio.open_direct(self.data_path, self.block_size)
         self.log_fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         self.verified = self.ok_path.exists()
         self.read_new_records()
@@ -142,10 +151,10 @@ class Blob:
         self.verified = False
 
     def close_files(self):
-        for fd in (self.data_fd, self.log_fd):
+        for fd in (self.data_fd, self.log_fd, self.direct_fd):
             if fd is not None:
                 os.close(fd)
-        self.data_fd = self.log_fd = None
+        self.data_fd = self.log_fd = self.direct_fd = None
 
 
 def make_record(index, crc):
@@ -185,7 +194,8 @@ class BlockCache:
         self._blobs: dict[str, Blob] = {}
         self._inflight: dict[tuple[str, int], Flight] = {}
         self._fetch_limiter = trio.CapacityLimiter(fetch_workers)
-        self._memory_limiter = trio.CapacityLimiter(max(2, MEMORY_BUDGET // self.block_size))
+        self.memory = BlockMemory(self.block_size, MEMORY_BUDGET // self.block_size)
+        self._loads: dict[tuple[str, int], trio.Event] = {}     # blocks being read into memory
         self._disk_limiter = trio.CapacityLimiter(4)
         self._sync_limiter = trio.CapacityLimiter(2)
         self._usage = None              # bytes on disk, kept current between scans
@@ -228,39 +238,115 @@ class BlockCache:
     def inflight(self, blob, index):
         return (blob.content_id, index) in self._inflight
 
+    def read_now(self, blob, index, start, length, into):
+        """The bytes if they can be had without waiting, else None; valid until the next await.
+
+        That is a block in memory, or a checked block whose pages the page cache holds
+        (read into `into`). The trio thread must never wait on the disk: one stalled
+        pread stalls every reader of the mount.
+        """
+        buffer = self.memory.get((blob.content_id, index))
+        if buffer is not None:
+            return buffer.bytes_of(start, length)
+        if not (blob.present[index] and blob.checked[index]):
+            return None
+        view = into[:length]
+        try:
+            got = os.preadv(blob.data_fd, [view], blob.block_range(index)[0] + start, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        return view if got == length else None
+
     async def read(self, blob, index, start, length, source):
-        """`length` bytes at `start` inside block `index` of `blob`."""
-        if blob.present[index]:
-            data = await self._read_present(blob, index, start, length)
-            if data is not None:
-                return data
-        data = await self._fetched_block(blob, index, source)
-        if data is None:                # written, not yet durable: in the page cache
-            return os.pread(blob.data_fd, length, blob.block_range(index)[0] + start)
-        return bytes(memoryview(data)[start:start + length])
+        """`length` bytes at `start` inside block `index` of `blob` (a copy of its own)."""
+        key = (blob.content_id, index)
+        for _ in range(READ_ROUNDS):
+            await self._loaded(key)
+            buffer = self.memory.get(key)
+            if buffer is not None:
+                return bytes(buffer.bytes_of(start, length))
+            if blob.present[index] and blob.checked[index]:
+                return await self._pread(blob, index, start, length)
+            if blob.present[index]:
+                buffer = await self._load(blob, index)
+                if buffer is not None:      # still ours: nothing ran since the load ended
+                    return bytes(buffer.bytes_of(start, length))
+                continue
+            flight = await self._fetched(blob, index, source)
+            if flight is not None and flight.written and not self.memory.holds(key):
+                return await self._pread(blob, index, start, length)
+        # Only under memory pressure so extreme that a block leaves memory before its waiter runs.
+        raise errors.FetchError(f"block {index} of {blob.content_id} kept leaving memory before it was read")
 
-    async def _read_present(self, blob, index, start, length):
-        block_start, _ = blob.block_range(index)
-        if blob.checked[index]:
-            return os.pread(blob.data_fd, length, block_start + start)
-        block = await self._check_block(blob, index)
-        return None if block is None else bytes(memoryview(block)[start:start + length])
+    async def _pread(self, blob, index, start, length):
+        # In a worker thread: pages not in the page cache mean waiting on the disk.
+        offset = blob.block_range(index)[0] + start
+        return await trio.to_thread.run_sync(os.pread, blob.data_fd, length, offset)
 
-    async def _check_block(self, blob, index):
-        """The whole block if its bytes on disk match its crc; else None (and absent)."""
+    def load_ahead(self, blob, index):
+        """Start reading cached block `index` into memory unless it is there or on its way."""
+        key = (blob.content_id, index)
+        if (index < blob.blocks and blob.present[index] and key not in self._loads
+                and self.memory.get(key) is None and self._nursery is not None):
+            self._nursery.start_soon(self._load_quietly, blob, index)
+
+    async def _load_quietly(self, blob, index):
+        try:
+            await self._load(blob, index)
+        except Exception as exc:  # noqa: BLE001 - the reader meets the same problem and says so
+            log.debug("%s: loading block %d ahead failed: %s", blob.content_id, index, exc)
+
+    async def _loaded(self, key):
+        """Wait for a load of `key` in progress, if there is one."""
+        loading = self._loads.get(key)
+        if loading is not None:
+            await loading.wait()
+
+    async def _load(self, blob, index):
+        """Read a cached block into memory, checking its crc on its first read in this process.
+
+        Returns its buffer (ready), or None if another load had it or its bytes were bad
+        (then the block is absent again and gets fetched).
+        """
+        key = (blob.content_id, index)
+        if key in self._loads:
+            await self._loaded(key)
+            return None
+        self._loads[key] = loading = trio.Event()
+        try:
+            return await self._load_into_memory(blob, index, key)
+        finally:
+            del self._loads[key]
+            loading.set()
+
+    async def _load_into_memory(self, blob, index, key):
         block_start, block_len = blob.block_range(index)
-        async with self._disk_limiter:
-            block, crc = await trio.to_thread.run_sync(_read_with_crc, blob.data_fd, block_len, block_start)
-        if len(block) == block_len and crc == blob.crcs[index]:
-            blob.checked[index] = 1
-            return block
+        buffer = await self.memory.take(key, block_len)
+        try:
+            check = not blob.checked[index]
+            async with self._disk_limiter:
+                got, crc = await trio.to_thread.run_sync(
+                    blockio.read_block, blob.data_fd, blob.direct_fd, block_start, buffer.view, block_len, check)
+        finally:
+            self.memory.unpin(buffer)
+        if buffer.key != key or not blob.present[index]:
+            return None                     # the blob was discarded meanwhile
+        if got != block_len or (check and crc != blob.crcs[index]):
+            self.memory.forget(key)
+            self._corrupt_on_disk(blob, index, block_start)
+            return None
+        blob.checked[index] = 1
+        buffer.ready = True
+        return buffer
+
+    def _corrupt_on_disk(self, blob, index, block_start):
         log.error("%s: block %d (offset %d) is corrupt on disk; fetching it again",
                   blob.content_id, index, block_start)
         blob.present[index] = 0
         if blob.verified:
             blob.verified = False
             _unlink_quietly(blob.ok_path)
-        return None
+
 
     async def fill(self, blob, source, on_block=lambda length: None, parallel=4):
         """Fetch every absent block of `blob`, `parallel` at a time (pull uses this).
@@ -273,7 +359,7 @@ class BlockCache:
 
         async def fetch_one(index, cancel_scope):
             try:
-                await self._fetched_block(blob, index, source)
+                await self._fetched(blob, index, source)
                 on_block(blob.block_range(index)[1])
             except errors.LaminaError as exc:
                 failures.append(exc)
@@ -295,19 +381,19 @@ class BlockCache:
             return
         self._start_flight(blob, index, source)
 
-    async def _fetched_block(self, blob, index, source):
+    async def _fetched(self, blob, index, source):
+        """Block `index` fetched (by this call or one already under way): its Flight, or None
+        if another process had stored it meanwhile."""
         flight = self._inflight.get((blob.content_id, index))
         if flight is None:
             blob.read_new_records()       # another process may have stored it meanwhile
             if blob.present[index]:
-                data = await self._read_present(blob, index, 0, blob.block_range(index)[1])
-                if data is not None:
-                    return data
+                return None
             flight = self._start_flight(blob, index, source)
         await flight.done.wait()
         if flight.error is not None:
             raise flight.error
-        return flight.data
+        return flight
 
     def _start_flight(self, blob, index, source):
         flight = Flight()
@@ -316,31 +402,37 @@ class BlockCache:
         return flight
 
     async def _fly(self, blob, index, source, flight):
-        # A block holds memory from its download until its bytes are written (to the page
-        # cache); bounding how many do bounds the daemon's memory whatever the number of
-        # readers and read-aheads. Making them durable (fdatasync, at disk speed) happens
-        # after, out of memory's way: the stream is not held to the disk's write speed.
+        # A block's buffer is pinned from its download until its bytes are written; the
+        # fixed number of buffers bounds the daemon's memory whatever the number of readers
+        # and read-aheads. Making them durable (fdatasync) happens after, out of memory's way.
+        key = (blob.content_id, index)
         crc = None
-        async with self._memory_limiter:
+        buffer = await self.memory.take(key, blob.block_range(index)[1])
+        try:
             try:
-                flight.data = await self._download(blob, index, source)
+                await self._download(blob, index, source, buffer)
             except Exception as exc:  # noqa: BLE001 - handed to every waiting reader
                 flight.error = exc
-                del self._inflight[(blob.content_id, index)]
+                self.memory.forget(key)
+                del self._inflight[key]
                 flight.done.set()
                 return
+            buffer.ready = buffer.key == key
             flight.done.set()
             try:
-                crc = await self._write(blob, index, flight, source)
+                crc = await self._write(blob, index, buffer, source)
+                flight.written = crc is not None
             except Exception:  # noqa: BLE001 - a background task must never end the mount
                 log.exception("%s: storing block %d failed", source.describe, index)
+        finally:
+            self.memory.unpin(buffer)
         try:
             if crc is not None:
                 await self._make_durable(blob, index, crc)
         except Exception:  # noqa: BLE001 - a background task must never end the mount
             log.exception("%s: storing block %d failed", source.describe, index)
         finally:
-            del self._inflight[(blob.content_id, index)]
+            del self._inflight[key]
         if blob.complete() and not blob.verified:
             self._nursery.start_soon(self._verify_in_background, blob, source.describe)
 
@@ -350,35 +442,36 @@ class BlockCache:
         except Exception:  # noqa: BLE001 - a background task must never end the mount
             log.exception("%s: verifying %s failed", describe, blob.content_id)
 
-    async def _download(self, blob, index, source):
+    async def _download(self, blob, index, source, buffer):
         block_start, block_len = blob.block_range(index)
+        view = buffer.view[:block_len]
         async with self._fetch_limiter:
-            data = await trio.to_thread.run_sync(source.fetch, block_start, block_len)
-        if len(data) != block_len:
-            raise errors.FetchError(f"{source.describe}: got {len(data)} bytes for block {index}")
-        if blob.blocks == 1 and not matches_content_id(blob.content_id, blob.size, [data]):
+            got = await trio.to_thread.run_sync(fill_from, source, block_start, view)
+        if got != block_len:
+            raise errors.FetchError(f"{source.describe}: got {got} bytes for block {index}")
+        if blob.blocks == 1 and not await trio.to_thread.run_sync(
+                matches_content_id, blob.content_id, blob.size, [view]):
             raise errors.IntegrityError(
                 f"{source.describe}: bytes from the Hub do not match {blob.content_id}")
-        return data
 
-    async def _write(self, blob, index, flight, source):
-        """Write the block's bytes (not yet durable) and let go of them; its crc, or None if
-        the disk is full (then readers are served from memory and it is not cached)."""
-        block_start, _ = blob.block_range(index)
-        data = flight.data
+    async def _write(self, blob, index, buffer, source):
+        """Write the block's bytes (not yet durable); its crc, or None if the disk is full
+        (then readers are served from memory while it lasts, and it is not cached)."""
+        block_start, block_len = blob.block_range(index)
+        view = buffer.view[:block_len]
         for attempt in (1, 2):
-            await self._make_room(len(data), force=attempt > 1)
+            await self._make_room(block_len, force=attempt > 1)
             try:
                 async with self._disk_limiter:
-                    crc = await trio.to_thread.run_sync(_write_data, blob.data_fd, block_start, data)
-                flight.data = None      # later readers pread it: the page cache holds it
-                return crc
+                    return await trio.to_thread.run_sync(
+                        blockio.write_block, blob.data_fd, blob.direct_fd, block_start, view)
             except OSError as exc:
                 if exc.errno != errno.ENOSPC or attempt > 1:
                     cause = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
                     log.error("%s: block %d not cached (%s); served from memory", source.describe, index, cause)
                     return None
         return None
+
 
     async def _make_durable(self, blob, index, crc):
         """fdatasync the block's bytes, then record it: only then is it present."""
@@ -414,6 +507,7 @@ class BlockCache:
         return busy | self.pinned
 
     def _forget_blob(self, content_id):
+        self.memory.forget_blob(content_id)
         blob = self._blobs.pop(content_id, None)
         if blob is not None:
             blob.close_files()
@@ -429,6 +523,7 @@ class BlockCache:
             return True
         await trio.to_thread.run_sync(_reset_log, blob.log_fd)
         blob.failed_verifications += 1
+        self.memory.forget_blob(blob.content_id)
         blob.forget_all()
         blob.read_new_records()
         if self.on_discard is not None:
@@ -438,18 +533,16 @@ class BlockCache:
         return False
 
 
-def _write_data(data_fd, offset, data):
-    crc = zlib.crc32(data)  # here, not on the trio thread: 2 ms per 8 MiB stalls every reader
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(data_fd, view, offset)
-        view, offset = view[written:], offset + written
-    return crc
-
-
-def _read_with_crc(data_fd, length, offset):
-    block = os.pread(data_fd, length, offset)
-    return block, zlib.crc32(block)     # in this thread: 2 ms per 8 MiB would stall the loop
+def fill_from(source, start, view):
+    """Fill `view` with the source's bytes from `start`; how many it got."""
+    fetch_into = getattr(source, "fetch_into", None)
+    if fetch_into is not None:
+        fetch_into(start, view)
+        return len(view)
+    data = source.fetch(start, len(view))
+    if len(data) == len(view):
+        view[:] = data
+    return len(data)
 
 
 def _sync_block(data_fd, log_fd, index, crc):

@@ -6,9 +6,10 @@ open handle keeps a little state, and three policies decide what to fetch beyond
 - Sequential streams. A read that continues where the handle's last one ended (give or
   take the kernel's reordering) doubles the handle's window, up to `max_ahead` bytes;
   the blocks of the window are fetched in the background, several Range requests at
-  once, so one cold stream keeps the link busy. Blocks of the window already cached are
-  read ahead from disk by the kernel (fadvise) and crc-checked ahead, off the trio
-  thread. A jump resets the window: random readers fetch only what they touch.
+  once, so one cold stream keeps the link busy. The first blocks of the window already
+  cached are read into memory ahead of the reader (and crc-checked, the first time),
+  off the trio thread. A jump resets the window: random readers fetch only what they
+  touch. A read whose bytes are in memory or in the page cache is answered on the spot.
 - Cold first touches. A read that jumps to a block nobody has fetched or is fetching
   would otherwise wait for the whole block (8 MiB: milliseconds). It is answered by a
   Range request for exactly its bytes while the block is fetched around it, so the time
@@ -17,25 +18,27 @@ open handle keeps a little state, and three policies decide what to fetch beyond
 - Warm-up. The first read at offset 0 of a GGUF or safetensors file starts `warmup`,
   which fetches the file's blocks in the order its loader will touch them.
 
-Memory stays bounded whatever the number of readers: fetched blocks go to disk, and the
-block cache caps how many are held in memory at once; direct reads are small and few.
+Memory stays bounded whatever the number of readers: blocks live in the block cache's
+fixed set of buffers; direct reads are small and few.
 """
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 
 import trio
 
 from . import warmup
-from .blockcache import BlockCache, BlockSource
+from . import errors
+from .blockcache import BlockCache, BlockSource, fill_from
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 SEQUENTIAL_SLACK = 2 * MIB      # the kernel may deliver a stream's reads slightly out of order
 DIRECT_READ_MAX = 4 * MIB       # a bigger first touch just waits for its blocks
+LOAD_AHEAD = 4                  # cached blocks read into memory ahead of a stream
+SCRATCH_SIZE = 4 * MIB          # above FUSE's largest read (1 MiB today)
 PREPARE_PATIENCE = 2.0          # seconds a first read waits for the resolve begun on open
 
 
@@ -49,7 +52,6 @@ class OpenFile:
     next_offset: int = 0
     window: int = 0                 # blocks to keep fetched ahead of the reader
     reads: int = 0
-    advised: int = -1               # last cached block the kernel was asked to read ahead
 
 
 class Reader:
@@ -62,6 +64,7 @@ class Reader:
         self._warming = set()           # content ids whose warm-up has run in this process
         self._prepared = set()          # content ids whose source was prepared on open
         self._preparing = {}            # content id -> Event set when that prepare ends
+        self._scratch = memoryview(bytearray(SCRATCH_SIZE))   # warm reads land here
 
     def start(self, nursery):
         """Background work (warm-ups, resolves on open, cached blocks readied ahead) runs in
@@ -103,6 +106,12 @@ class Reader:
         if not continuing and self._untouched(handle.blob, offset, end):
             return await self._read_direct(handle, offset, end)
         self._read_ahead(handle, end)
+        index, inside = divmod(offset, self.cache.block_size)
+        if (end - 1) // self.cache.block_size == index:
+            # Valid until the next await: the caller (pyfuse3) copies it out at once.
+            data = self.cache.read_now(handle.blob, index, inside, end - offset, self._scratch)
+            if data is not None:
+                return data
         return await self.read_blocks(handle.blob, handle.source, offset, end)
 
     async def read_blocks(self, blob, source, offset, end):
@@ -152,30 +161,12 @@ class Reader:
     def _read_ahead(self, handle, end):
         blob, last = handle.blob, (end - 1) // self.cache.block_size
         for index in range(last + 1, min(blob.blocks, last + 1 + handle.window)):
-            if blob.present[index]:
-                self._advise(handle, index)
-            else:
+            if not blob.present[index]:
                 self.cache.prefetch(blob, index, handle.source)
-
-    def _advise(self, handle, index):
-        """Get a cached block ahead of the stream, in the background: the kernel reads it from
-        disk, and its crc (checked on a block's first read in this process) is checked now
-        rather than when the reader arrives."""
-        if index <= handle.advised or self._nursery is None:
-            return
-        handle.advised = index
-        self._nursery.start_soon(self._ready_ahead, handle, index)
-
-    async def _ready_ahead(self, handle, index):
-        blob = handle.blob
-        start, length = blob.block_range(index)
-        try:
-            # fadvise allocates the pages and queues the reads: too slow for the trio thread.
-            await trio.to_thread.run_sync(os.posix_fadvise, blob.data_fd, start, length, os.POSIX_FADV_WILLNEED)
-            if not blob.checked[index]:
-                await self.cache.read(blob, index, 0, 1, handle.source)
-        except Exception as exc:  # noqa: BLE001 - the reader meets the same problem and says so
-            log.debug("%s: readying block %d ahead failed: %s", handle.source.describe, index, exc)
+            elif index <= last + LOAD_AHEAD:
+                # Cached: read from disk into memory ahead of the reader (a few blocks
+                # suffice: the disk is faster than the network, and memory is shared).
+                self.cache.load_ahead(blob, index)
 
     def _start_warmup(self, handle):
         blob = handle.blob
@@ -200,14 +191,28 @@ class SplicedSource:
         self._ready.set()
 
     def fetch(self, start, length):
-        end = start + length
+        buffer = bytearray(length)
+        self.fetch_into(start, memoryview(buffer))
+        return buffer
+
+    def fetch_into(self, start, view):
+        end = start + len(view)
         if not start <= self.start < self.end <= end:
-            return self.source.fetch(start, length)
+            return _fill_exactly(self.source, start, view)
         # The first-touch read goes first, alone: it is what a reader is waiting for.
         self._ready.wait(self.patience)     # that read has its own deadline; this is a backstop
-        head = self.source.fetch(start, self.start - start) if self.start > start else b""
-        tail = self.source.fetch(self.end, end - self.end) if end > self.end else b""
-        middle = self._data
-        if middle is None:
-            middle = self.source.fetch(self.start, self.end - self.start)
-        return b"".join((head, middle, tail))
+        head, middle, tail = self.start - start, self.end - start, len(view)
+        if head:
+            _fill_exactly(self.source, start, view[:head])
+        if middle < tail:
+            _fill_exactly(self.source, self.end, view[middle:])
+        if self._data is not None and len(self._data) == middle - head:
+            view[head:middle] = self._data
+        else:
+            _fill_exactly(self.source, self.start, view[head:middle])
+
+
+def _fill_exactly(source, start, view):
+    got = fill_from(source, start, view)
+    if got != len(view):
+        raise errors.FetchError(f"{source.describe}: got {got} of {len(view)} bytes at offset {start}")

@@ -1,0 +1,77 @@
+"""Whole-block disk I/O for the block cache: O_DIRECT where it can, buffered where it must.
+
+Blocks move between the cache's data files and page-aligned memory buffers
+(blockmemory.py). O_DIRECT skips the page cache, whose fresh pages are the costliest
+part of storing or loading a block; what O_DIRECT cannot do (a filesystem without it,
+such as some tmpfs, a block size or tail not a multiple of the device's block) goes
+through the ordinary file descriptor. Both see the same bytes: the kernel keeps direct
+and buffered I/O of one file coherent. Blocking: called in worker threads.
+"""
+
+import errno
+import os
+import zlib
+
+from .blockmemory import ALIGNMENT
+
+
+def open_direct(path, block_size):
+    """A second descriptor on `path` with O_DIRECT, or None where that cannot work."""
+    if block_size % ALIGNMENT or not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_RDWR | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:       # the filesystem has no O_DIRECT
+            return None
+        raise
+
+
+def write_block(data_fd, direct_fd, offset, view):
+    """Write `view` (a page-aligned buffer's block) at `offset`; its crc32."""
+    crc = zlib.crc32(view)  # here, not on the trio thread: milliseconds per block
+    aligned = len(view) - len(view) % ALIGNMENT if direct_fd is not None else 0
+    if aligned and _direct(_pwrite_all, direct_fd, view[:aligned], offset) is None:
+        aligned = 0
+    _pwrite_all(data_fd, view[aligned:], offset + aligned)
+    return crc
+
+
+def read_block(data_fd, direct_fd, offset, view, length, with_crc):
+    """Read `length` bytes at `offset` into `view`; (bytes read, crc32 of them or None)."""
+    wanted = -(-length // ALIGNMENT) * ALIGNMENT     # whole device blocks; EOF cuts it short
+    got = None
+    if direct_fd is not None and wanted <= len(view):
+        got = _direct(_pread_all, direct_fd, view[:wanted], offset)
+    if got is None:
+        got = _pread_all(data_fd, view[:length], offset)
+    got = min(got, length)
+    return got, (zlib.crc32(view[:got]) if with_crc else None)
+
+
+def _direct(io, fd, view, offset):
+    """`io` through the O_DIRECT descriptor; None if the kernel refused the alignment."""
+    try:
+        return io(fd, view, offset)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return None
+        raise
+
+
+def _pwrite_all(fd, view, offset):
+    total = len(view)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+    return total
+
+
+def _pread_all(fd, view, offset):
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
