@@ -265,3 +265,36 @@ def test_one_blob_serves_every_model_and_revision_naming_the_same_content(hub, b
     assert eventually(lambda: xattr(second, "verified") == "yes")
     assert sha256_of(second) == sha256_of(big_source)
     assert cdn_bytes(hub) == big_source.stat().st_size
+
+
+def page_cache_bytes(path):
+    """Bytes of `path` the page cache holds (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def test_the_cache_keeps_no_second_copy_of_a_file_in_the_page_cache(hub, big_source, mount_factory, tmp_path):
+    # Blocks go to disk and come back with O_DIRECT: the page cache holds the mounted
+    # file's pages (what readers use), not a second copy of the cache's data file.
+    mount = mount_factory(MANIFEST, hub.endpoint, args=BLOCK)
+    path = mount.mountpoint / "big" / "model.gguf"
+    assert sha256_of(path) == sha256_of(big_source)
+    assert eventually(lambda: xattr(path, "verified") == "yes")
+    data_file = blob_data_file(tmp_path / "cache", xattr(path, "content_id"))
+    assert page_cache_bytes(data_file) <= 64 * 1024          # at most the unaligned tail
+    assert page_cache_bytes(path) >= big_source.stat().st_size // 2
+
+
+def test_a_block_size_o_direct_cannot_use_still_caches_exact_bytes(hub, big_source, mount_factory, tmp_path):
+    odd = ("--block-size", "1000001")       # not a multiple of the device block: buffered I/O
+    mount = mount_factory(MANIFEST, hub.endpoint, args=odd)
+    path = mount.mountpoint / "big" / "model.gguf"
+    assert sha256_of(path) == sha256_of(big_source)
+    assert eventually(lambda: xattr(path, "verified") == "yes")
+    mount.stop()
+    drop_page_cache()
+    again = mount_factory(MANIFEST, hub.endpoint, cache_dir=tmp_path / "cache", args=odd)
+    hub.clear_log()
+    assert sha256_of(again.mountpoint / "big" / "model.gguf") == sha256_of(big_source)
+    assert cdn_bytes(hub) == 0
