@@ -1,7 +1,9 @@
 """Ranged HTTP reads of one file's bytes: resolve, retries, backoff, timeouts, checks.
 
-The only importer of the HTTP client. Blocking: callers run it in worker threads; each
-thread keeps its own `requests.Session` (a session is not safe to share across threads).
+Blocking: callers run it in worker threads, which share one connection pool
+(`connections.Pool`), so a connection opened by one thread (the resolve on open, or the
+connection made ahead to the CDN) serves the next request of any other. Bytes are
+received straight into the caller's buffer (`read_range_into`).
 
 Every ranged answer is checked before a byte of it is used: status 206, the exact
 Content-Range asked for, and exactly the length asked for. A server that ignores Range
@@ -18,15 +20,14 @@ not wait out the deadline twice, nor see one failure logged twice because a bloc
 and a small first-touch read of that block failed side by side.
 """
 
-import http.client
+import ctypes
 import logging
 import threading
 import time
 import urllib.parse
 
-import requests
-
-from . import errors
+from . import connections, errors
+from .connections import TRANSPORT_ERRORS, origin
 from .retry import RETRY_STATUSES, backoff, server_hint
 
 log = logging.getLogger(__name__)
@@ -45,26 +46,13 @@ class _Retry(Exception):
         self.wait = wait
 
 
-def origin(url):
-    parts = urllib.parse.urlsplit(url)
-    return (parts.scheme, parts.hostname, parts.port)
-
-
 class RangeFetcher:
     def __init__(self, settings):
         self.settings = settings
-        self._local = threading.local()
+        self.pool = connections.Pool(settings.connect_timeout, settings.read_timeout, dict(settings.proxies))
         self._targets = {}          # resolve URL -> URL the bytes come from (after redirects)
         self._failures = {}         # (url, block index) -> (when, error) of recent failures
         self._lock = threading.Lock()
-
-    def session(self):
-        if getattr(self._local, "session", None) is None:
-            session = requests.Session()
-            session.headers["Accept-Encoding"] = "identity"
-            session.headers["User-Agent"] = "lamina-llm-cache"
-            self._local.session = session
-        return self._local.session
 
     def _headers_for(self, url, extra=None):
         headers = dict(extra or {})
@@ -74,15 +62,40 @@ class RangeFetcher:
 
     def read_range(self, url, start, length, what=""):
         """Exactly `length` bytes of `url` from `start`, or a LaminaError within the deadline."""
+        buffer = _unzeroed_bytearray(length)
+        self.read_range_into(url, start, memoryview(buffer), what)
+        return buffer
+
+    def read_range_into(self, url, start, view, what=""):
+        """Fill the writable buffer `view` with the bytes of `url` from `start`, exactly, or raise
+        a LaminaError within the deadline (then `view` holds a part of them, or nothing)."""
+        view = memoryview(view).cast("B")
+        if not view.nbytes:
+            return
         key = (url, start // self.settings.block_size)
         with self._lock:
             recent = self._recent_failure(key, time.monotonic())
         if recent is not None:
             raise recent.with_traceback(None)
         try:
-            return self._read_with_retries(url, start, length, what)
+            self._read_with_retries(url, start, view, what)
         except errors.LaminaError as exc:
             raise self._remember_failure(key, exc).with_traceback(None) from None
+
+    def prepare(self, url):
+        """Resolve `url` and open a connection to where its bytes come from, ahead of a first read."""
+        self._connect_ahead(self.resolve(url))
+
+    def connect_to_hub(self):
+        """Open a connection to the Hub ahead of the first file's resolve (at mount time)."""
+        self._connect_ahead(self.settings.endpoint)
+
+    def _connect_ahead(self, url):
+        try:
+            self.pool.connect_ahead(url)
+        except (errors.LaminaError, *TRANSPORT_ERRORS) as exc:
+            # A read meets the same problem, retries it and says so.
+            log.debug("connecting ahead to %s failed: %s", _safe(url), type(exc).__name__)
 
     def _recent_failure(self, key, now):
         when, error = self._failures.get(key, (0.0, None))
@@ -100,15 +113,13 @@ class RangeFetcher:
             self._failures[key] = (now, error)
         return error
 
-    def _read_with_retries(self, url, start, length, what):
-        buffer = bytearray(length)
-        view = memoryview(buffer)
+    def _read_with_retries(self, url, start, view, what):
         got = 0
         deadline = time.monotonic() + self.settings.read_deadline
         for attempt in range(self.settings.max_retries + 1):
             try:
-                got += self._read_into(url, start + got, view[got:])
-                return buffer
+                self._read_into(url, start + got, view[got:])
+                return
             except _Retry as problem:
                 got += getattr(problem, "got", 0)
                 self._wait_or_give_up(problem, attempt, deadline, what, start + got)
@@ -125,20 +136,18 @@ class RangeFetcher:
         """One attempt: fill `view` from `start`; on failure raise _Retry carrying bytes got."""
         target = self.resolve(url)
         end = start + len(view) - 1
+        headers = self._headers_for(target, {"Range": f"bytes={start}-{end}"})
         try:
-            response = self.session().get(
-                target, headers=self._headers_for(target, {"Range": f"bytes={start}-{end}"}),
-                stream=True, allow_redirects=False,
-                timeout=(self.settings.connect_timeout, self.settings.read_timeout))
-        except requests.RequestException as exc:
+            with self.pool.request("GET", target, headers) as response:
+                skip = self._check_response(url, target, response, start, end)
+                return self._read_body(response, view, skip)
+        except TRANSPORT_ERRORS as exc:
+            # Only the request and the answer's head get here: _read_body turns its own.
             raise _Retry(f"request failed: {type(exc).__name__}") from None
-        with response:
-            skip = self._check_response(url, response, start, end)
-            return self._read_body(response, view, skip)
 
-    def _check_response(self, url, response, start, end):
+    def _check_response(self, url, target, response, start, end):
         """Bytes to skip before the asked range begins (0 unless the server ignored Range)."""
-        status = response.status_code
+        status = response.status
         if status == 206:
             _check_partial(response, start, end)
             return 0
@@ -148,12 +157,12 @@ class RangeFetcher:
         if status in REDIRECTS and "location" in response.headers:
             # The CDN moved the bytes on: ask there next time (never with the token).
             with self._lock:
-                self._targets[url] = urllib.parse.urljoin(response.url, response.headers["location"])
+                self._targets[url] = urllib.parse.urljoin(target, response.headers["location"])
             raise _Retry(f"the CDN redirected (HTTP {status})")
         self._raise_for_status(url, response)
 
     def _raise_for_status(self, url, response):
-        status = response.status_code
+        status = response.status
         if status in (401, 403):
             with self._lock:
                 self._targets.pop(url, None)  # a signed CDN URL may have expired
@@ -171,20 +180,18 @@ class RangeFetcher:
     def _read_body(self, response, view, skip):
         got = 0
         try:
-            _discard(response.raw, skip)
-            readinto = _body_reader(response.raw)
+            _discard(response, skip)
             while got < len(view):
                 # Bounded reads: when the connection breaks, the bytes already in are counted
                 # and the retry resumes at the exact byte, not at the attempt's first one.
-                n = readinto(view[got:got + CHUNK])
+                n = response.readinto(view[got:got + CHUNK])
                 if not n:
                     break
                 got += n
-        except (OSError, requests.RequestException, _urllib3_errors()) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise _with_progress(_Retry(f"connection broke mid-body: {type(exc).__name__}"), got) from None
         if got < len(view):
             raise _with_progress(_Retry(f"short body ({got} of {len(view)} bytes)"), got)
-        _release_connection(response.raw)
         return got
 
     def resolve(self, url):
@@ -201,13 +208,8 @@ class RangeFetcher:
         """Follow the Hub's redirects; each hop and the Hub's own answer must look like the Hub's."""
         current, seen = url, {url}
         for _ in range(MAX_REDIRECTS + 1):
-            try:
-                response = self.session().head(
-                    current, headers=self._headers_for(current), allow_redirects=False,
-                    timeout=(self.settings.connect_timeout, self.settings.read_timeout))
-            except requests.RequestException as exc:
-                raise _Retry(f"request failed: {type(exc).__name__}") from None
-            if response.status_code in REDIRECTS and "location" in response.headers:
+            response = self._head(current)
+            if response.status in REDIRECTS and "location" in response.headers:
                 following = urllib.parse.urljoin(current, response.headers["location"])
                 if following in seen:
                     raise errors.FetchError(f"redirect loop: {_safe(current)} redirects back to {_safe(following)}")
@@ -219,12 +221,20 @@ class RangeFetcher:
                 current = following
                 seen.add(current)
                 continue
-            if response.status_code == 200:
+            if response.status == 200:
                 if current == url:
                     _require_hub_headers(response, "answer")
                 return current
             self._raise_for_status(url, response)
         raise errors.FetchError(f"too many redirects (more than {MAX_REDIRECTS}): a redirect loop")
+
+    def _head(self, url):
+        """The answer to a HEAD of `url` (status and headers; its connection is back in the pool)."""
+        try:
+            with self.pool.request("HEAD", url, self._headers_for(url)) as response:
+                return response
+        except TRANSPORT_ERRORS as exc:
+            raise _Retry(f"request failed: {type(exc).__name__}") from None
 
 
 def _check_partial(response, start, end):
@@ -245,42 +255,34 @@ def _require_hub_headers(response, what):
         raise errors.FetchError(f"the Hub's {what} has no ETag: not the Hub, or a proxy in the way")
 
 
-def _body_reader(raw):
-    """The fastest `readinto` for a body: http.client's own, straight from the socket.
-
-    urllib3's readinto reads into a fresh bytes object and copies it over (an extra copy
-    and allocation per chunk: a third of the fetch's CPU at loopback speed). Its
-    http.client response, when there is one, fills our buffer directly.
-    """
-    inner = getattr(raw, "_fp", None)
-    if isinstance(inner, http.client.HTTPResponse) and not getattr(raw, "_decoder", None):
-        return inner.readinto
-    return lambda view: raw.readinto(view[:CHUNK])
-
-
-def _release_connection(raw):
-    """Hand a fully read connection back to the pool (urllib3 did not see its end)."""
-    inner = getattr(raw, "_fp", None)
-    if isinstance(inner, http.client.HTTPResponse) and inner.isclosed():
-        raw.release_conn()
-
-
-def _discard(raw, count):
+def _discard(response, count):
     while count > 0:
-        chunk = raw.read(min(count, CHUNK))
+        chunk = response.read(min(count, CHUNK))
         if not chunk:
             raise _Retry("body ended before the asked offset")
         count -= len(chunk)
 
 
+def _unzeroed_bytearray(length):
+    """A bytearray of `length` bytes whose memory is not zeroed first.
+
+    `bytearray(length)` zeroes it holding the GIL, and in a fresh process that is where new
+    pages are faulted in: 3-4 ms for an 8 MiB block on a VM whose memory is backed lazily,
+    during which no other thread runs (the trio thread answering the kernel among them).
+    Unzeroed, the pages are first touched by the receive into them, outside the GIL. Every
+    byte is written before the buffer is handed out: a read that fails raises instead.
+    """
+    return _PyByteArray_FromStringAndSize(None, length)
+
+
+_PyByteArray_FromStringAndSize = ctypes.pythonapi.PyByteArray_FromStringAndSize
+_PyByteArray_FromStringAndSize.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_PyByteArray_FromStringAndSize.restype = ctypes.py_object
+
+
 def _with_progress(problem, got):
     problem.got = got
     return problem
-
-
-def _urllib3_errors():
-    import urllib3.exceptions
-    return urllib3.exceptions.HTTPError
 
 
 def _safe(url):

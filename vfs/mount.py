@@ -250,8 +250,17 @@ async def _serve(fs, mountpoint, on_ready, api_address):
         # A first request through the mount proves the handshake is done.
         await trio.to_thread.run_sync(os.stat, mountpoint)
         set_read_ahead(mountpoint, fs.settings.read_ahead_kb)
+        if not fs.settings.offline:
+            nursery.start_soon(_connect_to_hub, fs.fetcher)
         log.info("mounted %s (%d models)", mountpoint, len(fs.tree.listing(1)))
         on_ready()
+
+
+async def _connect_to_hub(fetcher):
+    # The first open resolves its file at the Hub: on a connection made now, that costs one
+    # round trip, not a connect (and a TLS handshake) as well. Abandoned at unmount: a Hub
+    # that does not answer must not hold the unmount up for the connect timeout.
+    await trio.to_thread.run_sync(fetcher.connect_to_hub, abandon_on_cancel=True)
 
 
 async def _main_loop(cancel_scope):

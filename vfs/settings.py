@@ -29,6 +29,7 @@ class Settings:
     max_retries: int = 5
     fetch_workers: int = 8               # concurrent range requests, all files together
     offline: bool = False
+    proxies: tuple = field(default=(), repr=False)   # (scheme or "no", value) pairs; may hold credentials
 
 
 def _token_from_env(env):
@@ -40,6 +41,27 @@ def _token_from_env(env):
         return token_file.read_text().strip() or None
     except OSError:
         return None
+
+
+def _proxies_from_env(env):
+    """Proxy settings as urllib.request.getproxies_environment reads them, from `env`.
+
+    Lower-case names win over upper-case ones, and a CGI-set HTTP_PROXY is ignored
+    (it can come from a client's "Proxy:" header): what requests and curl do too.
+    """
+    proxies = {}
+    for name, value in env.items():
+        if value and name.lower().endswith("_proxy"):
+            proxies[name.lower()[:-6]] = value
+    if "REQUEST_METHOD" in env:
+        proxies.pop("http", None)
+    for name, value in env.items():
+        if name.endswith("_proxy"):
+            if value:
+                proxies[name[:-6]] = value
+            else:
+                proxies.pop(name[:-6], None)
+    return tuple(sorted(proxies.items()))
 
 
 def _hf_home(env):
@@ -62,6 +84,7 @@ def from_environment(env=None, **overrides):
         "cache_dir": default_cache_dir(env),
         "hf_hub_cache": Path(env.get("HF_HUB_CACHE", _hf_home(env) / "hub")).expanduser(),
         "offline": env.get("HF_HUB_OFFLINE", "") in ("1", "true", "yes"),
+        "proxies": _proxies_from_env(env),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     if isinstance(values["endpoint"], str):

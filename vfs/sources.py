@@ -1,6 +1,8 @@
 """Where a blob's missing bytes come from: the Hub, or a copy already in the HF cache.
 
 A source is blocking (it runs in worker threads) and knows nothing of blocks or presence.
+`fetch(start, length)` returns the bytes; `fetch_into(start, view)` fills a caller's
+buffer with them exactly (no copy on the way), or raises.
 """
 
 import logging
@@ -21,9 +23,13 @@ class RemoteSource:
     def fetch(self, start, length):
         return self.fetcher.read_range(self.url, start, length, self.describe)
 
+    def fetch_into(self, start, view):
+        self.fetcher.read_range_into(self.url, start, view, self.describe)
+
     def prepare(self):
-        """Follow the Hub's redirect now, so a first read costs one request, not two."""
-        self.fetcher.resolve(self.url)
+        """Follow the Hub's redirect and connect to where it points now, so a first read
+        costs one request on an open connection, not a resolve and a connect as well."""
+        self.fetcher.prepare(self.url)
 
 
 class HfCacheSource:
@@ -47,9 +53,25 @@ class HfCacheSource:
             with open(self.path, "rb") as local:
                 data = os.pread(local.fileno(), length, start)
         except OSError as exc:
-            log.warning("%s: Hugging Face cache copy unreadable (%s); using the Hub", self.describe, exc.strerror)
+            self._unreadable(exc)
             data = b""
         return data if len(data) == length else self.remote.fetch(start, length)
+
+    def fetch_into(self, start, view):
+        if self.blob.failed_verifications:
+            return self.remote.fetch_into(start, view)
+        view = memoryview(view).cast("B")
+        try:
+            with open(self.path, "rb") as local:
+                got = os.preadv(local.fileno(), [view], start)
+        except OSError as exc:
+            self._unreadable(exc)
+            got = 0
+        if got != len(view):
+            self.remote.fetch_into(start, view)
+
+    def _unreadable(self, exc):
+        log.warning("%s: Hugging Face cache copy unreadable (%s); using the Hub", self.describe, exc.strerror)
 
 
 def hf_cached_blob(hf_hub_cache, ref):
