@@ -51,6 +51,7 @@ class RangeFetcher:
         self.settings = settings
         self.pool = connections.Pool(settings.connect_timeout, settings.read_timeout, dict(settings.proxies))
         self._targets = {}          # resolve URL -> URL the bytes come from (after redirects)
+        self._resolving = {}        # resolve URL -> Event set when the resolve under way ends
         self._failures = {}         # (url, block index) -> (when, error) of recent failures
         self._lock = threading.Lock()
 
@@ -195,14 +196,31 @@ class RangeFetcher:
         return got
 
     def resolve(self, url):
-        """The URL that serves the bytes: follows the Hub's redirects once and remembers."""
+        """The URL that serves the bytes: follows the Hub's redirects once and remembers.
+
+        One resolve per URL at a time: a first read arriving while the resolve begun on
+        open is under way waits for it, in its own thread, rather than sending another.
+        """
         with self._lock:
             if url in self._targets:
                 return self._targets[url]
-        target = self._follow_redirects(url)
-        with self._lock:
-            self._targets[url] = target
-        return target
+            underway = self._resolving.get(url)
+            if underway is None:
+                self._resolving[url] = threading.Event()
+        if underway is not None:
+            underway.wait(self.settings.connect_timeout + self.settings.read_timeout)
+            with self._lock:
+                if url in self._targets:
+                    return self._targets[url]
+            return self._follow_redirects(url)    # that one failed: this read tries for itself
+        try:
+            target = self._follow_redirects(url)
+            with self._lock:
+                self._targets[url] = target
+            return target
+        finally:
+            with self._lock:
+                self._resolving.pop(url).set()
 
     def _follow_redirects(self, url):
         """Follow the Hub's redirects; each hop and the Hub's own answer must look like the Hub's."""

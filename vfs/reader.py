@@ -14,7 +14,8 @@ open handle keeps a little state, and three policies decide what to fetch beyond
   would otherwise wait for the whole block (8 MiB: milliseconds). It is answered by a
   Range request for exactly its bytes while the block is fetched around it, so the time
   to first byte is one small request. The Hub's redirect is resolved when the file is
-  opened, and that first read waits for it rather than resolving it a second time.
+  opened; a first read arriving before that ends waits for it (fetch.py resolves each
+  URL once at a time) rather than resolving it a second time.
 - Warm-up. The first read at offset 0 of a GGUF or safetensors file starts `warmup`,
   which fetches the file's blocks in the order its loader will touch them.
 
@@ -39,7 +40,6 @@ SEQUENTIAL_SLACK = 2 * MIB      # the kernel may deliver a stream's reads slight
 DIRECT_READ_MAX = 4 * MIB       # a bigger first touch just waits for its blocks
 LOAD_AHEAD = 4                  # cached blocks read into memory ahead of a stream
 SCRATCH_SIZE = 4 * MIB          # above FUSE's largest read (1 MiB today)
-PREPARE_PATIENCE = 2.0          # seconds a first read waits for the resolve begun on open
 
 
 @dataclass
@@ -63,7 +63,6 @@ class Reader:
         self._nursery = None
         self._warming = set()           # content ids whose warm-up has run in this process
         self._prepared = set()          # content ids whose source was prepared on open
-        self._preparing = {}            # content id -> Event set when that prepare ends
         self._scratch = memoryview(bytearray(SCRATCH_SIZE))   # warm reads land here
 
     def start(self, nursery):
@@ -77,23 +76,13 @@ class Reader:
         if self._nursery is None or blob.complete() or blob.content_id in self._prepared:
             return
         self._prepared.add(blob.content_id)
-        self._preparing[blob.content_id] = trio.Event()
-        self._nursery.start_soon(self._prepare, blob.content_id, handle.source)
+        self._nursery.start_soon(self._prepare, handle.source)
 
-    async def _prepare(self, content_id, source):
+    async def _prepare(self, source):
         try:
             await trio.to_thread.run_sync(source.prepare)
         except Exception as exc:  # noqa: BLE001 - the first read meets the same problem and says so
             log.debug("%s: resolving ahead of the first read failed: %s", source.describe, exc)
-        finally:
-            self._preparing.pop(content_id).set()
-
-    async def _prepared_source(self, blob):
-        """Wait (briefly) for the resolve started on open rather than race it with another."""
-        pending = self._preparing.get(blob.content_id)
-        if pending is not None:
-            with trio.move_on_after(PREPARE_PATIENCE):
-                await pending.wait()
 
     async def read(self, handle: OpenFile, offset, size):
         """The bytes at [offset, offset+size), short only at end of file."""
@@ -151,12 +140,16 @@ class Reader:
         self.cache.prefetch(handle.blob, offset // self.cache.block_size, spliced)
         data = None
         try:
-            await self._prepared_source(handle.blob)
             async with self._direct_limiter:
                 data = await trio.to_thread.run_sync(handle.source.fetch, offset, end - offset)
         finally:
-            spliced.provide(data)
-        return bytes(data)
+            if data is not None and self._nursery is not None:
+                # After this task has answered the kernel: the block's other fetches would
+                # otherwise take the GIL from the reply the reader is waiting for.
+                self._nursery.start_soon(_provide, spliced, data)
+            else:
+                spliced.provide(data)
+        return data
 
     def _read_ahead(self, handle, end):
         blob, last = handle.blob, (end - 1) // self.cache.block_size
@@ -174,6 +167,10 @@ class Reader:
             return
         self._warming.add(blob.content_id)
         self._nursery.start_soon(warmup.run, self, blob, handle.source, self.warmup_parallel)
+
+
+async def _provide(spliced, data):
+    spliced.provide(data)
 
 
 class SplicedSource:
