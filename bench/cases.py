@@ -282,7 +282,7 @@ def read_ahead_sweep(bench, sizes=(128, 1024, 4096)):
     return rows
 
 
-def block_size_sweep(bench, sizes=("4M", "8M", "16M")):
+def block_size_sweep(bench, sizes=("8M", "16M", "32M")):
     """Cold sequential read per block size (a fresh cache each: the size is fixed per cache)."""
     rows = []
     for size in sizes:

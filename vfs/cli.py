@@ -52,7 +52,7 @@ def build_parser():
     mount.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     mount.add_argument("--read-ahead-kb", type=int, default=1024, help="kernel read-ahead of the mount")
     mount.add_argument("--max-size", type=parse_size, help="cap the cache at this size (e.g. 500G)")
-    mount.add_argument("--block-size", type=parse_size, help="block size of a new cache (default 8M)")
+    mount.add_argument("--block-size", type=parse_size, help="block size of a new cache (default 16M)")
     mount.add_argument("--read-timeout", type=float, help="seconds a stalled transfer is waited for (default 15)")
     mount.add_argument("--read-deadline", type=float,
                        help="seconds within which a read gets its bytes or EIO (default 60)")

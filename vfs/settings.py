@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-DEFAULT_BLOCK_SIZE = 8 * 1024 * 1024
+DEFAULT_BLOCK_SIZE = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
