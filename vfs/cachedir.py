@@ -43,6 +43,12 @@ class CacheDir:
             raise errors.CacheError(f"not a content id: {content_id!r}")
         return self.root / "blobs" / algo / digest[:2] / digest
 
+    def make_blob_directories(self, content_ids):
+        """Create the directories these blobs will live in, ahead of their first open (a
+        first open that also creates directories costs its reader ~0.4 ms more)."""
+        for parent in {self.blob_base(content_id).parent for content_id in content_ids}:
+            parent.mkdir(parents=True, exist_ok=True)
+
     def blobs(self):
         """Every blob stored, with its real disk use and last use."""
         found = []

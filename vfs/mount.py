@@ -141,6 +141,7 @@ def build(settings, manifest):
     cache = BlockCache(directory, settings.fetch_workers, settings.max_size, settings.min_free_fraction,
                        pinned=pinned_content(manifest, snapshots, directory))
     tree = Tree.build(manifest, snapshots)
+    directory.make_blob_directories(node.file.content_id for node in tree.files())
     fs = Filesystem(settings, manifest, snapshots, tree, cache, RangeFetcher(settings), Reader(cache))
     cache.on_discard = fs.forget_content
     return fs

@@ -32,6 +32,7 @@ import trio
 from . import warmup
 from . import errors
 from .blockcache import BlockCache, BlockSource, fill_from
+from .workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,9 @@ class Reader:
         self.cache = cache
         self.max_window = max(2, max_ahead // cache.block_size)
         self.warmup_parallel = warmup_parallel
+        self.direct_reads = direct_reads
         self._direct_limiter = trio.CapacityLimiter(direct_reads)
-        self._nursery = None
+        self._nursery = self._first_reads = self._resolves = None
         self._warming = set()           # content ids whose warm-up has run in this process
         self._prepared = set()          # content ids whose source was prepared on open
         self._scratch = memoryview(bytearray(SCRATCH_SIZE))   # warm reads land here
@@ -69,20 +71,18 @@ class Reader:
         """Background work (warm-ups, resolves on open, cached blocks readied ahead) runs in
         `nursery`, one per mount; without it the reader does none of it."""
         self._nursery = nursery
+        self._first_reads = Workers(self.direct_reads, "lamina-first-read")
+        self._resolves = Workers(2, "lamina-resolve")
 
     def opened(self, handle: OpenFile):
         """A handle was opened: get its source ready (the Hub's redirect) before its first read."""
         blob = handle.blob
-        if self._nursery is None or blob.complete() or blob.content_id in self._prepared:
+        if self._resolves is None or blob.complete() or blob.content_id in self._prepared:
             return
         self._prepared.add(blob.content_id)
-        self._nursery.start_soon(self._prepare, handle.source)
-
-    async def _prepare(self, source):
-        try:
-            await trio.to_thread.run_sync(source.prepare)
-        except Exception as exc:  # noqa: BLE001 - the first read meets the same problem and says so
-            log.debug("%s: resolving ahead of the first read failed: %s", source.describe, exc)
+        # Handed to a thread at once: it runs while the kernel gets the open's answer and
+        # sends the first read.
+        self._resolves.submit(_prepare_quietly, handle.source)
 
     async def read(self, handle: OpenFile, offset, size):
         """The bytes at [offset, offset+size), short only at end of file."""
@@ -141,7 +141,7 @@ class Reader:
         data = None
         try:
             async with self._direct_limiter:
-                data = await trio.to_thread.run_sync(handle.source.fetch, offset, end - offset)
+                data = await self._in_thread(handle.source.fetch, offset, end - offset)
         finally:
             if data is not None and self._nursery is not None:
                 # After this task has answered the kernel: the block's other fetches would
@@ -150,6 +150,11 @@ class Reader:
             else:
                 spliced.provide(data)
         return data
+
+    async def _in_thread(self, function, *args):
+        if self._first_reads is None:
+            return await trio.to_thread.run_sync(function, *args)
+        return await self._first_reads.run(function, *args)
 
     def _read_ahead(self, handle, end):
         blob, last = handle.blob, (end - 1) // self.cache.block_size
@@ -167,6 +172,13 @@ class Reader:
             return
         self._warming.add(blob.content_id)
         self._nursery.start_soon(warmup.run, self, blob, handle.source, self.warmup_parallel)
+
+
+def _prepare_quietly(source):
+    try:
+        source.prepare()
+    except Exception as exc:  # noqa: BLE001 - the first read meets the same problem and says so
+        log.debug("%s: resolving ahead of the first read failed: %s", source.describe, exc)
 
 
 async def _provide(spliced, data):
