@@ -11,9 +11,16 @@ and buffered I/O of one file coherent. Blocking: called in worker threads.
 import errno
 import mmap
 import os
-import zlib
 
 from .blockmemory import ALIGNMENT
+
+try:
+    # The same crc32 as zlib's, with SIMD: ~60 GB/s against ~7 here. Every block is
+    # checksummed when stored and when first read back; with zlib's, that was ~10% of the
+    # CPU of a hot sequential read.
+    from zlib_ng.zlib_ng import crc32
+except ImportError:             # a platform without its wheel: correct, only slower
+    from zlib import crc32
 
 
 def open_direct(path, block_size):
@@ -30,7 +37,7 @@ def open_direct(path, block_size):
 
 def write_block(data_fd, direct_fd, offset, view):
     """Write `view` (a page-aligned buffer's block) at `offset`; its crc32."""
-    crc = zlib.crc32(view)  # here, not on the trio thread: milliseconds per block
+    crc = crc32(view)  # here, not on the trio thread: milliseconds per block
     aligned = len(view) - len(view) % ALIGNMENT if direct_fd is not None else 0
     if aligned and _direct(_pwrite_all, direct_fd, view[:aligned], offset) is None:
         aligned = 0
@@ -47,7 +54,7 @@ def read_block(data_fd, direct_fd, offset, view, length, with_crc):
     if got is None:
         got = _pread_all(data_fd, view[:length], offset)
     got = min(got, length)
-    return got, (zlib.crc32(view[:got]) if with_crc else None)
+    return got, (crc32(view[:got]) if with_crc else None)
 
 
 def file_chunks(data_fd, direct_fd, size, chunk=8 * 1024 * 1024):
