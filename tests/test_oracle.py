@@ -46,3 +46,18 @@ def test_random_reads_ride_out_transient_faults_with_exact_bytes(seed):
     assert not summary.mismatches, replay_hint(summary, f"python -m vfs.testing.fsx --chaos --seed {seed}")
     assert not bad_log
     assert sum(summary.faults.values()) > 0
+
+
+def test_random_reads_stay_exact_when_block_memory_is_scarce(hub, mount_factory, tmp_path, seed):
+    # Three block buffers for three processes' streams, read-aheads and first touches:
+    # buffers are recycled under readers all the time, and takers wait for one to free.
+    sources = fsx.write_sources(tmp_path / "sources")
+    hub.add_repo("fsx/files", files=sources)
+    mount = mount_factory("models:\n  fsx:\n    path: /models/fsx/\n    backend: vllm\n    hf: fsx/files\n",
+                          hub.endpoint, args=("--block-size", "1M", "--memory", "3M"))
+    pairs = [(mount.mountpoint / "fsx" / name, path) for name, path in sources.items()]
+    summary = fsx.run(pairs, seed, ops=3000, processes=3)
+    print(summary)
+    assert summary.ops == 3000
+    assert not summary.mismatches, replay_hint(summary, f"python -m vfs.testing.fsx --seed {seed} --ops 3000")
+    assert "Traceback" not in mount.log_text()

@@ -32,7 +32,7 @@ Concurrency rules:
   first asker starts it, later askers wait for the same Flight and share its bytes. A
   flight stays in the table until its bytes are durable, so nobody fetches it twice.
 - Blocks pass through a fixed set of page-aligned memory buffers (blockmemory.py,
-  MEMORY_BUDGET in all): a download lands in one and stays pinned there until written
+  `memory` bytes in all): a download lands in one and stays pinned there until written
   with O_DIRECT; a cached block a stream reads is loaded into one (buffered: the kernel's
   read-ahead on the data file). Readers are served from them; after a block leaves
   memory, readers pread it from disk.
@@ -59,12 +59,12 @@ from . import blockio, errors
 from .atomic import write_atomically
 from .blockmemory import BlockMemory
 from .cachedir import CacheDir
+from .settings import DEFAULT_MEMORY
 
 log = logging.getLogger(__name__)
 
 RECORD = struct.Struct("<4sIII")       # magic, block index, block crc32, record crc32
 RECORD_MAGIC = b"BLK1"
-MEMORY_BUDGET = 128 * 1024 * 1024       # block buffers: downloads, loads, blocks kept for readers
 SMALL_READ = 64 * 1024                 # a read this small waits for the disk on the trio thread
 READ_ROUNDS = 3                        # a read retries when its block left memory under it
 
@@ -184,7 +184,7 @@ def matches_content_id(content_id, size, chunks):
 
 class BlockCache:
     def __init__(self, directory: CacheDir, fetch_workers=8, max_size=None, min_free_fraction=0.05,
-                 pinned=frozenset()):
+                 pinned=frozenset(), memory=DEFAULT_MEMORY):
         self.directory = directory
         self.block_size = directory.block_size
         self.max_size, self.min_free_fraction = max_size, min_free_fraction
@@ -192,7 +192,7 @@ class BlockCache:
         self._blobs: dict[str, Blob] = {}
         self._inflight: dict[tuple[str, int], Flight] = {}
         self._fetch_limiter = trio.CapacityLimiter(fetch_workers)
-        self.memory = BlockMemory(self.block_size, MEMORY_BUDGET // self.block_size)
+        self.memory = BlockMemory(self.block_size, memory // self.block_size)
         self._loads: dict[tuple[str, int], trio.Event] = {}     # blocks being read into memory
         self._disk_limiter = trio.CapacityLimiter(4)
         self._sync_limiter = trio.CapacityLimiter(2)

@@ -53,6 +53,8 @@ def build_parser():
     mount.add_argument("--read-ahead-kb", type=int, default=1024, help="kernel read-ahead of the mount")
     mount.add_argument("--max-size", type=parse_size, help="cap the cache at this size (e.g. 500G)")
     mount.add_argument("--block-size", type=parse_size, help="block size of a new cache (default 16M)")
+    mount.add_argument("--memory", type=parse_size,
+                       help="memory for block buffers, all readers together (default 128M; at least 2 blocks)")
     mount.add_argument("--read-timeout", type=float, help="seconds a stalled transfer is waited for (default 15)")
     mount.add_argument("--read-deadline", type=float,
                        help="seconds within which a read gets its bytes or EIO (default 60)")
@@ -123,6 +125,7 @@ def settings_for(args):
         endpoint=getattr(args, "endpoint", None), cache_dir=getattr(args, "cache_dir", None),
         max_size=getattr(args, "max_size", None), read_ahead_kb=getattr(args, "read_ahead_kb", None),
         allow_other=getattr(args, "allow_other", None), block_size=getattr(args, "block_size", None),
+        memory=getattr(args, "memory", None),
         read_timeout=getattr(args, "read_timeout", None), read_deadline=getattr(args, "read_deadline", None))
 
 

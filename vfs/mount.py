@@ -139,7 +139,7 @@ def build(settings, manifest):
     directory = CacheDir(settings.cache_dir, settings.block_size)
     snapshots = pin_all(settings, manifest, SnapshotStore(settings.cache_dir))
     cache = BlockCache(directory, settings.fetch_workers, settings.max_size, settings.min_free_fraction,
-                       pinned=pinned_content(manifest, snapshots, directory))
+                       pinned=pinned_content(manifest, snapshots, directory), memory=settings.memory)
     tree = Tree.build(manifest, snapshots)
     directory.make_blob_directories(node.file.content_id for node in tree.files())
     fs = Filesystem(settings, manifest, snapshots, tree, cache, RangeFetcher(settings), Reader(cache))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_BLOCK_SIZE = 16 * 1024 * 1024
+DEFAULT_MEMORY = 128 * 1024 * 1024       # block buffers: downloads, loads, blocks kept for readers
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class Settings:
     cache_dir: Path = Path("~/.cache/lamina-llm-cache").expanduser()
     hf_hub_cache: Path = Path("~/.cache/huggingface/hub").expanduser()
     block_size: int = DEFAULT_BLOCK_SIZE
+    memory: int = DEFAULT_MEMORY         # bytes of block buffers (at least two blocks' worth are used)
     max_size: int | None = None          # bytes; None = bounded by free space only
     min_free_fraction: float = 0.05      # keep this share of the disk free
     read_ahead_kb: int = 1024
