@@ -327,7 +327,7 @@ class BlockCache:
         try:
             check = not blob.checked[index]
             # Buffered, not O_DIRECT: the kernel's read-ahead on the data file measured faster
-            # here for a stream's loads (whole blocks, in order) than direct 8 MiB reads.
+            # here for a stream's loads (whole blocks, in order) than direct 8-16 MiB reads.
             async with self._disk_limiter:
                 got, crc = await trio.to_thread.run_sync(
                     blockio.read_block, blob.data_fd, None, block_start, buffer.view, block_len, check)
