@@ -20,7 +20,6 @@ not wait out the deadline twice, nor see one failure logged twice because a bloc
 and a small first-touch read of that block failed side by side.
 """
 
-import ctypes
 import logging
 import threading
 import time
@@ -63,7 +62,9 @@ class RangeFetcher:
 
     def read_range(self, url, start, length, what=""):
         """Exactly `length` bytes of `url` from `start`, or a LaminaError within the deadline."""
-        buffer = _unzeroed_bytearray(length)
+        # Small reads (a first touch) come here; a block is received into its own buffer
+        # through read_range_into.
+        buffer = bytearray(length)
         self.read_range_into(url, start, memoryview(buffer), what)
         return buffer
 
@@ -281,21 +282,6 @@ def _discard(response, count):
         count -= len(chunk)
 
 
-def _unzeroed_bytearray(length):
-    """A bytearray of `length` bytes whose memory is not zeroed first.
-
-    `bytearray(length)` zeroes it holding the GIL, and in a fresh process that is where new
-    pages are faulted in: 3-4 ms for an 8 MiB block on a VM whose memory is backed lazily,
-    during which no other thread runs (the trio thread answering the kernel among them).
-    Unzeroed, the pages are first touched by the receive into them, outside the GIL. Every
-    byte is written before the buffer is handed out: a read that fails raises instead.
-    """
-    return _PyByteArray_FromStringAndSize(None, length)
-
-
-_PyByteArray_FromStringAndSize = ctypes.pythonapi.PyByteArray_FromStringAndSize
-_PyByteArray_FromStringAndSize.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-_PyByteArray_FromStringAndSize.restype = ctypes.py_object
 
 
 def _with_progress(problem, got):
