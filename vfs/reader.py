@@ -58,7 +58,9 @@ class OpenFile:
 class Reader:
     def __init__(self, cache: BlockCache, max_ahead=64 * MIB, direct_reads=4, warmup_parallel=4):
         self.cache = cache
-        self.max_window = max(2, max_ahead // cache.block_size)
+        # At most half the block buffers ahead of one stream: fetching further would reuse
+        # the buffer the stream is reading from for a block it will not need for a while.
+        self.max_window = max(1, min(max_ahead // cache.block_size, cache.memory.count // 2))
         self.warmup_parallel = warmup_parallel
         self.direct_reads = direct_reads
         self._direct_limiter = trio.CapacityLimiter(direct_reads)
