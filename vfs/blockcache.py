@@ -251,7 +251,9 @@ class BlockCache:
         view = into[:length]
         try:
             got = os.preadv(blob.data_fd, [view], blob.block_range(index)[0] + start, os.RWF_NOWAIT)
-        except BlockingIOError:
+        except OSError:
+            # EAGAIN: not all in the page cache. Anything else (a filesystem without
+            # RWF_NOWAIT says EOPNOTSUPP) is the ordinary path's to meet and report.
             return None
         return view if got == length else None
 
