@@ -23,6 +23,10 @@ except ImportError:             # a platform without its wheel: correct, only sl
     from zlib import crc32
 
 
+# What a filesystem says when O_DIRECT cannot do this file or this alignment.
+NO_DIRECT_IO = (errno.EINVAL, errno.EOPNOTSUPP)
+
+
 def open_direct(path, block_size):
     """A second descriptor on `path` with O_DIRECT, or None where that cannot work."""
     if block_size % ALIGNMENT or not hasattr(os, "O_DIRECT"):
@@ -30,7 +34,7 @@ def open_direct(path, block_size):
     try:
         return os.open(path, os.O_RDWR | os.O_DIRECT)
     except OSError as exc:
-        if exc.errno == errno.EINVAL:       # the filesystem has no O_DIRECT
+        if exc.errno in NO_DIRECT_IO:       # the filesystem has no O_DIRECT
             return None
         raise
 
@@ -74,7 +78,7 @@ def _direct(io, fd, view, offset):
     try:
         return io(fd, view, offset)
     except OSError as exc:
-        if exc.errno == errno.EINVAL:
+        if exc.errno in NO_DIRECT_IO:
             return None
         raise
 
