@@ -211,6 +211,37 @@ def tiny_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(target)])
 
 
+@pytest.fixture
+def ramfs(tmp_path):
+    """A filesystem with neither O_DIRECT (EINVAL) nor RWF_NOWAIT reads (EOPNOTSUPP)."""
+    target = tmp_path / "ramfs-cache"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(target)], check=True)
+    yield target
+    subprocess.run(["umount", "-l", str(target)])
+
+
+def test_a_cache_on_a_filesystem_without_o_direct_or_nowait_reads_still_works(
+        hub, big_source, mount_factory, ramfs):
+    mount = mount_factory(MANIFEST, hub.endpoint, cache_dir=ramfs / "cache", args=BLOCK)
+    path = mount.mountpoint / "big" / "model.gguf"
+    assert sha256_of(path) == sha256_of(big_source)
+    assert eventually(lambda: xattr(path, "verified") == "yes")
+    mount.stop()
+    # Two block buffers: blocks read once leave memory, and re-reads go to the data file.
+    again = mount_factory(MANIFEST, hub.endpoint, cache_dir=ramfs / "cache", args=(*BLOCK, "--memory", "2M"))
+    hub.clear_log()
+    path = again.mountpoint / "big" / "model.gguf"
+    assert sha256_of(path) == sha256_of(big_source)      # from the cache: loads (crc checked)
+    drop_page_cache()
+    with open(path, "rb") as handle:                     # re-reads: the RWF_NOWAIT path
+        for offset in (5 * MiB + 3, 17 * MiB, 24 * MiB):
+            handle.seek(offset)
+            assert handle.read(4096) == big_source.read_bytes()[offset:offset + 4096]
+    assert cdn_bytes(hub) == 0
+    assert "Traceback" not in again.log_text() and "ERROR" not in again.log_text()
+
+
 def test_a_full_disk_never_corrupts_the_cache_and_reads_stay_exact(hub, big_source, mount_factory, tiny_tmpfs):
     mount = mount_factory(MANIFEST, hub.endpoint, cache_dir=tiny_tmpfs / "cache", args=BLOCK)
     path = mount.mountpoint / "big" / "model.gguf"
