@@ -211,25 +211,34 @@ def tiny_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(target)])
 
 
-@pytest.fixture
-def ramfs(tmp_path):
-    """A filesystem with neither O_DIRECT (EINVAL) nor RWF_NOWAIT reads (EOPNOTSUPP)."""
-    target = tmp_path / "ramfs-cache"
+@pytest.fixture(params=["ramfs", "overlay"])
+def odd_filesystem(request, tmp_path):
+    """ramfs has neither O_DIRECT (EINVAL) nor RWF_NOWAIT reads (EOPNOTSUPP); overlayfs, a
+    container's root filesystem, has no RWF_NOWAIT."""
+    target = tmp_path / f"{request.param}-cache"
     target.mkdir()
-    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(target)], check=True)
+    if request.param == "ramfs":
+        command = ["mount", "-t", "ramfs", "ramfs", str(target)]
+    else:
+        for part in ("lower", "upper", "work"):
+            (tmp_path / part).mkdir()
+        layers = f"lowerdir={tmp_path / 'lower'},upperdir={tmp_path / 'upper'},workdir={tmp_path / 'work'}"
+        command = ["mount", "-t", "overlay", "overlay", "-o", layers, str(target)]
+    subprocess.run(command, check=True)
     yield target
     subprocess.run(["umount", "-l", str(target)])
 
 
 def test_a_cache_on_a_filesystem_without_o_direct_or_nowait_reads_still_works(
-        hub, big_source, mount_factory, ramfs):
-    mount = mount_factory(MANIFEST, hub.endpoint, cache_dir=ramfs / "cache", args=BLOCK)
+        hub, big_source, mount_factory, odd_filesystem):
+    mount = mount_factory(MANIFEST, hub.endpoint, cache_dir=odd_filesystem / "cache", args=BLOCK)
     path = mount.mountpoint / "big" / "model.gguf"
     assert sha256_of(path) == sha256_of(big_source)
     assert eventually(lambda: xattr(path, "verified") == "yes")
     mount.stop()
     # Two block buffers: blocks read once leave memory, and re-reads go to the data file.
-    again = mount_factory(MANIFEST, hub.endpoint, cache_dir=ramfs / "cache", args=(*BLOCK, "--memory", "2M"))
+    again = mount_factory(MANIFEST, hub.endpoint, cache_dir=odd_filesystem / "cache",
+                          args=(*BLOCK, "--memory", "2M"))
     hub.clear_log()
     path = again.mountpoint / "big" / "model.gguf"
     assert sha256_of(path) == sha256_of(big_source)      # from the cache: loads (crc checked)
