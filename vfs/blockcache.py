@@ -194,6 +194,7 @@ class BlockCache:
         self._fetch_limiter = trio.CapacityLimiter(fetch_workers)
         self.memory = BlockMemory(self.block_size, memory // self.block_size)
         self._loads: dict[tuple[str, int], trio.Event] = {}     # blocks being read into memory
+        self._nowait_reads = True       # the cache's filesystem answers RWF_NOWAIT reads
         self._disk_limiter = trio.CapacityLimiter(4)
         self._sync_limiter = trio.CapacityLimiter(2)
         self._usage = None              # bytes on disk, kept current between scans
@@ -246,14 +247,17 @@ class BlockCache:
         buffer = self.memory.get((blob.content_id, index))
         if buffer is not None:
             return buffer.bytes_of(start, length)
-        if not (blob.present[index] and blob.checked[index]):
+        if not (blob.present[index] and blob.checked[index] and self._nowait_reads):
             return None
         view = into[:length]
         try:
             got = os.preadv(blob.data_fd, [view], blob.block_range(index)[0] + start, os.RWF_NOWAIT)
-        except OSError:
-            # EAGAIN: not all in the page cache. Anything else (a filesystem without
-            # RWF_NOWAIT says EOPNOTSUPP) is the ordinary path's to meet and report.
+        except BlockingIOError:
+            return None                 # not all of it in the page cache
+        except OSError as exc:
+            # ramfs and overlayfs (a container's root) have no RWF_NOWAIT: stop asking.
+            # Any other error is the ordinary path's to meet and report.
+            self._nowait_reads = exc.errno != errno.EOPNOTSUPP
             return None
         return view if got == length else None
 
