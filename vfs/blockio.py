@@ -3,7 +3,7 @@
 Blocks move between the cache's data files and page-aligned memory buffers
 (blockmemory.py). O_DIRECT skips the page cache, whose fresh pages are the costliest
 part of storing or loading a block; what O_DIRECT cannot do (a filesystem without it,
-such as some tmpfs, a block size or tail not a multiple of the device's block) goes
+such as ramfs, a block size or tail not a multiple of the device's block) goes
 through the ordinary file descriptor. Both see the same bytes: the kernel keeps direct
 and buffered I/O of one file coherent. Blocking: called in worker threads.
 """
