@@ -357,7 +357,6 @@ class BlockCache:
             blob.verified = False
             _unlink_quietly(blob.ok_path)
 
-
     async def fill(self, blob, source, on_block=lambda length: None, parallel=4):
         """Fetch every absent block of `blob`, `parallel` at a time (pull uses this).
 
@@ -456,9 +455,7 @@ class BlockCache:
         block_start, block_len = blob.block_range(index)
         view = buffer.view[:block_len]
         async with self._fetch_limiter:
-            got = await trio.to_thread.run_sync(fill_from, source, block_start, view)
-        if got != block_len:
-            raise errors.FetchError(f"{source.describe}: got {got} bytes for block {index}")
+            await trio.to_thread.run_sync(fill_from, source, block_start, view)
         if blob.blocks == 1 and not await trio.to_thread.run_sync(
                 matches_content_id, blob.content_id, blob.size, [view]):
             raise errors.IntegrityError(
@@ -481,7 +478,6 @@ class BlockCache:
                     log.error("%s: block %d not cached (%s); served from memory", source.describe, index, cause)
                     return None
         return None
-
 
     async def _make_durable(self, blob, index, crc):
         """fdatasync the block's bytes, then record it: only then is it present."""
@@ -525,8 +521,8 @@ class BlockCache:
     async def verify(self, blob, describe=""):
         """Hash the complete blob; mark it verified, or discard it on a mismatch."""
         async with self._disk_limiter:
-            good = await trio.to_thread.run_sync(
-                lambda: matches_content_id(blob.content_id, blob.size, blockio.file_chunks(blob.data_fd, blob.direct_fd, blob.size)))
+            chunks = blockio.file_chunks(blob.data_fd, blob.direct_fd, blob.size)
+            good = await trio.to_thread.run_sync(matches_content_id, blob.content_id, blob.size, chunks)
         if good:
             await trio.to_thread.run_sync(write_atomically, blob.ok_path, b"")
             blob.verified = True
@@ -544,15 +540,15 @@ class BlockCache:
 
 
 def fill_from(source, start, view):
-    """Fill `view` with the source's bytes from `start`; how many it got."""
+    """Fill `view` with exactly the source's bytes from `start`, or raise FetchError."""
     fetch_into = getattr(source, "fetch_into", None)
     if fetch_into is not None:
         fetch_into(start, view)
-        return len(view)
+        return
     data = source.fetch(start, len(view))
-    if len(data) == len(view):
-        view[:] = data
-    return len(data)
+    if len(data) != len(view):
+        raise errors.FetchError(f"{source.describe}: got {len(data)} of {len(view)} bytes at offset {start}")
+    view[:] = data
 
 
 def _sync_block(data_fd, log_fd, index, crc):

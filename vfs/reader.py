@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import trio
 
 from . import warmup
-from . import errors
 from .blockcache import BlockCache, BlockSource, fill_from
 from .workers import Workers
 
@@ -209,21 +208,15 @@ class SplicedSource:
     def fetch_into(self, start, view):
         end = start + len(view)
         if not start <= self.start < self.end <= end:
-            return _fill_exactly(self.source, start, view)
+            return fill_from(self.source, start, view)
         # The first-touch read goes first, alone: it is what a reader is waiting for.
         self._ready.wait(self.patience)     # that read has its own deadline; this is a backstop
         head, middle, tail = self.start - start, self.end - start, len(view)
         if head:
-            _fill_exactly(self.source, start, view[:head])
+            fill_from(self.source, start, view[:head])
         if middle < tail:
-            _fill_exactly(self.source, self.end, view[middle:])
+            fill_from(self.source, self.end, view[middle:])
         if self._data is not None and len(self._data) == middle - head:
             view[head:middle] = self._data
         else:
-            _fill_exactly(self.source, self.start, view[head:middle])
-
-
-def _fill_exactly(source, start, view):
-    got = fill_from(source, start, view)
-    if got != len(view):
-        raise errors.FetchError(f"{source.describe}: got {got} of {len(view)} bytes at offset {start}")
+            fill_from(self.source, self.start, view[head:middle])

@@ -47,15 +47,9 @@ class HfCacheSource:
         pass            # local bytes: nothing to resolve
 
     def fetch(self, start, length):
-        if self.blob.failed_verifications:
-            return self.remote.fetch(start, length)
-        try:
-            with open(self.path, "rb") as local:
-                data = os.pread(local.fileno(), length, start)
-        except OSError as exc:
-            self._unreadable(exc)
-            data = b""
-        return data if len(data) == length else self.remote.fetch(start, length)
+        buffer = bytearray(length)
+        self.fetch_into(start, memoryview(buffer))
+        return buffer
 
     def fetch_into(self, start, view):
         if self.blob.failed_verifications:
@@ -65,13 +59,10 @@ class HfCacheSource:
             with open(self.path, "rb") as local:
                 got = os.preadv(local.fileno(), [view], start)
         except OSError as exc:
-            self._unreadable(exc)
+            log.warning("%s: Hugging Face cache copy unreadable (%s); using the Hub", self.describe, exc.strerror)
             got = 0
         if got != len(view):
             self.remote.fetch_into(start, view)
-
-    def _unreadable(self, exc):
-        log.warning("%s: Hugging Face cache copy unreadable (%s); using the Hub", self.describe, exc.strerror)
 
 
 def hf_cached_blob(hf_hub_cache, ref):
