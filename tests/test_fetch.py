@@ -90,6 +90,17 @@ def test_the_first_resolve_uses_the_connection_made_to_the_hub_at_mount_time(hub
     assert [(r.origin, r.method) for r in hub.log] == [("api", "HEAD")] and hub.connections("api") == 1
 
 
+def test_a_read_arriving_during_the_resolve_on_open_waits_for_it_instead_of_resolving_again(
+        hub, files, fetcher):
+    hub.add_fault(Fault("delay", origin="api", method="HEAD", times=1, seconds=0.3))
+    preparing = threading.Thread(target=fetcher.prepare, args=(url_of(hub, BIG),))
+    preparing.start()
+    assert eventually(lambda: hub.faults[0].hits == 1)          # the resolve on open is under way
+    assert in_thread(fetcher.read_range, url_of(hub, BIG), MiB, 10) == files[BIG][MiB:MiB + 10]
+    preparing.join()
+    assert [(r.origin, r.method) for r in hub.log] == [("api", "HEAD"), ("cdn", "GET")]
+
+
 def test_a_response_left_unread_closes_its_connection(hub, files, fetcher):
     hub.add_fault(Fault("ignore_range", origin="cdn", times=1))   # 200 + the whole body: most of it unread
     for offset in (MiB, 2 * MiB):
