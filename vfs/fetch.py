@@ -13,6 +13,14 @@ the exact byte, a reset or timeout at the start of the read call it broke (bytes
 call was receiving are asked for again). The token goes only to the Hub's own origin,
 never to the CDN a redirect points to.
 
+The CDN URL a resolve yields is signed for a limited time. It is resolved again a little
+before the expiry it carries (signedurl.py), and whenever the CDN refuses it (401/403): a
+URL that has expired, or that was signed for another range, is asked for again at once,
+within the read's deadline. A URL the Hub signed moments ago that the CDN still refuses
+is an error (EACCES), not a loop. The resolve is asked without a Range header, so the URL
+is good for every range of the file (a resolve asked with Range may be signed for that
+range alone).
+
 A read that failed (retries exhausted, or refused) makes reads in the same block of the
 same file fail at once, with the same error object, for RECENT_FAILURE seconds: the
 kernel asks again for the first page right after a failed read-ahead, and a reader must
@@ -21,11 +29,13 @@ and a small first-touch read of that block failed side by side.
 """
 
 import logging
+import math
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 
-from . import connections, errors
+from . import connections, errors, signedurl
 from .connections import TRANSPORT_ERRORS, origin
 from .retry import RETRY_STATUSES, backoff, server_hint
 
@@ -45,11 +55,28 @@ class _Retry(Exception):
         self.wait = wait
 
 
+@dataclass(frozen=True)
+class _Target:
+    """Where a file's bytes come from after the Hub's redirects, and until when to trust it."""
+
+    url: str
+    resolved_at: float          # time.monotonic() when the Hub gave it
+    refresh_at: float = math.inf  # time.monotonic() after which it is resolved again
+
+    @classmethod
+    def received(cls, url):
+        now = time.monotonic()
+        return cls(url, now, now + signedurl.refresh_after(url, time.time()))
+
+    def fresh(self, now):
+        return now < self.refresh_at
+
+
 class RangeFetcher:
     def __init__(self, settings):
         self.settings = settings
         self.pool = connections.Pool(settings.connect_timeout, settings.read_timeout, dict(settings.proxies))
-        self._targets = {}          # resolve URL -> URL the bytes come from (after redirects)
+        self._targets = {}          # resolve URL -> _Target the bytes come from (after redirects)
         self._resolving = {}        # resolve URL -> Event set when the resolve under way ends
         self._failures = {}         # (url, block index) -> (when, error) of recent failures
         self._lock = threading.Lock()
@@ -86,7 +113,7 @@ class RangeFetcher:
 
     def prepare(self, url):
         """Resolve `url` and open a connection to where its bytes come from, ahead of a first read."""
-        self._connect_ahead(self.resolve(url))
+        self._connect_ahead(self.resolve(url).url)
 
     def connect_to_hub(self):
         """Open a connection to the Hub ahead of the first file's resolve (at mount time)."""
@@ -136,18 +163,19 @@ class RangeFetcher:
 
     def _read_into(self, url, start, view):
         """One attempt: fill `view` from `start`; on failure raise _Retry carrying bytes got."""
+        asked_at = time.monotonic()
         target = self.resolve(url)
         end = start + len(view) - 1
-        headers = self._headers_for(target, {"Range": f"bytes={start}-{end}"})
+        headers = self._headers_for(target.url, {"Range": f"bytes={start}-{end}"})
         try:
-            with self.pool.request("GET", target, headers) as response:
-                skip = self._check_response(url, target, response, start, end)
+            with self.pool.request("GET", target.url, headers) as response:
+                skip = self._check_response(url, target, response, start, end, asked_at)
                 return self._read_body(response, view, skip)
         except TRANSPORT_ERRORS as exc:
             # Only the request and the answer's head get here: _read_body turns its own.
             raise _Retry(f"request failed: {type(exc).__name__}") from None
 
-    def _check_response(self, url, target, response, start, end):
+    def _check_response(self, url, target, response, start, end, asked_at):
         """Bytes to skip before the asked range begins (0 unless the server ignored Range)."""
         status = response.status
         if status == 206:
@@ -158,19 +186,36 @@ class RangeFetcher:
             return start
         if status in REDIRECTS and "location" in response.headers:
             # The CDN moved the bytes on: ask there next time (never with the token).
-            with self._lock:
-                self._targets[url] = urllib.parse.urljoin(target, response.headers["location"])
+            self._replace_target(url, target, _Target.received(urllib.parse.urljoin(target.url, response.headers["location"])))
             raise _Retry(f"the CDN redirected (HTTP {status})")
+        if status in (401, 403) and origin(target.url) != origin(self.settings.endpoint):
+            self._cdn_refused(url, target, status, asked_at)
         self._raise_for_status(url, response)
+
+    def _cdn_refused(self, url, target, status, asked_at):
+        """The CDN refused its signed URL: resolve again now, unless the Hub signed it just now."""
+        self._replace_target(url, target, None)
+        if target.resolved_at >= asked_at:
+            raise errors.AccessDenied(
+                f"the CDN refused (HTTP {status}) a URL the Hub had just signed for this file")
+        raise _Retry(f"the CDN refused its signed URL (HTTP {status}: expired, or signed for another range); "
+                     "resolving it again", wait=0.0)
+
+    def _replace_target(self, url, old, new):
+        """Swap `url`'s target for `new` (None: forget it), unless another thread already did."""
+        with self._lock:
+            if self._targets.get(url) is old:
+                if new is None:
+                    del self._targets[url]
+                else:
+                    self._targets[url] = new
 
     def _raise_for_status(self, url, response):
         status = response.status
         if status in (401, 403):
-            with self._lock:
-                self._targets.pop(url, None)  # a signed CDN URL may have expired
             gated = response.headers.get("x-error-code") == "GatedRepo"
             hint = "the repository is gated: accept its terms on the Hub and set HF_TOKEN" if gated else "check HF_TOKEN"
-            raise errors.AccessDenied(f"access denied (HTTP {status}); {hint}")
+            raise errors.AccessDenied(f"the Hub refused access (HTTP {status}); {hint}")
         if status == 404:
             raise errors.EntryNotFound("the file is gone from the Hub (HTTP 404)")
         if status == 416:
@@ -197,31 +242,37 @@ class RangeFetcher:
         return got
 
     def resolve(self, url):
-        """The URL that serves the bytes: follows the Hub's redirects once and remembers.
+        """Where the bytes of `url` come from: follows the Hub's redirects, remembers the
+        target until it is due to be asked for again (its signature's expiry) or refused.
 
         One resolve per URL at a time: a first read arriving while the resolve begun on
         open is under way waits for it, in its own thread, rather than sending another.
         """
         with self._lock:
-            if url in self._targets:
-                return self._targets[url]
+            known = self._fresh_target(url)
+            if known is not None:
+                return known
             underway = self._resolving.get(url)
             if underway is None:
                 self._resolving[url] = threading.Event()
         if underway is not None:
             underway.wait(self.settings.connect_timeout + self.settings.read_timeout)
             with self._lock:
-                if url in self._targets:
-                    return self._targets[url]
-            return self._follow_redirects(url)    # that one failed: this read tries for itself
+                known = self._fresh_target(url)
+            # None: that one failed, and this read tries for itself.
+            return known if known is not None else _Target.received(self._follow_redirects(url))
         try:
-            target = self._follow_redirects(url)
+            target = _Target.received(self._follow_redirects(url))
             with self._lock:
                 self._targets[url] = target
             return target
         finally:
             with self._lock:
                 self._resolving.pop(url).set()
+
+    def _fresh_target(self, url):
+        target = self._targets.get(url)
+        return target if target is not None and target.fresh(time.monotonic()) else None
 
     def _follow_redirects(self, url):
         """Follow the Hub's redirects; each hop and the Hub's own answer must look like the Hub's."""
@@ -280,8 +331,6 @@ def _discard(response, count):
         if not chunk:
             raise _Retry("body ended before the asked offset")
         count -= len(chunk)
-
-
 
 
 def _with_progress(problem, got):

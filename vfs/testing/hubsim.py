@@ -24,8 +24,10 @@ Design notes
 
 import argparse
 import base64
+import calendar
 import dataclasses
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -627,6 +629,64 @@ class _Store:
 
 
 # ---------------------------------------------------------------------------
+# Signed CDN URLs: expiring, and optionally scoped to one range
+
+
+class UrlSigner:
+    """Signs the CDN URLs the resolve redirects to, as a presigned S3 URL looks.
+
+    Off by default (`seconds` None: URLs are plain and never expire). With `seconds` set,
+    a redirect carries `X-Amz-Date`, `X-Amz-Expires` and a signature, and the CDN refuses
+    (403) a URL whose time is up or whose signature is wrong, as S3 and CloudFront do. With
+    `scope_ranges`, a resolve asked with a Range header gets a URL signed for that range
+    alone (as the Hub's Xet bridge has been reported to do); the CDN refuses any other
+    range on it. A resolve without Range gets a URL good for every range.
+    """
+
+    def __init__(self, seconds=None, scope_ranges=False):
+        self.seconds, self.scope_ranges = seconds, scope_ranges
+        self._key = os.urandom(16)
+
+    def sign(self, location, range_header):
+        if self.seconds is None:
+            return location
+        params = {"X-Amz-Algorithm": "AWS4-HMAC-SHA256",
+                  "X-Amz-Date": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
+                  "X-Amz-Expires": str(int(self.seconds))}
+        if self.scope_ranges and range_header:
+            params["X-Signed-Range"] = range_header
+        params["X-Amz-Signature"] = self._signature(urlsplit(location).path, params)
+        return f"{location}?{urlencode(params)}"
+
+    def rotate_key(self):
+        """A new signing key: every URL signed before is refused from now on."""
+        self._key = os.urandom(16)
+
+    def refusal(self, request):
+        """None when `request` may have the bytes, else the 403 answer the CDN gives."""
+        query = {k: v[-1] for k, v in request.query.items()}
+        if "X-Amz-Signature" not in query:
+            if self.seconds is None:
+                return None
+            return _error_response(403, "AccessDenied: the URL carries no signature")
+        signature = query.pop("X-Amz-Signature")
+        if not hmac.compare_digest(signature, self._signature(request.raw_path, query)):
+            return _error_response(403, "SignatureDoesNotMatch")
+        signed_at = calendar.timegm(time.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ"))
+        if time.time() > signed_at + int(query["X-Amz-Expires"]):
+            return _error_response(403, "AccessDenied: Request has expired")
+        scope = query.get("X-Signed-Range")
+        if scope is not None and scope != request.headers.get("Range"):
+            return _error_response(403, f"AccessDenied: invalid range (signed for {scope})")
+        return None
+
+    def _signature(self, path, params):
+        text = unquote(path) + "\n" + "&".join(f"{k}={params[k]}" for k in sorted(params))
+        return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
+
+
+
+# ---------------------------------------------------------------------------
 # Routing: the API origin
 
 
@@ -665,9 +725,10 @@ def _content_type(path):
 class _ApiRouter:
     """Builds the API origin's answers: model info, tree, paths-info and resolve."""
 
-    def __init__(self, store, faults, page_size, cdn_endpoint):
+    def __init__(self, store, faults, page_size, cdn_endpoint, signer):
         self.store, self.faults = store, faults
         self.page_size, self.cdn_endpoint = page_size, cdn_endpoint
+        self.signer = signer
 
     def route(self, request):
         try:
@@ -881,11 +942,12 @@ class _ApiRouter:
             raise _HubError(404, "Entry not found", "EntryNotFound", [("X-Repo-Commit", commit.sha)])
         size = _claimed_size(entry, self._content_fault(request))
         if entry.lfs:
-            return self._lfs_redirect(repo, commit, entry, size)
+            return self._lfs_redirect(repo, commit, entry, size, request.headers.get("Range"))
         return self._small_file(request, commit, entry, size)
 
-    def _lfs_redirect(self, repo, commit, entry, size):
+    def _lfs_redirect(self, repo, commit, entry, size, range_header):
         location = f"{self.cdn_endpoint}/lfs/{entry.blob.sha256}/{repo.id}/{quote(entry.path)}"
+        location = self.signer.sign(location, range_header)
         return _Response(302, [
             ("Location", location), ("X-Repo-Commit", commit.sha),
             ("X-Linked-Etag", f'"{entry.blob.sha256}"'), ("X-Linked-Size", str(size)),
@@ -906,10 +968,10 @@ class _ApiRouter:
 
 
 class _CdnRouter:
-    """Serves LFS bytes by sha256 at `/lfs/{sha256}/{repo}/{path}`; no auth, like a signed URL."""
+    """Serves LFS bytes by sha256 at `/lfs/{sha256}/{repo}/{path}`; no auth but the URL's signature."""
 
-    def __init__(self, store):
-        self.store = store
+    def __init__(self, store, signer):
+        self.store, self.signer = store, signer
 
     def route(self, request):
         request.route = "cdn"
@@ -919,6 +981,9 @@ class _CdnRouter:
             return _error_response(404, "NoSuchKey")
         if request.method not in ("GET", "HEAD"):
             return _error_response(405, "Method not allowed")
+        refusal = self.signer.refusal(request)
+        if refusal is not None:
+            return refusal
         name = quote(unquote(segments[-1]))
         headers = [("ETag", f'"{blob.sha256}"'), ("Content-Type", "application/octet-stream"),
                    ("Content-Disposition", f"inline; filename*=UTF-8''{name}; filename=\"{name}\";")]
@@ -1176,8 +1241,10 @@ class HubSimulator:
     is private or gated. An Authorization header with any other token is refused (401).
     """
 
-    def __init__(self, tokens=None, page_size=DEFAULT_PAGE_SIZE, port=0, cdn_port=0, host="127.0.0.1"):
+    def __init__(self, tokens=None, page_size=DEFAULT_PAGE_SIZE, port=0, cdn_port=0, host="127.0.0.1",
+                 sign_seconds=None, sign_ranges=False):
         self._store = _Store(tokens)
+        self.signer = UrlSigner(sign_seconds, sign_ranges)  # its fields may change while running
         self._faults = _FaultBook()
         self._log = _RequestLog()
         self.page_size = page_size
@@ -1210,8 +1277,8 @@ class HubSimulator:
         if self._servers:
             raise RuntimeError("simulator already started")
         self._stopping.clear()
-        cdn = _Server(self._host, self._ports[1], "cdn", self, _CdnRouter(self._store))
-        router = _ApiRouter(self._store, self._faults, self.page_size, cdn.url)
+        cdn = _Server(self._host, self._ports[1], "cdn", self, _CdnRouter(self._store, self.signer))
+        router = _ApiRouter(self._store, self._faults, self.page_size, cdn.url, self.signer)
         api = _Server(self._host, self._ports[0], "api", self, router)
         self._servers = {"api": api, "cdn": cdn}
         self._urls = {"api": api.url, "cdn": cdn.url}  # kept after stop(), for messages
@@ -1370,12 +1437,17 @@ def _parse_args(argv):
     parser.add_argument("--repo", action="append", default=[], metavar="ORG/NAME=DIR",
                         help="serve DIR's files (recursively) as a repo; repeatable")
     parser.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="tree listing page size")
+    parser.add_argument("--sign-seconds", type=int, default=None,
+                        help="sign CDN URLs for this many seconds; the CDN refuses them after (403)")
+    parser.add_argument("--sign-ranges", action="store_true",
+                        help="a resolve asked with a Range header gets a URL good for that range only")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = _parse_args(argv)
-    sim = HubSimulator(page_size=args.page_size, port=args.port, cdn_port=args.cdn_port)
+    sim = HubSimulator(page_size=args.page_size, port=args.port, cdn_port=args.cdn_port,
+                       sign_seconds=args.sign_seconds, sign_ranges=args.sign_ranges)
     for spec in args.repo:
         repo_id, sep, directory = spec.partition("=")
         if not sep or not Path(directory).is_dir():
