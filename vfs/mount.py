@@ -178,13 +178,39 @@ def prepare_mountpoint(mountpoint: Path):
         log.warning("%s: a previous daemon died and left a dead mount; clearing it", mountpoint)
         unmount(mountpoint, lazy=True)
         return
-    if is_mounted(mountpoint):
-        raise errors.LaminaError(f"{mountpoint} is already mounted; unmount it first")
+    refuse_mount_point(mountpoint)
 
 
-def is_mounted(mountpoint):
+# Why a mount point (a bind mount, a container volume) is refused rather than mounted over:
+# a daemon restarted in a new container gets a fresh copy of that bind, whose source is the
+# dead FUSE mount. Its lazy unmount removes only its own copy; the host and every consumer
+# keep ENOTCONN. Mounting at a plain directory *inside* a shared bind mount heals instead:
+# the unmount and the new mount both propagate. docs/DEPLOY.md shows both layouts.
+PARENT_LAYOUT = ("mount at a directory inside a shared mount instead, e.g. "
+                 "`-v /var/lib/lamina-llm-cache:/host:rshared` and mount /host/models "
+                 "(docs/DEPLOY.md, \"the layout that heals\")")
+
+
+def refuse_mount_point(mountpoint):
+    """LaminaError if `mountpoint` already is a mount point, saying what to do instead."""
+    fstype = mounted_type(mountpoint)
+    if fstype is None:
+        return
+    if fstype == "fuse.lamina":
+        raise errors.LaminaError(f"{mountpoint} is already mounted by lamina-llm-cache; unmount it first")
+    raise errors.LaminaError(
+        f"{mountpoint} is itself a mount point ({fstype}: a bind mount or a volume?); a restarted "
+        f"daemon could not heal what the host and consumers see there: {PARENT_LAYOUT}")
+
+
+def mounted_type(mountpoint):
+    """The filesystem type of the top mount at `mountpoint`, or None if it is not a mount point."""
     target = os.path.realpath(mountpoint)
-    return any(fields[4] == target for fields in _mountinfo())
+    found = None
+    for fields in _mountinfo():
+        if fields[4] == target:
+            found = fields[fields.index("-") + 1]      # later lines are mounted on top
+    return found
 
 
 def _mountinfo():
