@@ -53,6 +53,7 @@ def listing_names(directories):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.hubserver", description=__doc__.splitlines()[0])
     parser.add_argument("--repo", action="append", default=[], metavar="ORG/NAME=DIR")
+    hubsim.add_shaping_arguments(parser)
     args = parser.parse_args(argv)
     sim = hubsim.HubSimulator()
     directories = []
@@ -60,6 +61,7 @@ def main(argv=None):
         repo_id, _, directory = spec.partition("=")
         sim.add_repo(repo_id, files=hubsim.repo_files(directory))
         directories.append(directory)
+    hubsim.apply_shaping_arguments(sim, args)
     sim.start()
     cdn = sim._servers["cdn"]
     cdn.router = ListingRouter(cdn.router, listing_names(directories))

@@ -18,6 +18,9 @@ Design notes
   `RequestRecord` is written only by the thread serving that request.
 - A record's `bytes_sent` is raised *before* bytes are handed to the kernel (and lowered
   if the send fails), so a client that has received N bytes always sees at least N logged.
+- A `Link` (vfs/testing/link.py) shapes every response: a rate per body, a delay per reply,
+  a cap on requests served at once; each origin counts its requests in flight and the
+  most it ever served at once (`most_in_flight`), which tests hold clients to.
 - Errors look like the Hub's: JSON `{"error": msg}` and `X-Error-Message`, plus
   `X-Error-Code` where the Hub has a code for the condition. Nothing Xet is ever sent.
 """
@@ -42,6 +45,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+
+from . import link as _link
+from .link import InFlight, Link, Pacer
 
 LFS_MIN_SIZE = 10 * 1024 * 1024
 LFS_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt")
@@ -453,20 +459,20 @@ class _BytesBody:
     def __init__(self, data):
         self.data, self.size = data, len(data)
 
-    def chunks(self, start, end):
+    def chunks(self, start, end, size=COPY_CHUNK):
         view = memoryview(self.data)
-        for offset in range(start, end, COPY_CHUNK):
-            yield view[offset:min(end, offset + COPY_CHUNK)]
+        for offset in range(start, end, size):
+            yield view[offset:min(end, offset + size)]
 
 
 class _FileBody:
     def __init__(self, path, size):
         self.path, self.size = path, size
 
-    def chunks(self, start, end):
+    def chunks(self, start, end, size=COPY_CHUNK):
         with open(self.path, "rb") as f:
-            for offset in range(start, end, COPY_CHUNK):
-                yield os.pread(f.fileno(), min(end, offset + COPY_CHUNK) - offset, offset)
+            for offset in range(start, end, size):
+                yield os.pread(f.fileno(), min(end, offset + size) - offset, offset)
 
 
 @dataclass
@@ -1062,13 +1068,21 @@ def _dropped_headers(fault):
     return {n.lower() for n in ([names] if isinstance(names, str) else names)}
 
 
-def _padded_chunks(body, start, end):
-    """The body's bytes in [start, end); past its end, zeros (for `long_body`)."""
+def _padded_chunks(body, start, end, size=COPY_CHUNK):
+    """The body's bytes in [start, end), `size` at a time; past its end, zeros (for `long_body`)."""
     real_end = min(end, body.size)
     if start < real_end:
-        yield from body.chunks(start, real_end)
-    for offset in range(max(start, real_end), end, COPY_CHUNK):
-        yield bytes(min(COPY_CHUNK, end - offset))
+        yield from body.chunks(start, real_end, size)
+    for offset in range(max(start, real_end), end, size):
+        yield bytes(min(size, end - offset))
+
+
+def _refusal(link):
+    """The answer to a request beyond the link's `max_in_flight`."""
+    if link.refuse_status == 429:
+        return _error_response(429, "Too Many Requests: too many requests in flight",
+                               headers=[("Retry-After", f"{link.retry_after:g}")])
+    return _error_response(503, "Service Unavailable: too many requests in flight")
 
 
 # ---------------------------------------------------------------------------
@@ -1098,9 +1112,21 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self):
         request = self._read_request()
+        self._link = self.server.sim.link
         if self.server.origin == "api" and request.segments[:1] == ["_sim"]:
+            self._link = Link()     # the control channel is never shaped
             return self._send(request, self.server.sim._control(request), None, RequestRecord("api", "", "", "", None))
+        in_flight = self.server.sim._in_flight[self.server.origin]
+        try:
+            self._serve(request, in_flight.enter())
+        finally:
+            in_flight.leave()
+
+    def _serve(self, request, in_flight):
         record = self.server.sim._log.start(request)
+        if self._link.max_in_flight is not None and in_flight > self._link.max_in_flight:
+            record.fault = "max_in_flight"
+            return self._send(request, _refusal(self._link), None, record)
         response = self.server.router.route(request)
         fault = self.server.sim._faults.take(
             request, lambda kind: kind in _TRANSPORT_KINDS and _fault_fits(kind, request, response))
@@ -1121,6 +1147,8 @@ class _Handler(BaseHTTPRequestHandler):
             response = _REWRITES[fault.kind](fault, request, response)
         if fault is not None and fault.kind == "delay":
             self.server.sim._sleep(fault.params["seconds"])
+        if self._link.delay:
+            self.server.sim._sleep(self._link.delay)
         self._write_head(response, _dropped_headers(fault), record)
         if request.method != "HEAD" and response.body is not None and response.length > 0:
             self._write_body(response, fault, record)
@@ -1157,15 +1185,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def _send_range(self, body, start, length, corrupt, record):
+        # One pacer per response: the link's rate holds for each body on its own.
+        chunk = self._link.pace_chunk()
+        pacer = Pacer(self._link.rate, self.server.sim._sleep) if chunk else None
         if not corrupt and isinstance(body, _FileBody) and start + length <= body.size:
-            return self._sendfile(body.path, start, length, record)
-        for chunk in _padded_chunks(body, start, start + length):
-            self._send_bytes(bytes(chunk).translate(_XOR_TABLE) if corrupt else chunk, record)
+            return self._sendfile(body.path, start, length, record, pacer, chunk or SENDFILE_CHUNK)
+        for piece in _padded_chunks(body, start, start + length, chunk or COPY_CHUNK):
+            if pacer is not None:
+                pacer.before(len(piece))
+            self._send_bytes(bytes(piece).translate(_XOR_TABLE) if corrupt else piece, record)
 
-    def _sendfile(self, path, offset, count, record):
+    def _sendfile(self, path, offset, count, record, pacer=None, chunk=SENDFILE_CHUNK):
         with open(path, "rb") as f:
             while count > 0:
-                step = min(count, SENDFILE_CHUNK)
+                step = min(count, chunk)
+                if pacer is not None:
+                    pacer.before(step)
                 record.bytes_sent += step  # counted before the client can see it
                 try:
                     sent = os.sendfile(self.connection.fileno(), f.fileno(), offset, step)
@@ -1242,11 +1277,13 @@ class HubSimulator:
     """
 
     def __init__(self, tokens=None, page_size=DEFAULT_PAGE_SIZE, port=0, cdn_port=0, host="127.0.0.1",
-                 sign_seconds=None, sign_ranges=False):
+                 sign_seconds=None, sign_ranges=False, link=None):
         self._store = _Store(tokens)
         self.signer = UrlSigner(sign_seconds, sign_ranges)  # its fields may change while running
         self._faults = _FaultBook()
         self._log = _RequestLog()
+        self.link = link or Link()      # read once per request: replace it, never mutate it
+        self._in_flight = {"api": InFlight(), "cdn": InFlight()}
         self.page_size = page_size
         self._host, self._ports = host, (port, cdn_port)
         self._servers, self._urls = {}, {}
@@ -1352,6 +1389,24 @@ class HubSimulator:
     def bytes_sent(self, origin=None, path_contains=None):
         return self._log.bytes_sent(origin, path_contains)
 
+    # -- link shaping (vfs/testing/link.py)
+
+    def set_link(self, link=None, **fields):
+        """Shape every later response: `set_link(Link(...))` or `set_link(rate=40e6, delay=0.03)`."""
+        self.link = link if link is not None else Link(**fields)
+        return self.link
+
+    def in_flight(self, origin="cdn"):
+        """{"now": requests being served, "peak": the most at once since the last reset}."""
+        return self._in_flight[origin].to_dict()
+
+    def most_in_flight(self, origin="cdn"):
+        return self._in_flight[origin].peak
+
+    def reset_in_flight_peak(self):
+        for gauge in self._in_flight.values():
+            gauge.reset_peak()
+
     # -- HTTP control, for a simulator in another process
 
     def _control(self, request):
@@ -1371,6 +1426,14 @@ class HubSimulator:
         if action == ("GET", "bytes_sent"):
             query = {k: v[-1] for k, v in request.query.items()}
             return _json_response(200, {"bytes_sent": self.bytes_sent(query.get("origin"), query.get("path_contains"))})
+        if action == ("POST", "link"):
+            return _json_response(200, {"link": self.set_link(Link.from_dict(json.loads(request.body))).to_dict()})
+        if action == ("GET", "link"):
+            in_flight = {origin: self.in_flight(origin) for origin in self._in_flight}
+            return _json_response(200, {"link": self.link.to_dict(), "in_flight": in_flight})
+        if action == ("DELETE", "link/peak"):
+            self.reset_in_flight_peak()
+            return _json_response(200, {"ok": True})
         if action in (("DELETE", "faults"), ("DELETE", "log")):
             (self.clear_faults if action[1] == "faults" else self.clear_log)()
             return _json_response(200, {"ok": True})
@@ -1413,6 +1476,23 @@ class SimulatorClient:
         query = urlencode({k: v for k, v in (("origin", origin), ("path_contains", path_contains)) if v})
         return self._call("GET", f"bytes_sent?{query}" if query else "bytes_sent")["bytes_sent"]
 
+    @property
+    def link(self):
+        return Link.from_dict(self._call("GET", "link")["link"])
+
+    def set_link(self, link=None, **fields):
+        link = link if link is not None else Link(**fields)
+        return Link.from_dict(self._call("POST", "link", link.to_dict())["link"])
+
+    def in_flight(self, origin="cdn"):
+        return self._call("GET", "link")["in_flight"][origin]
+
+    def most_in_flight(self, origin="cdn"):
+        return self.in_flight(origin)["peak"]
+
+    def reset_in_flight_peak(self):
+        self._call("DELETE", "link/peak")
+
 
 # ---------------------------------------------------------------------------
 # Command line: python -m vfs.testing.hubsim --repo org/name=DIR
@@ -1441,7 +1521,21 @@ def _parse_args(argv):
                         help="sign CDN URLs for this many seconds; the CDN refuses them after (403)")
     parser.add_argument("--sign-ranges", action="store_true",
                         help="a resolve asked with a Range header gets a URL good for that range only")
+    add_shaping_arguments(parser)
     return parser.parse_args(argv)
+
+
+def add_shaping_arguments(parser):
+    """The link and origin-behaviour flags shared by every simulator command line."""
+    _link.add_arguments(parser)
+    parser.add_argument("--ignore-range", action="store_true",
+                        help="the CDN answers every Range request with 200 and the whole body (as some mirrors do)")
+
+
+def apply_shaping_arguments(sim, args):
+    sim.set_link(_link.from_arguments(args))
+    if args.ignore_range:
+        sim.add_fault("ignore_range", origin="cdn")
 
 
 def main(argv=None):
@@ -1453,6 +1547,7 @@ def main(argv=None):
         if not sep or not Path(directory).is_dir():
             raise SystemExit(f"--repo wants ORG/NAME=DIR with an existing DIR, got {spec!r}")
         sim.add_repo(repo_id, files=repo_files(directory))
+    apply_shaping_arguments(sim, args)
     sim.start()
     print(f"ready {sim.endpoint}", flush=True)
     run_until_signalled(sim)
