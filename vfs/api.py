@@ -1,34 +1,36 @@
-"""The REST API beside a mount: list models, one model's state, start a pull, reload the manifest.
+"""The REST API beside a mount: health, readiness, models, a pull, a manifest reload.
 
+    GET  /healthz              liveness: the trio loop answers and statvfs of the mount root returns
+    GET  /readyz               readiness: every manifest model pinned and the mount serving
     GET  /models               every manifest model with size and cache state
     GET  /models/<name>        one model, per file
     POST /download/<org/name>  fetch every model of that Hub repo fully, in the background (202)
     GET  /download/<org/name>  progress of those pulls
     POST /refresh              reload models.yaml and re-pin revisions; the mount shows the result
 
-A small HTTP/1.1 server on trio (one request per connection), bound to loopback unless
-told otherwise. It is model-aware only: /download never adds a model; the manifest is the
-one source of truth. Answers never carry the Hub token.
+HTTP is h11's (httpserver.py), bound to loopback unless told otherwise. It is model-aware
+only: /download never adds a model; the manifest is the one source of truth. Answers
+never carry the Hub token.
 """
 
-import json
 import logging
 import urllib.parse
 
 import trio
 
 from . import errors
+from .health import MountProbe
+from .httpserver import Response, json_response, serve_connection
+from .report import not_ready
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST = 16 * 1024
-STATUS_TEXT = {200: "OK", 202: "Accepted", 400: "Bad Request", 404: "Not Found",
-               405: "Method Not Allowed", 413: "Payload Too Large", 502: "Bad Gateway"}
-
 
 class Api:
-    def __init__(self, fs):
+    def __init__(self, fs, mountpoint):
         self.fs = fs
+        self.probe = MountProbe(mountpoint)
+        self.serving = False   # set once the mount has answered its first request
         self.pulls = {}        # hf repo -> {"total": bytes, "done": bytes, "state": str}
 
     async def serve(self, host, port, task_status=trio.TASK_STATUS_IGNORED):
@@ -38,20 +40,19 @@ class Api:
         await trio.serve_listeners(self._connection, listeners)
 
     async def _connection(self, stream):
-        try:
-            with trio.move_on_after(30):
-                method, target = await read_request(stream)
-                status, payload = await self.route(method, urllib.parse.unquote(target.split("?")[0]))
-                await stream.send_all(encode_response(status, payload))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except ValueError as exc:
-            await _send_quietly(stream, encode_response(400, {"error": str(exc)}))
-        finally:
-            await stream.aclose()
+        await serve_connection(stream, self.answer)
+
+    async def answer(self, method: str, target: str) -> Response:
+        path = urllib.parse.unquote(target.split("?")[0])
+        answer = await self.route(method, path)
+        return answer if isinstance(answer, Response) else json_response(*answer)
 
     async def route(self, method, path):
         parts = [p for p in path.split("/") if p]
+        if method == "GET" and parts == ["healthz"]:
+            return await self._health()
+        if method == "GET" and parts == ["readyz"]:
+            return await self._readiness()
         if parts == ["models"] and method == "GET":
             return 200, self.fs.reports()
         if len(parts) == 2 and parts[0] == "models" and method == "GET":
@@ -60,9 +61,24 @@ class Api:
             return await self._download(method, "/".join(parts[1:]))
         if parts == ["refresh"] and method == "POST":
             return await self._refresh()
-        if parts in (["models"], ["refresh"]) or parts[:1] == ["models"]:
+        if parts in (["models"], ["refresh"], ["healthz"], ["readyz"]) or parts[:1] == ["models"]:
             return 405, {"error": f"{method} is not allowed on {path}"}
         return 404, {"error": f"no such endpoint: {path}"}
+
+    async def _health(self):
+        health = await self.probe.check()
+        return (200 if health.ok else 503), health.as_dict()
+
+    async def _readiness(self):
+        if not self.serving:
+            return 503, {"ready": False, "reason": "the mount is not serving yet", "models": []}
+        health = await self.probe.check()
+        if not health.ok:
+            return 503, {"ready": False, "reason": health.reason, "models": []}
+        waiting = not_ready(self.fs.manifest, self.fs.snapshots)
+        if waiting:
+            return 503, {"ready": False, "reason": f"{len(waiting)} models not ready", "models": waiting}
+        return 200, {"ready": True, "models": []}
 
     def _one_model(self, name):
         for report in self.fs.reports():
@@ -105,37 +121,6 @@ class Api:
         except errors.LaminaError as exc:
             return 502, {"error": str(exc)}
         return 200, {"models": [spec.name for spec in self.fs.manifest.models], "changed_entries": changed}
-
-
-async def read_request(stream):
-    """(method, target) of one HTTP request; the body, if any, is ignored."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = await stream.receive_some(4096)
-        if not chunk:
-            raise ValueError("connection closed before the request ended")
-        data += chunk
-        if len(data) > MAX_REQUEST:
-            raise ValueError("request too large")
-    request_line = data.split(b"\r\n", 1)[0].decode("latin-1")
-    fields = request_line.split(" ")
-    if len(fields) != 3 or not fields[1].startswith("/"):
-        raise ValueError(f"malformed request line: {request_line[:80]!r}")
-    return fields[0], fields[1]
-
-
-def encode_response(status, payload):
-    body = (json.dumps(payload, indent=2) + "\n").encode()
-    head = (f"HTTP/1.1 {status} {STATUS_TEXT.get(status, 'Error')}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-    return head.encode() + body
-
-
-async def _send_quietly(stream, data):
-    try:
-        await stream.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
 
 
 def parse_address(text):

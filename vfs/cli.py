@@ -102,6 +102,22 @@ def build_parser():
         sub.add_argument("name")
         add_common(sub)
 
+    wait = commands.add_parser("wait", help="wait until models are listed, fully cached or verified "
+                                            "(reads the cache directory; no API needed)")
+    wait.add_argument("names", nargs="+", metavar="NAME")
+    wanted = wait.add_mutually_exclusive_group()
+    wanted.add_argument("--cached", dest="want", action="store_const", const="cached",
+                        help="every byte of the models' files in the cache")
+    wanted.add_argument("--verified", dest="want", action="store_const", const="verified",
+                        help="cached and hashed against the content ids")
+    wait.add_argument("--timeout", type=float, help="give up after S seconds with exit 1 (default: wait for ever)")
+    add_common(wait)
+
+    health = commands.add_parser("health", help="probe a mount from outside the daemon (JSON; exit 0 if healthy)")
+    health.add_argument("mountpoint", nargs="?", help="default: models/ beside the manifest")
+    health.add_argument("-m", "--manifest", default="models.yaml", help="the manifest (default ./models.yaml)")
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds a statvfs of the mount may take")
+
     demo = commands.add_parser("demo", help="mount a generated model from a simulated Hub (no network)")
     demo.add_argument("mountpoint", nargs="?", help="default: a new temporary directory")
     demo.add_argument("-v", "--verbose", action="store_true")
@@ -268,6 +284,19 @@ def cmd_pin(args):
     return manage.pin(settings_for(args), load(args), args.name, pinned=args.command == "pin")
 
 
+def cmd_wait(args):
+    from .wait import wait
+    return wait(settings_for(args), load(args), args.names, args.want or "listed", args.timeout)
+
+
+def cmd_health(args):
+    from .health import MountProbe
+    mountpoint = Path(args.mountpoint or Path(args.manifest).resolve().parent / "models")
+    health = MountProbe(mountpoint, timeout=args.timeout).check_blocking()
+    print(json.dumps(health.as_dict()))
+    return 0 if health.ok else 1
+
+
 def cmd_demo(args):
     from .demo import run_demo
     return run_demo(args.mountpoint)
@@ -275,7 +304,8 @@ def cmd_demo(args):
 
 COMMANDS = {"mount": cmd_mount, "unmount": cmd_unmount, "list": cmd_list, "info": cmd_info,
             "add": cmd_add, "pull": cmd_pull, "verify": cmd_verify, "gc": cmd_gc,
-            "pin": cmd_pin, "unpin": cmd_pin, "demo": cmd_demo}
+            "pin": cmd_pin, "unpin": cmd_pin, "wait": cmd_wait, "health": cmd_health,
+            "demo": cmd_demo}
 
 
 def main(argv=None):

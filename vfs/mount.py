@@ -270,13 +270,15 @@ async def _serve(fs, mountpoint, on_ready, api_address):
         fs.cache.start(nursery)
         fs.reader.start(nursery)
         fs.nursery = nursery
+        api = Api(fs, mountpoint)
         if api_address is not None:
-            await nursery.start(Api(fs).serve, *api_address)
+            await nursery.start(api.serve, *api_address)
         nursery.start_soon(_main_loop, nursery.cancel_scope)
         nursery.start_soon(_terminate_on_signal)
         # A first request through the mount proves the handshake is done.
         await trio.to_thread.run_sync(os.stat, mountpoint)
         set_read_ahead(mountpoint, fs.settings.read_ahead_kb)
+        api.serving = True
         if not fs.settings.offline:
             nursery.start_soon(_connect_to_hub, fs.fetcher)
         log.info("mounted %s (%d models)", mountpoint, len(fs.tree.listing(1)))

@@ -1,4 +1,4 @@
-"""What a user is told about a model: one JSON-ready shape for list, info and the REST API."""
+"""What a user is told about a model: one JSON-ready shape for list, info, wait and the REST API."""
 
 
 def file_report(remote, cached_bytes, verified):
@@ -7,12 +7,23 @@ def file_report(remote, cached_bytes, verified):
 
 
 def model_report(spec, snapshot, cache):
-    """Name, backend, source, pinned commit, sizes and cache state of one manifest model."""
+    """Name, backend, source, pinned commit, sizes and cache state of one manifest model.
+
+    `ready`: pinned to a commit (or nothing to pin); `verified`: every file hashed against
+    its content id (true for a model with no files)."""
     files = [] if snapshot is None else [
         file_report(remote, *cache.peek(remote.content_id, remote.size)) for remote in snapshot.files]
+    size, cached = sum(f["size"] for f in files), sum(f["cached_bytes"] for f in files)
     return {
         "name": spec.name, "backend": spec.backend, "path": spec.path, "hf": spec.hf,
         "revision": spec.revision if spec.hf else None, "commit": snapshot.commit if snapshot else None,
-        "pinned": spec.pin, "size": sum(f["size"] for f in files),
-        "cached_bytes": sum(f["cached_bytes"] for f in files), "files": files,
+        "pinned": spec.pin, "ready": snapshot is not None or spec.hf is None,
+        "size": size, "cached_bytes": cached, "cached_fraction": cached / size if size else 1.0,
+        "verified": all(f["verified"] for f in files), "files": files,
     }
+
+
+def not_ready(manifest, snapshots):
+    """[{"name", "why"}] of the manifest's models a mount cannot serve yet."""
+    return [{"name": spec.name, "why": "not pinned to a commit (the Hub was not reached and no pin is stored)"}
+            for spec in manifest.models if spec.hf is not None and snapshots.get(spec.name) is None]
