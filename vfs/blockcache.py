@@ -3,6 +3,12 @@
 Knows nothing of FUSE, inodes or the Hub: a blob is a content id and a size, and bytes
 come from a `BlockSource` the caller hands in.
 
+The surface is narrow: `BlockCache.open(content_id, size)` hands out a `BlobHandle`, and
+callers read, prefetch, fill, verify and ask the state of a blob only through it. A
+handle is a context manager owning one share of the blob's open count (an open blob is
+never evicted). The presence map, the in-flight table and the block buffers stay inside
+this module. `BlockCache.peek` tells a blob's state without opening it.
+
 Layout (format 1) under the cache directory:
 
     format                              "lamina-llm-cache cache" / "format 1" / "block_size N"
@@ -25,8 +31,8 @@ Durability rules:
   single byte of them is served.
 
 Concurrency rules:
-- In-memory state (Blob.present/.crcs/.checked, the in-flight table) is only touched from
-  the trio thread. Worker threads do blocking work (HTTP, pwrite + fsync, hashing) on
+- In-memory state (_Blob.present/.crcs/.checked/.open_count, the in-flight table, the
+  block buffers) is only touched from the trio thread. Worker threads do blocking work (HTTP, pwrite + fsync, hashing) on
   values handed to them and return results; they never touch that state.
 - One fetch per (blob, block) at a time, whatever the number of readers or handles: the
   first asker starts it, later askers wait for the same Flight and share its bytes. A
@@ -51,6 +57,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 import trio
@@ -79,6 +86,7 @@ class BlockSource(Protocol):
 
         A source may also have `fetch_into(start, view)`, filling a buffer in place: then
         that is used, and a block's bytes are received straight into their buffer."""
+        ...
 
 
 @dataclass(eq=False)
@@ -90,10 +98,25 @@ class Flight:
     written: bool = False           # its bytes are in the data file (durable or not yet)
 
 
-class Blob:
-    """One content id's cached bytes; shared by every file that has this content."""
+@dataclass(frozen=True)
+class BlobState:
+    """What is cached of one blob, as a user is told it."""
 
-    def __init__(self, base: Path, content_id, size, block_size):
+    blocks: int                     # blocks the blob has in all
+    present_blocks: int             # blocks durable on disk
+    cached_bytes: int
+    verified: bool                  # hashed whole against its content id
+    failed_verifications: int = 0   # in this process
+
+    @property
+    def complete(self) -> bool:
+        return self.present_blocks == self.blocks
+
+
+class _Blob:
+    """One content id's cached bytes and presence; shared by every handle of that content."""
+
+    def __init__(self, base: Path, content_id: str, size: int, block_size: int):
         self.content_id, self.size, self.block_size = content_id, size, block_size
         self.data_path = base.with_suffix(".data")
         self.log_path = base.with_suffix(".log")
@@ -105,20 +128,26 @@ class Blob:
         self.log_read = 0               # bytes of the log already applied
         self.verified = False
         self.failed_verifications = 0
-        self.open_count = 0
-        self.data_fd = self.log_fd = self.direct_fd = None
+        self.open_count = 0             # open BlobHandles: an open blob is never evicted
+        self.data_fd: int | None = None
+        self.log_fd: int | None = None
+        self.direct_fd: int | None = None
 
-    def block_range(self, index):
+    def block_range(self, index: int) -> tuple[int, int]:
         start = index * self.block_size
         return start, min(self.block_size, self.size - start)
 
-    def cached_bytes(self):
+    def cached_bytes(self) -> int:
         return sum(self.block_range(i)[1] for i in range(self.blocks) if self.present[i])
 
-    def complete(self):
+    def complete(self) -> bool:
         return all(self.present)
 
-    def open_files(self):
+    def state(self, verified: bool | None = None) -> BlobState:
+        return BlobState(self.blocks, sum(self.present), self.cached_bytes(),
+                         self.verified if verified is None else verified, self.failed_verifications)
+
+    def open_files(self) -> None:
         self.data_path.parent.mkdir(parents=True, exist_ok=True)
         self.data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
         if os.fstat(self.data_fd).st_size != self.size:
@@ -128,7 +157,7 @@ class Blob:
         self.verified = self.ok_path.exists()
         self.read_new_records()
 
-    def read_new_records(self):
+    def read_new_records(self) -> None:
         """Apply log records appended since the last look (by us or another process)."""
         end = os.fstat(self.log_fd).st_size
         if end < self.log_read:      # the log was reset (blob discarded elsewhere)
@@ -139,7 +168,7 @@ class Blob:
         for offset in range(0, len(raw), RECORD.size):
             self._apply(raw[offset:offset + RECORD.size])
 
-    def _apply(self, record):
+    def _apply(self, record: bytes) -> None:
         magic, index, crc, own_crc = RECORD.unpack(record)
         if magic != RECORD_MAGIC or own_crc != zlib.crc32(record[:12]) or index >= self.blocks:
             return                      # torn or foreign record: its block stays absent
@@ -147,25 +176,25 @@ class Blob:
             self.checked[index] = 0
         self.present[index], self.crcs[index] = 1, crc
 
-    def forget_all(self):
+    def forget_all(self) -> None:
         self.present[:] = bytes(self.blocks)
         self.checked[:] = bytes(self.blocks)
         self.log_read = 0
         self.verified = False
 
-    def close_files(self):
+    def close_files(self) -> None:
         for fd in (self.data_fd, self.log_fd, self.direct_fd):
             if fd is not None:
                 os.close(fd)
         self.data_fd = self.log_fd = self.direct_fd = None
 
 
-def make_record(index, crc):
+def make_record(index: int, crc: int) -> bytes:
     head = struct.pack("<4sII", RECORD_MAGIC, index, crc)
     return head + struct.pack("<I", zlib.crc32(head))
 
 
-def content_hasher(content_id, size):
+def content_hasher(content_id: str, size: int):
     """A hashlib object primed so its hexdigest equals the content id's hex when bytes match."""
     algo, _ = content_id.split(":", 1)
     if algo == "sha256":
@@ -175,76 +204,191 @@ def content_hasher(content_id, size):
     return hasher
 
 
-def matches_content_id(content_id, size, chunks):
+def matches_content_id(content_id: str, size: int, chunks: Iterable) -> bool:
     hasher = content_hasher(content_id, size)
     for chunk in chunks:
         hasher.update(chunk)
     return hasher.hexdigest() == content_id.split(":", 1)[1]
 
 
+class BlobHandle:
+    """One holder's use of a blob: its reads, fetches, verification and state.
+
+    Got from `BlockCache.open`; a context manager. Open, it keeps the blob from eviction;
+    `close` gives that up (a closed handle still reads while the blob stays cached, so a
+    warm-up ending after its file was closed does no harm). Every handle of a content id
+    shares one set of file descriptors, one presence map and one fetch per block.
+
+    A handle carries nothing the cache directory does not: a successor process can take
+    over a blob by opening a handle on the same content id. Resources a holder ties to
+    the blob for as long as it is open (a kernel passthrough backing id, say) are handed
+    to `on_close`, which releases them when the handle closes, newest first.
+    Trio thread only.
+    """
+
+    def __init__(self, cache: "BlockCache", blob: _Blob):
+        self._cache, self._blob = cache, blob
+        self._closers: list[Callable[[], None]] = []
+        self._open = True
+        blob.open_count += 1
+
+    @property
+    def content_id(self) -> str:
+        return self._blob.content_id
+
+    @property
+    def size(self) -> int:
+        return self._blob.size
+
+    @property
+    def block_count(self) -> int:
+        return self._blob.blocks
+
+    @property
+    def in_use(self) -> bool:
+        """True while any handle of this blob (this one or another) is open."""
+        return self._blob.open_count > 0
+
+    def is_present(self, index: int) -> bool:
+        """Block `index` is durable in the cache (it may still be fetched again if corrupt)."""
+        return index < self._blob.blocks and bool(self._blob.present[index])
+
+    def is_fetching(self, index: int) -> bool:
+        return (self._blob.content_id, index) in self._cache._inflight
+
+    def state(self) -> BlobState:
+        return self._blob.state()
+
+    @property
+    def failed_verifications(self) -> int:
+        """Times this blob was discarded in this process (cheap: sources ask it per fetch)."""
+        return self._blob.failed_verifications
+
+    def verified_data_fd(self) -> int | None:
+        """The data file's descriptor once the whole blob is verified (its bytes can no longer
+        change while the handle is open), else None. For serving it without the daemon."""
+        return self._blob.data_fd if self._blob.verified else None
+
+    def read_now(self, index: int, start: int, length: int, into: memoryview) -> memoryview | bytes | None:
+        """Block `index`'s bytes [start, start+length) if they can be had without waiting, else None.
+
+        Valid until the next await. See `BlockCache._read_now`."""
+        return self._cache._read_now(self._blob, index, start, length, into)
+
+    async def read(self, index: int, start: int, length: int, source: BlockSource) -> bytes:
+        """`length` bytes at `start` inside block `index` (a copy of its own), fetched if missing."""
+        return await self._cache._read(self._blob, index, start, length, source)
+
+    def prefetch(self, index: int, source: BlockSource) -> None:
+        """Start fetching block `index` in the background unless it is here or coming."""
+        self._cache._prefetch(self._blob, index, source)
+
+    def load_ahead(self, index: int) -> None:
+        """Start reading cached block `index` into memory unless it is there or on its way."""
+        self._cache._load_ahead(self._blob, index)
+
+    async def fill(self, source: BlockSource, on_block: Callable[[int], object] = lambda length: None,
+                   parallel: int = 4) -> None:
+        """Fetch every absent block, `parallel` at a time; the first failure is raised as itself."""
+        await self._cache._fill(self._blob, source, on_block, parallel)
+
+    async def verify(self, describe: str = "") -> bool:
+        """Hash the complete blob; mark it verified, or discard it on a mismatch (False)."""
+        return await self._cache._verify(self._blob, describe)
+
+    def on_close(self, release: Callable[[], None]) -> None:
+        """Call `release` when this handle closes (at once if it is closed already)."""
+        if not self._open:
+            release()
+            return
+        self._closers.append(release)
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        self._blob.open_count -= 1
+        while self._closers:
+            self._closers.pop()()
+
+    def __enter__(self) -> "BlobHandle":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 class BlockCache:
-    def __init__(self, directory: CacheDir, fetch_workers=8, max_size=None, min_free_fraction=0.05,
-                 pinned=frozenset(), memory=DEFAULT_MEMORY):
+    """The blobs of one cache directory, the block buffers, and every fetch and load of them."""
+
+    def __init__(self, directory: CacheDir, fetch_workers: int = 8, max_size: int | None = None,
+                 min_free_fraction: float = 0.05, pinned: Iterable[str] = frozenset(),
+                 memory: int = DEFAULT_MEMORY):
         self.directory = directory
         self.block_size = directory.block_size
         self.max_size, self.min_free_fraction = max_size, min_free_fraction
         self.pinned = set(pinned)       # content ids eviction must not touch
-        self._blobs: dict[str, Blob] = {}
+        self._blobs: dict[str, _Blob] = {}
         self._inflight: dict[tuple[str, int], Flight] = {}
         self._fetch_limiter = trio.CapacityLimiter(fetch_workers)
-        self.memory = BlockMemory(self.block_size, memory // self.block_size)
+        self._memory = BlockMemory(self.block_size, memory // self.block_size)
         self._loads: dict[tuple[str, int], trio.Event] = {}     # blocks being read into memory
         self._nowait_reads = True       # the cache's filesystem answers RWF_NOWAIT reads
         self._disk_limiter = trio.CapacityLimiter(4)
         self._sync_limiter = trio.CapacityLimiter(2)
-        self._usage = None              # bytes on disk, kept current between scans
-        self._nursery = None
+        self._usage: int | None = None  # bytes on disk, kept current between scans
+        self._nursery: trio.Nursery | None = None
         # Called (from the trio thread) with a content id whose bytes were discarded, so a
         # mount can make the kernel drop pages it cached from them.
-        self.on_discard = None
+        self.on_discard: Callable[[str], Awaitable[None]] | None = None
 
-    def start(self, nursery):
+    def start(self, nursery: trio.Nursery) -> None:
         """Background fetches and verifications run in `nursery` (one per mount)."""
         self._nursery = nursery
 
-    def blob(self, content_id, size):
-        """The one Blob of `content_id`, opened on first use; marks it recently used."""
+    @property
+    def buffer_count(self) -> int:
+        """How many blocks fit in memory at once (the block buffers)."""
+        return self._memory.count
+
+    def open(self, content_id: str, size: int) -> BlobHandle:
+        """A handle on `content_id`'s blob, opened on first use; marks the blob recently used."""
         blob = self._blobs.get(content_id)
         if blob is None:
-            blob = Blob(self.directory.blob_base(content_id), content_id, size, self.block_size)
+            blob = _Blob(self.directory.blob_base(content_id), content_id, size, self.block_size)
             blob.open_files()
             self._blobs[content_id] = blob
         else:
             os.utime(blob.data_path)
-        return blob
+        return BlobHandle(self, blob)
 
-    def peek(self, content_id, size):
-        """(cached bytes, verified) of a blob, read from disk without opening it for use."""
+    def peek(self, content_id: str, size: int) -> BlobState:
+        """The state of a blob, read from disk without opening it for use."""
         blob = self._blobs.get(content_id)
         if blob is not None:
-            return blob.cached_bytes(), blob.verified
-        probe = Blob(self.directory.blob_base(content_id), content_id, size, self.block_size)
+            return blob.state()
+        probe = _Blob(self.directory.blob_base(content_id), content_id, size, self.block_size)
         try:
             probe.log_fd = os.open(probe.log_path, os.O_RDONLY)
         except FileNotFoundError:
-            return 0, False
+            return probe.state()
         try:
             probe.read_new_records()
-            return probe.cached_bytes(), probe.ok_path.exists()
+            return probe.state(verified=probe.ok_path.exists())
         finally:
             probe.close_files()
 
-    def inflight(self, blob, index):
+    def _inflight_at(self, blob: _Blob, index: int) -> bool:
         return (blob.content_id, index) in self._inflight
 
-    def read_now(self, blob, index, start, length, into):
+    def _read_now(self, blob, index, start, length, into):
         """The bytes if they can be had without waiting, else None; valid until the next await.
 
         That is a block in memory, or a checked block whose pages the page cache holds
         (read into `into`). The trio thread must never wait on the disk: one stalled
         pread stalls every reader of the mount.
         """
-        buffer = self.memory.get((blob.content_id, index))
+        buffer = self._memory.get((blob.content_id, index))
         if buffer is not None:
             return buffer.bytes_of(start, length)
         if not (blob.present[index] and blob.checked[index] and self._nowait_reads):
@@ -261,12 +405,12 @@ class BlockCache:
             return None
         return view if got == length else None
 
-    async def read(self, blob, index, start, length, source):
+    async def _read(self, blob, index, start, length, source):
         """`length` bytes at `start` inside block `index` of `blob` (a copy of its own)."""
         key = (blob.content_id, index)
         for _ in range(READ_ROUNDS):
             await self._loaded(key)
-            buffer = self.memory.get(key)
+            buffer = self._memory.get(key)
             if buffer is not None:
                 return bytes(buffer.bytes_of(start, length))
             if blob.present[index] and blob.checked[index]:
@@ -277,7 +421,7 @@ class BlockCache:
                     return bytes(buffer.bytes_of(start, length))
                 continue
             flight = await self._fetched(blob, index, source)
-            if flight is not None and flight.written and not self.memory.holds(key):
+            if flight is not None and flight.written and not self._memory.holds(key):
                 return await self._pread(blob, index, start, length)
         # Only under memory pressure so extreme that a block leaves memory before its waiter runs.
         raise errors.FetchError(f"block {index} of {blob.content_id} kept leaving memory before it was read")
@@ -291,11 +435,10 @@ class BlockCache:
         # In a worker thread: pages not in the page cache mean waiting on the disk.
         return await trio.to_thread.run_sync(os.pread, blob.data_fd, length, offset)
 
-    def load_ahead(self, blob, index):
-        """Start reading cached block `index` into memory unless it is there or on its way."""
+    def _load_ahead(self, blob, index):
         key = (blob.content_id, index)
         if (index < blob.blocks and blob.present[index] and key not in self._loads
-                and self.memory.get(key) is None and self._nursery is not None):
+                and self._memory.get(key) is None and self._nursery is not None):
             self._nursery.start_soon(self._load_quietly, blob, index)
 
     async def _load_quietly(self, blob, index):
@@ -329,7 +472,7 @@ class BlockCache:
 
     async def _load_into_memory(self, blob, index, key):
         block_start, block_len = blob.block_range(index)
-        buffer = await self.memory.take(key, block_len)
+        buffer = await self._memory.take(key, block_len)
         try:
             check = not blob.checked[index]
             # Buffered, not O_DIRECT: the kernel's read-ahead on the data file measured faster
@@ -338,11 +481,11 @@ class BlockCache:
                 got, crc = await trio.to_thread.run_sync(
                     blockio.read_block, blob.data_fd, None, block_start, buffer.view, block_len, check)
         finally:
-            self.memory.unpin(buffer)
+            self._memory.unpin(buffer)
         if buffer.key != key or not blob.present[index]:
             return None                     # the blob was discarded meanwhile
         if got != block_len or (check and crc != blob.crcs[index]):
-            self.memory.forget(key)
+            self._memory.forget(key)
             self._corrupt_on_disk(blob, index, block_start)
             return None
         blob.checked[index] = 1
@@ -357,11 +500,7 @@ class BlockCache:
             blob.verified = False
             _unlink_quietly(blob.ok_path)
 
-    async def fill(self, blob, source, on_block=lambda length: None, parallel=4):
-        """Fetch every absent block of `blob`, `parallel` at a time (pull uses this).
-
-        The first failure stops the rest and is raised as itself (not as a group).
-        """
+    async def _fill(self, blob, source, on_block, parallel):
         blob.read_new_records()
         slots = trio.Semaphore(parallel)
         failures = []
@@ -384,9 +523,8 @@ class BlockCache:
         if failures:
             raise failures[0]
 
-    def prefetch(self, blob, index, source):
-        """Start fetching block `index` in the background unless it is here or coming."""
-        if index >= blob.blocks or blob.present[index] or self.inflight(blob, index):
+    def _prefetch(self, blob, index, source):
+        if index >= blob.blocks or blob.present[index] or self._inflight_at(blob, index):
             return
         self._start_flight(blob, index, source)
 
@@ -411,43 +549,48 @@ class BlockCache:
         return flight
 
     async def _fly(self, blob, index, source, flight):
-        # A block's buffer is pinned from its download until its bytes are written; the
-        # fixed number of buffers bounds the daemon's memory whatever the number of readers
-        # and read-aheads. Making them durable (fdatasync) happens after, out of memory's way.
-        key = (blob.content_id, index)
-        crc = None
-        buffer = await self.memory.take(key, blob.block_range(index)[1])
+        """Fetch, store and record one block; the flight leaves the table only at the end,
+        so nobody fetches the block again while its bytes are on their way to the disk."""
         try:
-            try:
-                await self._download(blob, index, source, buffer)
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting reader
-                flight.error = exc
-                self.memory.forget(key)
-                del self._inflight[key]
-                flight.done.set()
-                return
-            buffer.ready = buffer.key == key
-            flight.done.set()
-            try:
-                crc = await self._write(blob, index, buffer, source)
-                flight.written = crc is not None
-            except Exception:  # noqa: BLE001 - a background task must never end the mount
-                log.exception("%s: storing block %d failed", source.describe, index)
-        finally:
-            self.memory.unpin(buffer)
-        try:
+            crc = await self._download_and_write(blob, index, source, flight)
             if crc is not None:
                 await self._make_durable(blob, index, crc)
         except Exception:  # noqa: BLE001 - a background task must never end the mount
             log.exception("%s: storing block %d failed", source.describe, index)
         finally:
-            del self._inflight[key]
-        if blob.complete() and not blob.verified:
+            del self._inflight[(blob.content_id, index)]
+            flight.done.set()           # already set, unless the download failed
+        if flight.error is None and blob.complete() and not blob.verified:
             self._nursery.start_soon(self._verify_in_background, blob, source.describe)
+
+    async def _download_and_write(self, blob, index, source, flight):
+        """Download the block into a buffer, wake its readers, write it (not yet durable).
+
+        Its crc, or None if it was not written. The buffer is held from the download until
+        the write: the fixed number of buffers bounds the daemon's memory whatever the
+        number of readers and read-aheads. Making the bytes durable (fdatasync) comes
+        after, out of memory's way.
+        """
+        key = (blob.content_id, index)
+        buffer = await self._memory.take(key, blob.block_range(index)[1])
+        try:
+            try:
+                await self._download(blob, index, source, buffer)
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting reader
+                flight.error = exc
+                self._memory.forget(key)
+                return None
+            buffer.ready = buffer.key == key
+            flight.done.set()
+            crc = await self._write(blob, index, buffer, source)
+            flight.written = crc is not None
+            return crc
+        finally:
+            self._memory.unpin(buffer)
 
     async def _verify_in_background(self, blob, describe):
         try:
-            await self.verify(blob, describe)
+            await self._verify(blob, describe)
         except Exception:  # noqa: BLE001 - a background task must never end the mount
             log.exception("%s: verifying %s failed", describe, blob.content_id)
 
@@ -513,12 +656,12 @@ class BlockCache:
         return busy | self.pinned
 
     def _forget_blob(self, content_id):
-        self.memory.forget_blob(content_id)
+        self._memory.forget_blob(content_id)
         blob = self._blobs.pop(content_id, None)
         if blob is not None:
             blob.close_files()
 
-    async def verify(self, blob, describe=""):
+    async def _verify(self, blob, describe=""):
         """Hash the complete blob; mark it verified, or discard it on a mismatch."""
         async with self._disk_limiter:
             chunks = blockio.file_chunks(blob.data_fd, blob.direct_fd, blob.size)
@@ -529,7 +672,7 @@ class BlockCache:
             return True
         await trio.to_thread.run_sync(_reset_log, blob.log_fd)
         blob.failed_verifications += 1
-        self.memory.forget_blob(blob.content_id)
+        self._memory.forget_blob(blob.content_id)
         blob.forget_all()
         blob.read_new_records()
         if self.on_discard is not None:

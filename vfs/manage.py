@@ -59,7 +59,7 @@ class Progress:
 def pull(settings, manifest, names, everything=False):
     fs = mount.build(settings, manifest)
     refs = selected_files(fs, manifest, names, everything)
-    missing = sum(ref.size - fs.cache.peek(ref.content_id, ref.size)[0] for ref in refs)
+    missing = sum(ref.size - fs.cache.peek(ref.content_id, ref.size).cached_bytes for ref in refs)
     progress = Progress(missing)
     failed = trio.run(_pull, fs, refs, progress)
     progress.finish()
@@ -81,20 +81,18 @@ async def _pull(fs, refs, progress):
 
 
 async def _pull_one(fs, ref, progress):
-    async with trio.open_nursery() as nursery:
-        fs.cache.start(nursery)
-        blob = fs.cache.blob(ref.content_id, ref.size)
-        blob.open_count += 1
-        try:
-            await fs.cache.fill(blob, fs.source_for(ref, blob), progress.advance)
-        except errors.IntegrityError as exc:
-            log.error("%s", exc)
-            return False
-        finally:
-            blob.open_count -= 1
-    if blob.complete() and not blob.verified:
-        await fs.cache.verify(blob, ref.describe)
-    return blob.verified
+    with fs.cache.open(ref.content_id, ref.size) as blob:
+        async with trio.open_nursery() as nursery:
+            fs.cache.start(nursery)
+            try:
+                await blob.fill(fs.source_for(ref, blob), progress.advance)
+            except errors.IntegrityError as exc:
+                log.error("%s", exc)
+                return False
+        state = blob.state()
+        if state.complete and not state.verified:
+            await blob.verify(ref.describe)
+        return blob.state().verified
 
 
 def verify(settings, manifest, names):
@@ -108,11 +106,12 @@ def verify(settings, manifest, names):
 async def _verify_all(fs, refs):
     bad = 0
     for ref in refs:
-        blob = fs.cache.blob(ref.content_id, ref.size)
-        if not blob.complete():
-            print(f"{ref.describe}: incomplete ({blob.cached_bytes()} of {ref.size} bytes cached)")
-            continue
-        good = await fs.cache.verify(blob, ref.describe)
+        with fs.cache.open(ref.content_id, ref.size) as blob:
+            state = blob.state()
+            if not state.complete:
+                print(f"{ref.describe}: incomplete ({state.cached_bytes} of {ref.size} bytes cached)")
+                continue
+            good = await blob.verify(ref.describe)
         print(f"{ref.describe}: {'ok' if good else 'MISMATCH: discarded, will be fetched again'}")
         bad += not good
     return bad

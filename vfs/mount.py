@@ -53,9 +53,12 @@ class Filesystem:
 
     def open_file(self, node):
         ref = node.file
-        blob = self.cache.blob(ref.content_id, ref.size)
-        blob.open_count += 1
-        handle = OpenFile(blob, self.source_for(ref, blob), ref.size)
+        blob = self.cache.open(ref.content_id, ref.size)
+        try:
+            handle = OpenFile(blob, self.source_for(ref, blob), ref.size)
+        except BaseException:
+            blob.close()
+            raise
         self.reader.opened(handle)
         return handle
 
@@ -75,12 +78,8 @@ class Filesystem:
 
     async def fill(self, ref, on_block):
         """Fetch all of `ref`'s bytes into the cache (the API's /download)."""
-        blob = self.cache.blob(ref.content_id, ref.size)
-        blob.open_count += 1        # an open blob is never evicted under our feet
-        try:
-            await self.cache.fill(blob, self.source_for(ref, blob), on_block)
-        finally:
-            blob.open_count -= 1
+        with self.cache.open(ref.content_id, ref.size) as blob:     # never evicted while open
+            await blob.fill(self.source_for(ref, blob), on_block)
 
     async def forget_content(self, content_id):
         """Make the kernel drop pages it cached from bytes that failed verification."""

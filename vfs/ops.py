@@ -159,7 +159,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh):
         handle = self._handles.pop(fh, None)
         if handle is not None:
-            handle.blob.open_count -= 1
+            handle.blob.close()
 
     @handler
     async def access(self, inode, mode, ctx):
@@ -195,10 +195,10 @@ class Operations(pyfuse3.Operations):
         ref = node.file
         if ref is None:
             return {"model": node.model} if node.model else {}
-        cached, verified = self.cache.peek(ref.content_id, ref.size)
+        state = self.cache.peek(ref.content_id, ref.size)
         return {"model": ref.model, "repo": ref.repo, "revision": ref.revision, "commit": ref.commit,
                 "path": ref.repo_path, "content_id": ref.content_id, "size": str(ref.size),
-                "cached_bytes": str(cached), "verified": "yes" if verified else "no"}
+                "cached_bytes": str(state.cached_bytes), "verified": "yes" if state.verified else "no"}
 
     # Everything that would change the filesystem: EROFS, always.
     setattr = read_only(pyfuse3.Operations.setattr)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import trio
 
 from . import warmup
-from .blockcache import BlockCache, BlockSource, fill_from
+from .blockcache import BlobHandle, BlockCache, BlockSource, fill_from
 from .workers import Workers
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,9 @@ SCRATCH_SIZE = 4 * MIB          # above FUSE's largest read (1 MiB today)
 
 @dataclass
 class OpenFile:
-    """One open handle's view: what it reads, and its sequential-access state."""
+    """One open file's view: the blob it reads, and its sequential-access state."""
 
-    blob: object
+    blob: BlobHandle
     source: BlockSource
     size: int
     next_offset: int = 0
@@ -59,7 +59,7 @@ class Reader:
         self.cache = cache
         # At most half the block buffers ahead of one stream: fetching further would reuse
         # the buffer the stream is reading from for a block it will not need for a while.
-        self.max_window = max(1, min(max_ahead // cache.block_size, cache.memory.count // 2))
+        self.max_window = max(1, min(max_ahead // cache.block_size, cache.buffer_count // 2))
         self.warmup_parallel = warmup_parallel
         self.direct_reads = direct_reads
         self._direct_limiter = trio.CapacityLimiter(direct_reads)
@@ -78,7 +78,7 @@ class Reader:
     def opened(self, handle: OpenFile):
         """A handle was opened: get its source ready (the Hub's redirect) before its first read."""
         blob = handle.blob
-        if self._resolves is None or blob.complete() or blob.content_id in self._prepared:
+        if self._resolves is None or blob.state().complete or blob.content_id in self._prepared:
             return
         self._prepared.add(blob.content_id)
         # Handed to a thread at once: it runs while the kernel gets the open's answer and
@@ -99,12 +99,12 @@ class Reader:
         index, inside = divmod(offset, self.cache.block_size)
         if (end - 1) // self.cache.block_size == index:
             # Valid until the next await: the caller (pyfuse3) copies it out at once.
-            data = self.cache.read_now(handle.blob, index, inside, end - offset, self._scratch)
+            data = handle.blob.read_now(index, inside, end - offset, self._scratch)
             if data is not None:
                 return data
         return await self.read_blocks(handle.blob, handle.source, offset, end)
 
-    async def read_blocks(self, blob, source, offset, end):
+    async def read_blocks(self, blob: BlobHandle, source: BlockSource, offset: int, end: int) -> bytes:
         """The bytes at [offset, end) through the block cache (fetching what is missing)."""
         pieces = []
         block_size = self.cache.block_size
@@ -112,7 +112,7 @@ class Reader:
         while position < end:
             index, inside = divmod(position, block_size)
             length = min(end - position, block_size - inside)
-            pieces.append(await self.cache.read(blob, index, inside, length, source))
+            pieces.append(await blob.read(index, inside, length, source))
             position += length
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
@@ -128,9 +128,9 @@ class Reader:
         """True for a read inside one block that nobody has fetched or is fetching."""
         # A one-block blob is hashed before any byte of it is served: no shortcut there.
         index = offset // self.cache.block_size
-        return (blob.blocks > 1 and (end - 1) // self.cache.block_size == index
+        return (blob.block_count > 1 and (end - 1) // self.cache.block_size == index
                 and end - offset <= DIRECT_READ_MAX
-                and not blob.present[index] and not self.cache.inflight(blob, index))
+                and not blob.is_present(index) and not blob.is_fetching(index))
 
     async def _read_direct(self, handle, offset, end):
         """A first touch: its own small Range request, while its block is fetched around it."""
@@ -138,7 +138,7 @@ class Reader:
         # fetch it again) and is built from these very bytes plus the rest: what is served
         # here is what gets hashed against the content id, and discarded if wrong.
         spliced = SplicedSource(handle.source, offset, end)
-        self.cache.prefetch(handle.blob, offset // self.cache.block_size, spliced)
+        handle.blob.prefetch(offset // self.cache.block_size, spliced)
         data = None
         try:
             async with self._direct_limiter:
@@ -159,13 +159,13 @@ class Reader:
 
     def _read_ahead(self, handle, end):
         blob, last = handle.blob, (end - 1) // self.cache.block_size
-        for index in range(last + 1, min(blob.blocks, last + 1 + handle.window)):
-            if not blob.present[index]:
-                self.cache.prefetch(blob, index, handle.source)
+        for index in range(last + 1, min(blob.block_count, last + 1 + handle.window)):
+            if not blob.is_present(index):
+                blob.prefetch(index, handle.source)
             elif index <= last + LOAD_AHEAD:
                 # Cached: read from disk into memory ahead of the reader (a few blocks
                 # suffice: the disk is faster than the network, and memory is shared).
-                self.cache.load_ahead(blob, index)
+                blob.load_ahead(index)
 
     def _start_warmup(self, handle):
         blob = handle.blob

@@ -1,9 +1,9 @@
 """What a user is told about a model: one JSON-ready shape for list, info, wait and the REST API."""
 
 
-def file_report(remote, cached_bytes, verified):
+def file_report(remote, state):
     return {"path": remote.path, "size": remote.size, "content_id": remote.content_id,
-            "cached_bytes": cached_bytes, "verified": verified}
+            "cached_bytes": state.cached_bytes, "verified": state.verified}
 
 
 def model_report(spec, snapshot, cache):
@@ -12,7 +12,7 @@ def model_report(spec, snapshot, cache):
     `ready`: pinned to a commit (or nothing to pin); `verified`: every file hashed against
     its content id (true for a model with no files)."""
     files = [] if snapshot is None else [
-        file_report(remote, *cache.peek(remote.content_id, remote.size)) for remote in snapshot.files]
+        file_report(remote, cache.peek(remote.content_id, remote.size)) for remote in snapshot.files]
     size, cached = sum(f["size"] for f in files), sum(f["cached_bytes"] for f in files)
     return {
         "name": spec.name, "backend": spec.backend, "path": spec.path, "hf": spec.hf,

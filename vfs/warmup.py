@@ -44,8 +44,8 @@ async def run(reader, blob, source, parallel):
     try:
         ranges = await loader_ranges(lambda start, end: reader.read_blocks(blob, source, start, end), blob.size)
         if ranges:
-            order = block_order(ranges, reader.cache.block_size, blob.blocks)
-            await fetch_in_order(reader.cache, blob, source, order, parallel)
+            order = block_order(ranges, reader.cache.block_size, blob.block_count)
+            await fetch_in_order(blob, source, order, parallel)
     except errors.LaminaError as exc:
         log.info("%s: warm-up stopped: %s", source.describe, exc)
     except Exception:  # noqa: BLE001 - a background task must never end the mount
@@ -91,23 +91,23 @@ def block_order(ranges, block_size, blocks):
     return order
 
 
-async def fetch_in_order(cache, blob, source, order, parallel):
+async def fetch_in_order(blob, source, order, parallel):
     """Fetch the absent blocks of `order`, at most `parallel` at once, in that order."""
     slots = trio.Semaphore(parallel)
 
     async def fetch_one(index):
         try:
-            await cache.read(blob, index, 0, 1, source)
+            await blob.read(index, 0, 1, source)
         finally:
             slots.release()
 
     async with trio.open_nursery() as nursery:
         for index in order:
             await slots.acquire()
-            if blob.open_count <= 0:
+            if not blob.in_use:
                 slots.release()
                 break
-            if blob.present[index] or cache.inflight(blob, index):
+            if blob.is_present(index) or blob.is_fetching(index):
                 slots.release()
                 continue
             nursery.start_soon(fetch_one, index)
