@@ -37,6 +37,8 @@ def add_common(parser):
     parser.add_argument("-m", "--manifest", default="models.yaml", help="the manifest (default ./models.yaml)")
     parser.add_argument("--cache-dir", help="block cache directory (default $XDG_CACHE_HOME/lamina-llm-cache)")
     parser.add_argument("--endpoint", help="Hub URL (default $HF_ENDPOINT or https://huggingface.co)")
+    parser.add_argument("--frozen", action="store_true",
+                        help="refuse to start (exit 2) when models.lock and the manifest disagree")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
 
 
@@ -62,6 +64,12 @@ def build_parser():
     mount.add_argument("--background", action="store_true", help="return once the mount is ready")
     mount.add_argument("--log-file", help="write the log here (default: stderr)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    lock = commands.add_parser("lock", help="write models.lock: every model's commit and files")
+    lock.add_argument("names", nargs="*", metavar="NAME", help="with --upgrade: only these models")
+    lock.add_argument("--upgrade", action="store_true",
+                      help="move locked branches to where they point now (all, or the NAMEs)")
+    add_common(lock)
 
     unmount = commands.add_parser("unmount", help="unmount a mountpoint")
     unmount.add_argument("mountpoint")
@@ -142,7 +150,8 @@ def settings_for(args):
         max_size=getattr(args, "max_size", None), read_ahead_kb=getattr(args, "read_ahead_kb", None),
         allow_other=getattr(args, "allow_other", None), block_size=getattr(args, "block_size", None),
         memory=getattr(args, "memory", None),
-        read_timeout=getattr(args, "read_timeout", None), read_deadline=getattr(args, "read_deadline", None))
+        read_timeout=getattr(args, "read_timeout", None), read_deadline=getattr(args, "read_deadline", None),
+        frozen=getattr(args, "frozen", None) or None)
 
 
 def load(args):
@@ -158,7 +167,7 @@ def cmd_mount(args):
     mountpoint = Path(args.mountpoint or Path(args.manifest).resolve().parent / "models")
     from .api import parse_address
     api_address = parse_address(args.api) if args.api else None
-    fs = mount.build(settings_for(args), manifest)
+    fs = mount.build(settings_for(args), manifest, stored_first=True)
     mount.run(fs, mountpoint, on_ready=lambda: report_ready(args.ready_fd, mountpoint), api_address=api_address)
     return 0
 
@@ -196,6 +205,16 @@ def spawn_background(args):
     return code or 1
 
 
+def cmd_lock(args):
+    from .pinning import update_lock
+    if args.names and not args.upgrade:
+        raise errors.UsageError("lock: naming models needs --upgrade (lock alone keeps every locked commit)")
+    upgrade = args.names if args.upgrade else None
+    path, changed = update_lock(settings_for(args), load(args), upgrade)
+    print(f"{path}: {len(changed)} models changed" + (f" ({', '.join(changed)})" if changed else ""))
+    return 0
+
+
 def cmd_unmount(args):
     from .mount import unmount
     unmount(Path(args.mountpoint))
@@ -203,27 +222,17 @@ def cmd_unmount(args):
 
 
 def model_reports(args):
-    """Every model's report, pinned from the stored snapshots (the Hub only when never pinned)."""
+    """Every model's report, pinned from the lock or the stored snapshots (the Hub only when
+    never pinned)."""
     from .blockcache import BlockCache
     from .cachedir import CacheDir
-    from .hub import Hub
+    from .pinning import pin_manifest
     from .report import model_report
-    from .snapshots import SnapshotStore
     settings = settings_for(args)
     manifest = load(args)
     cache = BlockCache(CacheDir(settings.cache_dir, settings.block_size))
-    hub = Hub(settings, SnapshotStore(settings.cache_dir))
-    return [model_report(spec, None if spec.hf is None else pin_quietly(hub, spec, settings), cache)
-            for spec in manifest.models]
-
-
-def pin_quietly(hub, spec, settings):
-    try:
-        return hub.pin(spec, online=False)
-    except errors.HubError:
-        if settings.offline:
-            raise
-        return hub.pin(spec, online=True)
+    snapshots = pin_manifest(settings, manifest, stored_first=True).snapshots
+    return [model_report(spec, snapshots[spec.name], cache) for spec in manifest.models]
 
 
 def cmd_list(args):
@@ -302,7 +311,7 @@ def cmd_demo(args):
     return run_demo(args.mountpoint)
 
 
-COMMANDS = {"mount": cmd_mount, "unmount": cmd_unmount, "list": cmd_list, "info": cmd_info,
+COMMANDS = {"mount": cmd_mount, "lock": cmd_lock, "unmount": cmd_unmount, "list": cmd_list, "info": cmd_info,
             "add": cmd_add, "pull": cmd_pull, "verify": cmd_verify, "gc": cmd_gc,
             "pin": cmd_pin, "unpin": cmd_pin, "wait": cmd_wait, "health": cmd_health,
             "demo": cmd_demo}

@@ -13,12 +13,13 @@ import logging
 import re
 import time
 import urllib.parse
+from typing import Iterable
 
-import huggingface_hub
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from . import errors
+from .ratelimit import RateGate
 from .retry import RETRY_STATUSES, backoff, server_hint
 from .snapshots import RemoteFile, Snapshot, SnapshotStore
 
@@ -26,7 +27,10 @@ log = logging.getLogger(__name__)
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 HEX_RE = re.compile(r"^[0-9a-f]+$")
-MAX_ENTRIES = 100_000        # a bigger listing is treated as hostile
+# The memory bound on a listing: files only (folders cost nothing once listed). Measured
+# ~1.5 KB of daemon memory per file, all structures included, so this caps one repo at
+# about 1.5 GB; a listing past it is treated as hostile. See docs/BENCHMARKS.md (Scale).
+MAX_FILES = 1_000_000
 MAX_FILE_SIZE = 1 << 40      # the Hub caps files at 50 GB; a listing past 1 TiB is lying
 
 
@@ -44,15 +48,20 @@ class Hub:
     def __init__(self, settings, store: SnapshotStore):
         self.settings = settings
         self.store = store
-        self.api = huggingface_hub.HfApi(endpoint=settings.endpoint, token=settings.token or False)
         self.reachable = True       # False once a call found the Hub unreachable
+        self.gate = RateGate()      # shared by every thread pinning through this Hub
 
     def pin(self, spec, online=True):
         """The snapshot of `spec`: resolved online when possible, else from the store."""
-        commit, tree = self._commit_and_tree(spec, online)
-        return Snapshot(spec.hf, spec.revision, commit, self._select(spec, commit, tree))
+        commit, tree = self.commit_and_tree(spec, online)
+        return self.snapshot(spec, commit, tree)
 
-    def _commit_and_tree(self, spec, online):
+    def snapshot(self, spec, commit, tree, index=None):
+        """`spec`'s files of `tree` at `commit`; `index` (path -> file) spares a scan per model."""
+        return Snapshot(spec.hf, spec.revision, commit, self._select(spec, commit, tree, index))
+
+    def commit_and_tree(self, spec, online):
+        """(commit, files) of `spec.hf` at `spec.revision`: stored when known, else online."""
         known = spec.revision if COMMIT_RE.match(spec.revision) else None
         known = known or (None if online else self.store.commit_for(spec.hf, spec.revision))
         if known and (tree := self.store.load_tree(spec.hf, known)) is not None:
@@ -75,11 +84,8 @@ class Hub:
         return commit, tree
 
     def _resolve_online(self, spec):
-        info = self._call(spec, self.api.model_info, spec.hf, revision=spec.revision,
-                          timeout=self.settings.read_timeout)
-        commit = (info.sha or "").lower()
-        if not COMMIT_RE.match(commit):
-            raise errors.HubError(f"model {spec.name!r}: the Hub gave no commit sha for {spec.hf}@{spec.revision}")
+        # A commit needs no resolve: listing its tree is the one call (and says if it exists).
+        commit = spec.revision if COMMIT_RE.match(spec.revision) else self.resolve_commit(spec)
         tree = self.store.load_tree(spec.hf, commit)
         if tree is None:
             tree = self._list_tree(spec, commit)
@@ -87,31 +93,49 @@ class Hub:
         self.store.save_ref(spec.hf, spec.revision, commit)
         return commit, tree
 
+    def resolve_commit(self, spec):
+        """The commit `spec.revision` names on the Hub now (one request, retried)."""
+        revision = urllib.parse.quote(spec.revision, safe="")
+        url = f"{self.settings.endpoint}/api/models/{spec.hf}/revision/{revision}?expand=sha"
+        info = self._call(spec, self._get_json, url)
+        commit = str(info.get("sha") or "").lower() if isinstance(info, dict) else ""
+        if not COMMIT_RE.match(commit):
+            raise errors.HubError(f"model {spec.name!r}: the Hub gave no commit sha for {spec.hf}@{spec.revision}")
+        return commit
+
     def _list_tree(self, spec, commit):
         """The files of `spec.hf` at `commit`, page by page; each page is retried on its own."""
         url = f"{self.settings.endpoint}/api/models/{spec.hf}/tree/{commit}?recursive=true&expand=false"
-        files, entries, ignored = [], 0, []
+        files, ignored = [], []
         while url:
             page, url = self._call(spec, self._tree_page, url)
-            entries += len(page)
-            if entries > MAX_ENTRIES:
-                raise errors.HubError(f"model {spec.name!r}: {spec.hf} lists more than {MAX_ENTRIES} entries; refused")
             for entry in page:
                 remote = remote_file(entry)
                 if remote is not None:
                     files.append(remote)
                 elif not _is_directory(entry):
                     ignored.append(entry.get("path") if isinstance(entry, dict) else entry)
+            if len(files) > MAX_FILES:
+                raise errors.HubError(f"model {spec.name!r}: {spec.hf} lists more than {MAX_FILES} files; refused")
         if ignored:
             log.warning("model %r: ignored %d unsafe or malformed entries of %s's listing, e.g. %.200r",
                         spec.name, len(ignored), spec.hf, ignored[0])
         return tuple(files)
 
-    def _tree_page(self, url):
-        """One page of a tree listing and the URL of the next one (None at the end)."""
+    def _get(self, url):
+        """One GET at the Hub, its status checked and its RateLimit budget noted."""
         headers = build_hf_headers(token=self.settings.token or False)
         response = get_session().get(url, headers=headers, timeout=self.settings.read_timeout)
         hf_raise_for_status(response)
+        self.gate.observe(response.headers)
+        return response
+
+    def _get_json(self, url):
+        return self._get(url).json()
+
+    def _tree_page(self, url):
+        """One page of a tree listing and the URL of the next one (None at the end)."""
+        response = self._get(url)
         page = response.json()
         if not isinstance(page, list):
             raise ValueError("a tree listing page is not a JSON list")
@@ -120,10 +144,15 @@ class Hub:
             raise ValueError("the listing's next page is on another origin")  # the token would follow it
         return page, next_url
 
-    def _select(self, spec, commit, tree):
+    def _select(self, spec, commit, tree, index=None):
         if spec.is_dir:
+            if not spec.include and not spec.exclude:
+                return tuple(tree)
             return tuple(f for f in tree if spec.wants(f.path))
-        chosen = [f for f in tree if f.path == spec.file]
+        if index is not None:
+            chosen = [index[spec.file]] if spec.file in index else []
+        else:
+            chosen = [f for f in tree if f.path == spec.file]
         if not chosen:
             raise errors.EntryNotFound(
                 f"model {spec.name!r}: file {spec.file!r} is not in {spec.hf} at {spec.revision} ({commit[:12]})")
@@ -133,6 +162,7 @@ class Hub:
         """Call huggingface_hub with retries; map its failures to our errors."""
         deadline = time.monotonic() + self.settings.read_deadline
         for attempt in range(self.settings.max_retries + 1):
+            self.gate.wait()
             try:
                 return function(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - classified right below
@@ -140,8 +170,21 @@ class Hub:
                 if wait is None or attempt == self.settings.max_retries or time.monotonic() + wait > deadline:
                     raise mapped from None
                 log.info("%s; retrying in %.1fs", mapped, wait)
-                time.sleep(wait)
+                if _is_rate_limited(exc):
+                    self.gate.hold(wait)      # every thread waits, not only this one
+                else:
+                    time.sleep(wait)
         raise AssertionError("unreachable")
+
+
+def _is_rate_limited(exc):
+    response = getattr(exc, "response", None)
+    return response is not None and getattr(response, "status_code", None) == 429
+
+
+def path_index(tree: Iterable[RemoteFile]) -> dict:
+    """path -> RemoteFile, for picking many single files out of one tree."""
+    return {remote.path: remote for remote in tree}
 
 
 def remote_file(entry):

@@ -96,7 +96,7 @@ async def _pull_one(fs, ref, progress):
 
 
 def verify(settings, manifest, names):
-    fs = mount.build(settings, manifest)
+    fs = mount.build(settings, manifest, stored_first=True)
     refs = selected_files(fs, manifest, names)
     bad = trio.run(_verify_all, fs, refs)
     print(f"verify: {len(refs) - bad} ok, {bad} discarded")
@@ -119,7 +119,7 @@ async def _verify_all(fs, refs):
 
 def gc(settings, manifest, max_size):
     """Evict to `max_size` (LRU); without a size, drop blobs no manifest model names."""
-    fs = mount.build(settings, manifest)
+    fs = mount.build(settings, manifest, stored_first=True)
     directory = fs.cache.directory
     named = {node.file.content_id for node in fs.tree.files()}
     if max_size is None:
@@ -131,7 +131,7 @@ def gc(settings, manifest, max_size):
 
 
 def pin(settings, manifest, name, pinned=True):
-    fs = mount.build(settings, manifest)
+    fs = mount.build(settings, manifest, stored_first=True)
     refs = selected_files(fs, manifest, [name])
     if pinned:
         fs.cache.directory.pin(name, {ref.content_id for ref in refs})

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
@@ -25,9 +25,10 @@ from .api import Api
 from .blockcache import BlockCache
 from .cachedir import CacheDir
 from .fetch import RangeFetcher
-from .hub import Hub, resolve_url
+from .hub import resolve_url
 from .manifest import load_manifest
 from .ops import Operations
+from .pinning import moved, pin_all, pin_manifest
 from .reader import OpenFile, Reader
 from .report import model_report
 from .snapshots import SnapshotStore
@@ -50,6 +51,8 @@ class Filesystem:
     reader: Reader
     ops: Operations | None = None
     nursery: object = None
+    to_recheck: list = field(default_factory=list)    # branches served from the store at start
+    lock: object = None                                # the models.lock pinned from, if any
 
     def open_file(self, node):
         ref = node.file
@@ -90,8 +93,31 @@ class Filesystem:
     async def refresh(self):
         """Reload the manifest and re-pin; the mount shows the new tree. Returns entries changed."""
         manifest = await trio.to_thread.run_sync(load_manifest, self.manifest.source)
-        snapshots = await trio.to_thread.run_sync(
-            pin_all, self.settings, manifest, SnapshotStore(self.settings.cache_dir))
+        # The lock is read again too: a locked commit moves only when the lock file says so.
+        pinned = await trio.to_thread.run_sync(lambda: pin_manifest(self.settings, manifest))
+        self.lock = pinned.lock
+        return await self.apply(manifest, pinned.snapshots)
+
+    async def recheck_branches(self):
+        """Ask the Hub where the branches served from the store point now; apply any move.
+
+        Started once the mount serves: a cached remount is ready without waiting on the Hub,
+        and a moved branch reaches readers the way /refresh brings it."""
+        if not self.to_recheck:
+            return
+        manifest, current, lock = self.manifest, self.snapshots, self.lock
+        pinned = await trio.to_thread.run_sync(
+            lambda: pin_all(self.settings, manifest, SnapshotStore(self.settings.cache_dir), lock=lock))
+        changed = moved(current, pinned.snapshots)
+        if not pinned.hub_reachable:
+            log.warning("branches not re-checked: the Hub is unreachable; serving the stored commits")
+        elif changed and self.manifest is manifest:     # a /refresh meanwhile has the newer answer
+            log.info("branches moved for %d models (%s); applying", len(changed), ", ".join(changed[:5]))
+            await self.apply(manifest, pinned.snapshots)
+        self.to_recheck = []
+
+    async def apply(self, manifest, snapshots):
+        """Serve `manifest` pinned to `snapshots` from now on. Returns the entries changed."""
         tree = Tree.build(manifest, snapshots, previous=self.tree)
         stale = tree.changed_entries(self.tree)
         self.manifest, self.snapshots, self.tree = manifest, snapshots, tree
@@ -120,28 +146,18 @@ def _invalidate_entries(entries):
             pass        # the kernel never looked it up
 
 
-def pin_all(settings, manifest, store):
-    """Model name -> Snapshot (None for models without a source); offline falls back to the store."""
-    hub = Hub(settings, store)
-    online = not settings.offline
-    snapshots = {}
-    for spec in manifest.models:
-        if spec.hf is None:
-            snapshots[spec.name] = None
-            continue
-        snapshots[spec.name] = hub.pin(spec, online=online)
-        online = online and hub.reachable
-    return snapshots
-
-
-def build(settings, manifest):
+def build(settings, manifest, stored_first=False):
+    """Everything a mount serves. `stored_first`: branches answered from the store when
+    they can be (the mount re-checks them once serving), else resolved at the Hub now."""
     directory = CacheDir(settings.cache_dir, settings.block_size)
-    snapshots = pin_all(settings, manifest, SnapshotStore(settings.cache_dir))
+    pinned = pin_manifest(settings, manifest, stored_first=stored_first)
+    snapshots = pinned.snapshots
     cache = BlockCache(directory, settings.fetch_workers, settings.max_size, settings.min_free_fraction,
                        pinned=pinned_content(manifest, snapshots, directory), memory=settings.memory)
     tree = Tree.build(manifest, snapshots)
     directory.make_blob_directories(node.file.content_id for node in tree.files())
-    fs = Filesystem(settings, manifest, snapshots, tree, cache, RangeFetcher(settings), Reader(cache))
+    fs = Filesystem(settings, manifest, snapshots, tree, cache, RangeFetcher(settings), Reader(cache),
+                    to_recheck=pinned.to_recheck, lock=pinned.lock)
     cache.on_discard = fs.forget_content
     return fs
 
@@ -280,6 +296,7 @@ async def _serve(fs, mountpoint, on_ready, api_address):
         api.serving = True
         if not fs.settings.offline:
             nursery.start_soon(_connect_to_hub, fs.fetcher)
+            nursery.start_soon(_recheck_quietly, fs)
         log.info("mounted %s (%d models)", mountpoint, len(fs.tree.listing(1)))
         on_ready()
 
@@ -289,6 +306,13 @@ async def _connect_to_hub(fetcher):
     # round trip, not a connect (and a TLS handshake) as well. Abandoned at unmount: a Hub
     # that does not answer must not hold the unmount up for the connect timeout.
     await trio.to_thread.run_sync(fetcher.connect_to_hub, abandon_on_cancel=True)
+
+
+async def _recheck_quietly(fs):
+    try:
+        await fs.recheck_branches()
+    except Exception as exc:  # noqa: BLE001 - a background task must never end the mount
+        log.warning("branches not re-checked: %s", exc)
 
 
 async def _main_loop(cancel_scope):

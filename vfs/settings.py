@@ -31,6 +31,7 @@ class Settings:
     max_retries: int = 5
     fetch_workers: int = 8               # concurrent range requests, all files together
     offline: bool = False
+    frozen: bool = False                 # refuse to start when models.lock and models.yaml disagree
     proxies: tuple = field(default=(), repr=False)   # (scheme or "no", value) pairs; may hold credentials
 
 

@@ -379,6 +379,7 @@ class RequestRecord:
     authorization: str | None = None
     headers: dict = field(default_factory=dict)
     fault: str | None = None
+    started: float = field(default_factory=time.monotonic)   # when the request arrived
 
     @property
     def authorization_sent(self):

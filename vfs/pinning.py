@@ -1,0 +1,155 @@
+"""Pin a manifest's models to snapshots: each distinct (repo, revision) once, in parallel, lock first.
+
+Start-up must not grow with the number of models or with the Hub's latency:
+
+- Models are grouped by (repo, revision): a thousand models of one repo and branch cost
+  one resolve and one tree listing, not a thousand.
+- A model the lockfile names (and agrees with) is pinned from the lock alone: no Hub call.
+- A 40-hex revision needs no resolve; its tree comes from the store when it was ever listed.
+- With `stored_first`, a branch whose last answer is stored is served from the store at
+  once; it is reported in `Pinned.to_recheck`, and the mount re-checks it in the
+  background and applies a move the way /refresh does.
+- What is left goes to the Hub, PIN_PARALLEL groups at a time. The threads share one
+  RateGate (ratelimit.py), so a 429 or a spent RateLimit budget pauses all of them.
+
+Once one group finds the Hub unreachable, the groups not yet started go straight to the
+store instead of each waiting out their own retries.
+"""
+
+import concurrent.futures
+import logging
+from dataclasses import dataclass, field
+
+from .cachedir import CacheDir
+from .errors import ManifestError, UsageError
+from .hub import COMMIT_RE, Hub, path_index
+from .lockfile import Lock, load_lock, lock_path_for, write_lock
+from .snapshots import Snapshot, SnapshotStore
+
+log = logging.getLogger(__name__)
+
+PIN_PARALLEL = 8        # Hub requests in flight while pinning; the Hub's rate limits are per token
+
+
+@dataclass
+class Pinned:
+    """What pinning found: a snapshot per model (None without a source), and what to re-check."""
+
+    snapshots: dict
+    to_recheck: list = field(default_factory=list)     # (repo, revision) served from the store
+    hub_reachable: bool = True
+    lock: Lock | None = None
+
+
+def pin_manifest(settings, manifest, *, stored_first=False) -> Pinned:
+    """pin_all with the manifest's lock, if it has one; `settings.frozen` demands it agree."""
+    lock = load_lock(manifest.source)
+    if settings.frozen:
+        if lock is None:
+            raise ManifestError(lock_path_for(manifest.source),
+                                "--frozen needs a lock file; write one with `lamina-llm-cache lock`")
+        lock.refuse_disagreement(manifest)
+    elif lock is not None:
+        for name, why in lock.disagreements(manifest):
+            log.warning("model %r: %s: %s; pinned without the lock", name, lock.path.name, why)
+    pinned = pin_all(settings, manifest, SnapshotStore(settings.cache_dir), lock=lock, stored_first=stored_first)
+    pinned.lock = lock
+    return pinned
+
+
+def update_lock(settings, manifest, upgrade=None) -> tuple:
+    """Write the manifest's lock: (its path, names whose commit changed).
+
+    `upgrade` None keeps every commit the lock already holds for an unchanged model and
+    pins only what is new or changed; a list re-resolves those models (all for [])."""
+    CacheDir(settings.cache_dir, settings.block_size)     # the store lives in the cache: make it one
+    old = load_lock(manifest.source)
+    names = {spec.name for spec in manifest.models}
+    unknown = [name for name in upgrade or () if name not in names]
+    if unknown:
+        raise UsageError(f"no model named {unknown[0]!r} in {manifest.source}")
+    keep = old
+    if old is not None and upgrade is not None:
+        keep = old.without(upgrade or None)
+    pinned = pin_all(settings, manifest, SnapshotStore(settings.cache_dir), lock=keep)
+    before = {name: entry.commit for name, entry in (old.models.items() if old else ())}
+    changed = [name for name, snapshot in pinned.snapshots.items()
+               if snapshot is not None and before.get(name) != snapshot.commit]
+    return write_lock(manifest, pinned.snapshots), changed
+
+
+def pin_all(settings, manifest, store: SnapshotStore, *, lock=None, stored_first=False,
+            hub: Hub | None = None) -> Pinned:
+    """Snapshots for every model of `manifest` (see the module docstring for the order)."""
+    hub = hub or Hub(settings, store)
+    snapshots = {spec.name: None for spec in manifest.models}
+    groups = {}
+    for spec in manifest.models:
+        if spec.hf is None:
+            continue
+        locked = lock.snapshot_for(spec) if lock is not None else None
+        if locked is not None:
+            snapshots[spec.name] = locked
+        else:
+            groups.setdefault((spec.hf, spec.revision), []).append(spec)
+    pinned = Pinned(snapshots)
+    online = not settings.offline
+    stored, remote = _split_stored(store, groups, stored_first)
+    for key, (commit, tree, is_branch) in stored.items():
+        _select_all(hub, groups[key], commit, tree, snapshots)
+        if is_branch:           # a commit never moves: nothing to re-check
+            pinned.to_recheck.append(key)
+    for key, (commit, tree) in _pin_remote(hub, groups, remote, online).items():
+        _select_all(hub, groups[key], commit, tree, snapshots)
+    pinned.hub_reachable = hub.reachable and online
+    return pinned
+
+
+def _split_stored(store, groups, stored_first):
+    """(key -> (commit, tree, is_branch) the store answers alone, keys that need the Hub)."""
+    stored, remote = {}, []
+    for key in groups:
+        repo, revision = key
+        is_branch = not COMMIT_RE.match(revision)
+        commit = store.commit_for(repo, revision) if is_branch and stored_first else None
+        commit = revision if not is_branch else commit
+        tree = store.load_tree(repo, commit) if commit else None
+        if tree is None:
+            remote.append(key)
+        else:
+            stored[key] = (commit, tree, is_branch)
+    return stored, remote
+
+
+def _pin_remote(hub, groups, keys, online):
+    """key -> (commit, tree) for the groups that need the Hub, PIN_PARALLEL at a time.
+
+    Every group is waited for; the first failure in manifest order is raised, so the
+    message a user sees does not depend on thread timing.
+    """
+    if not keys:
+        return {}
+
+    def pin_group(key):
+        return hub.commit_and_tree(groups[key][0], online and hub.reachable)
+
+    with concurrent.futures.ThreadPoolExecutor(min(PIN_PARALLEL, len(keys)), "lamina-pin") as pool:
+        futures = {key: pool.submit(pin_group, key) for key in keys}
+        concurrent.futures.wait(futures.values())
+    return {key: future.result() for key, future in futures.items()}
+
+
+def _select_all(hub, specs, commit, tree, snapshots):
+    index = path_index(tree) if sum(not spec.is_dir for spec in specs) > 1 else None
+    for spec in specs:
+        snapshots[spec.name] = hub.snapshot(spec, commit, tree, index)
+
+
+def moved(old: dict, new: dict) -> list:
+    """Names of models whose commit differs between two snapshot maps."""
+    return [name for name, snapshot in new.items()
+            if _commit(snapshot) != _commit(old.get(name))]
+
+
+def _commit(snapshot: Snapshot | None):
+    return snapshot.commit if snapshot is not None else None
