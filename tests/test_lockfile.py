@@ -46,9 +46,9 @@ def workspace(hub, tmp_path):
     return tmp_path
 
 
-def run_cli(workspace, hub, *args, check=True):
+def run_cli(workspace, hub, *args, check=True, cache="cache", endpoint=None):
     command = [sys.executable, "-m", "vfs", *args, "-m", str(workspace / "models.yaml"),
-               "--cache-dir", str(workspace / "cache"), "--endpoint", hub.endpoint]
+               "--cache-dir", str(workspace / cache), "--endpoint", endpoint or hub.endpoint]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120,
                             env=isolated_environment(workspace))
     if check:
@@ -87,6 +87,14 @@ def test_under_a_lock_list_and_pull_pin_with_no_hub_call_and_keep_the_locked_com
     run_cli(workspace, hub, "pull", "tiny")
     assert pin_requests(hub) == []
     assert any(locked in r.path for r in hub.log)         # the bytes came from the locked commit
+
+
+def test_wait_judges_a_locked_model_at_its_locked_commit(workspace, hub):
+    run_cli(workspace, hub, "lock", cache="cache-of-the-locker")
+    run_cli(workspace, hub, "pull", "tiny", cache="cache")        # pinned from the lock: no ref stored
+    no_hub = "http://127.0.0.1:9"
+    result = run_cli(workspace, hub, "wait", "tiny", "--cached", "--timeout", "5", endpoint=no_hub)
+    assert result.stdout.strip() == "wait: tiny: cached"
 
 
 def test_frozen_refuses_with_exit_2_naming_the_model_the_lock_lacks(workspace, hub):

@@ -41,8 +41,8 @@ class Pinned:
     lock: Lock | None = None
 
 
-def pin_manifest(settings, manifest, *, stored_first=False) -> Pinned:
-    """pin_all with the manifest's lock, if it has one; `settings.frozen` demands it agree."""
+def lock_for(settings, manifest) -> Lock | None:
+    """The manifest's lock, if it has one; `settings.frozen` demands one that agrees (exit 2)."""
     lock = load_lock(manifest.source)
     if settings.frozen:
         if lock is None:
@@ -52,6 +52,12 @@ def pin_manifest(settings, manifest, *, stored_first=False) -> Pinned:
     elif lock is not None:
         for name, why in lock.disagreements(manifest):
             log.warning("model %r: %s: %s; pinned without the lock", name, lock.path.name, why)
+    return lock
+
+
+def pin_manifest(settings, manifest, *, stored_first=False) -> Pinned:
+    """pin_all with the manifest's lock, if it has one (see lock_for)."""
+    lock = lock_for(settings, manifest)
     pinned = pin_all(settings, manifest, SnapshotStore(settings.cache_dir), lock=lock, stored_first=stored_first)
     pinned.lock = lock
     return pinned

@@ -24,10 +24,12 @@ POLL_SECONDS = 0.5
 def wait(settings: Settings, manifest, names: Sequence[str], want: str = "listed",
          timeout: float | None = None) -> int:
     """0 once every named model is `want`; 1 at the timeout, saying what each still lacks."""
+    from .pinning import lock_for
     specs = [manifest.get(name) for name in names]        # an unknown name: UsageError, exit 2
+    lock = lock_for(settings, manifest)                     # --frozen: exit 2 on a disagreement
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        lacking = {spec.name: why for spec in specs if (why := what_lacks(settings, spec, want))}
+        lacking = {spec.name: why for spec in specs if (why := what_lacks(settings, spec, want, lock))}
         if not lacking:
             for spec in specs:
                 print(f"wait: {spec.name}: {want}")
@@ -40,13 +42,14 @@ def wait(settings: Settings, manifest, names: Sequence[str], want: str = "listed
         time.sleep(POLL_SECONDS if left is None else min(POLL_SECONDS, left))
 
 
-def what_lacks(settings: Settings, spec, want: str) -> str | None:
-    """Why `spec` is not yet `want` (one line), or None when it is."""
+def what_lacks(settings: Settings, spec, want: str, lock=None) -> str | None:
+    """Why `spec` is not yet `want` (one line), or None when it is. A model `lock` names is
+    judged at its locked commit."""
     if not (settings.cache_dir / "format").exists():
         return f"no cache at {settings.cache_dir} yet (no mount or pull has used it)"
     if spec.hf is None:
         return None             # nothing to fetch: the model is its (empty) directory
-    report = _report(settings, spec)
+    report = _report(settings, spec, lock)
     if report is None:
         return f"not pinned: no mount or pull has pinned {spec.hf}@{spec.revision} in this cache yet"
     if want == "listed":
@@ -61,15 +64,17 @@ def what_lacks(settings: Settings, spec, want: str) -> str | None:
     return None
 
 
-def _report(settings, spec):
-    """The model's report from stored pins and the cache, or None when it was never pinned."""
+def _report(settings, spec, lock=None):
+    """The model's report from the lock or stored pins and the cache, or None when it was
+    never pinned."""
     from .blockcache import BlockCache
     from .cachedir import CacheDir
     from .hub import Hub
     from .report import model_report
     from .snapshots import SnapshotStore
+    snapshot = lock.snapshot_for(spec) if lock is not None else None
     try:
-        snapshot = Hub(settings, SnapshotStore(settings.cache_dir)).pin(spec, online=False)
+        snapshot = snapshot or Hub(settings, SnapshotStore(settings.cache_dir)).pin(spec, online=False)
     except errors.HubError:
         return None
     cache = BlockCache(CacheDir(settings.cache_dir, settings.block_size))
