@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The container tests start their own Docker engine; they need these (root installs them).
 test: install
+	./contrib/install-system-deps.sh dockerd=docker.io debootstrap docker-compose || true
 	$(PY) -m pytest -q
 
 mount: install

@@ -1,13 +1,13 @@
 #!/bin/sh
 # Installs the Debian/Ubuntu packages a mount needs (FUSE 3 and what pyfuse3 builds with),
-# plus any tools named as arguments (each a command and the package that provides it).
+# plus any tools named as arguments: COMMAND, or COMMAND=PACKAGE when the package is named otherwise.
 set -eu
 missing=""
 command -v fusermount3 >/dev/null 2>&1 || missing="$missing fuse3"
 pkg-config --exists fuse3 2>/dev/null || missing="$missing libfuse3-dev"
 command -v pkg-config >/dev/null 2>&1 || missing="$missing pkg-config"
 for tool in "$@"; do
-    command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+    command -v "${tool%%=*}" >/dev/null 2>&1 || missing="$missing ${tool#*=}"
 done
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then

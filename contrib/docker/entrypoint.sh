@@ -1,0 +1,44 @@
+#!/bin/sh
+# The image's entrypoint: mount the manifest at $LAMINA_MOUNTPOINT (default /host/models) and
+# serve in the foreground; extra arguments are passed to `lamina-llm-cache mount`.
+#
+# The mount goes to a directory *inside* a bind mount with shared propagation (run with
+# `-v /var/lib/lamina-llm-cache:/host:rshared`): the host and other containers then see it,
+# and when this container is replaced, the new daemon's unmount of the dead mount and its new
+# mount both reach them (docs/DEPLOY.md, "the layout that heals"). Each check below fails
+# early, naming what the `docker run` line lacks.
+set -eu
+
+mountpoint=${LAMINA_MOUNTPOINT:-/host/models}
+manifest=${LAMINA_MANIFEST:-/etc/lamina-llm-cache/models.yaml}
+cache_dir=${LAMINA_CACHE_DIR:-/var/cache/lamina-llm-cache}
+api=${LAMINA_API:-}
+
+fail() {
+    echo "lamina-llm-cache-entrypoint: $*" >&2
+    exit 2
+}
+
+[ -c /dev/fuse ] || fail "no /dev/fuse: run with --device /dev/fuse --cap-add SYS_ADMIN"
+[ -f "$manifest" ] || fail "no manifest at $manifest: bind one there (-v ./models.yaml:$manifest:ro)"
+
+# A mountpoint that is itself a mount point (a volume's target, or the dead mount a killed
+# daemon left) is for `mount` to judge: it clears a dead mount and refuses a volume target.
+is_mount_point() {
+    awk -v target="$1" '$5 == target { found = 1 } END { exit !found }' /proc/self/mountinfo
+}
+
+parent=$(dirname "$mountpoint")
+mkdir -p "$parent"
+if ! is_mount_point "$mountpoint"; then
+    propagation=$(findmnt --noheadings --output PROPAGATION --target "$parent")
+    case $propagation in
+        shared*) ;;
+        *) fail "$parent is not on a shared mount (propagation: $propagation), so the host would" \
+                "never see the models: bind a host directory there with shared propagation" \
+                "(-v /var/lib/lamina-llm-cache:$parent:rshared)" ;;
+    esac
+fi
+
+set -- "$mountpoint" -m "$manifest" --cache-dir "$cache_dir" --allow-other ${api:+--api "$api"} "$@"
+exec lamina-llm-cache mount "$@"
