@@ -1,7 +1,7 @@
 """The Hub simulator: an in-process HTTP server that speaks the Hugging Face Hub's read protocol.
 
 It serves repositories (several commits each, branches and tags) on two origins of
-127.0.0.1, as HUB-PROTOCOL.md describes: the API origin (`/api/models/...` metadata and
+127.0.0.1, as docs/HUB-PROTOCOL.md describes: the API origin (`/api/models/...` metadata and
 `/{repo}/resolve/{rev}/{path}`) and a "CDN" origin that LFS files redirect to, so that
 huggingface_hub and the project's own Range reader can be tested offline, fast, and against
 injected faults.
