@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import cases, machine, profiles, report
+from . import cases, machine, overhead, profiles, report
 from .data import MIB, big_file, gguf_file
 from .server import HubProcess
 
@@ -102,8 +102,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     settings = (f"{shape['big_mib']} MiB file, {shape['gguf_mib']} MiB GGUF, {shape['repeats']} repeats, "
                 f"fio {shape['fio_seconds']} s")
+    kept = overhead.kept_section(out / "BENCHMARKS.md")     # measured by its own command
     (out / "BENCHMARKS.md").write_text(report.markdown(rows, read_ahead, block_sizes, machine.describe(),
-                                                       settings, notes(bench, bench.tools)))
+                                                       settings, notes(bench, bench.tools))
+                                       + (f"\n{kept}\n" if kept else ""))
     plotted = report.plot(rows, out / "benchmarks.png")
     print(f"wrote {out / 'BENCHMARKS.md'}" + (f" and {out / 'benchmarks.png'}" if plotted else
                                                 " (no plot: pip install '.[bench]' for matplotlib)"))

@@ -27,7 +27,8 @@ class BenchMount:
 
     peaks = []      # (VmHWM, which mount) of every daemon, for the RSS row
 
-    def __init__(self, work, endpoint, cache_dir, fresh=False, args=()):
+    def __init__(self, work, endpoint, cache_dir, fresh=False, args=(), env=None):
+        """`env` adds to the daemon's environment (PYTHONPATH: another version's code)."""
         self.work, self.cache_dir = Path(work), Path(cache_dir)
         if fresh:
             shutil.rmtree(self.cache_dir, ignore_errors=True)
@@ -35,7 +36,7 @@ class BenchMount:
         manifest.write_text(MANIFEST)
         self.root = self.work / "mnt"
         self.process = MountProcess(manifest, self.root, self.cache_dir, endpoint, self.work / "mount.log",
-                                    env=isolated_environment(self.work), extra_args=list(args))
+                                    env=isolated_environment(self.work, env), extra_args=list(args))
 
     def __enter__(self):
         self.process.start()

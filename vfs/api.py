@@ -2,6 +2,7 @@
 
     GET  /healthz              liveness: the trio loop answers and statvfs of the mount root returns
     GET  /readyz               readiness: every manifest model pinned and the mount serving
+    GET  /metrics              Prometheus text format (docs/METRICS.md)
     GET  /models               every manifest model with size and cache state
     GET  /models/<name>        one model, per file
     POST /download/<org/name>  fetch every model of that Hub repo fully, in the background (202)
@@ -18,7 +19,7 @@ import urllib.parse
 
 import trio
 
-from . import errors
+from . import errors, metrics
 from .health import MountProbe
 from .httpserver import Response, json_response, serve_connection
 from .report import not_ready
@@ -53,6 +54,8 @@ class Api:
             return await self._health()
         if method == "GET" and parts == ["readyz"]:
             return await self._readiness()
+        if method == "GET" and parts == ["metrics"]:
+            return await self._metrics()
         if parts == ["models"] and method == "GET":
             return 200, self.fs.reports()
         if len(parts) == 2 and parts[0] == "models" and method == "GET":
@@ -61,7 +64,7 @@ class Api:
             return await self._download(method, "/".join(parts[1:]))
         if parts == ["refresh"] and method == "POST":
             return await self._refresh()
-        if parts in (["models"], ["refresh"], ["healthz"], ["readyz"]) or parts[:1] == ["models"]:
+        if parts in (["models"], ["refresh"], ["healthz"], ["readyz"], ["metrics"]) or parts[:1] == ["models"]:
             return 405, {"error": f"{method} is not allowed on {path}"}
         return 404, {"error": f"no such endpoint: {path}"}
 
@@ -79,6 +82,13 @@ class Api:
         if waiting:
             return 503, {"ready": False, "reason": f"{len(waiting)} models not ready", "models": waiting}
         return 200, {"ready": True, "models": []}
+
+    async def _metrics(self):
+        # The directory scan (one stat per blob) runs in a thread; the counters and the models'
+        # state are read here, on the trio thread that writes them.
+        used = await trio.to_thread.run_sync(self.fs.cache.directory.usage)
+        text = metrics.exposition(metrics.STATS, used, self.fs.cache.max_size, self.fs.reports())
+        return Response(200, text, metrics.CONTENT_TYPE)
 
     def _one_model(self, name):
         for report in self.fs.reports():

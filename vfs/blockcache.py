@@ -66,6 +66,7 @@ from . import blockio, errors
 from .atomic import write_atomically
 from .blockmemory import BlockMemory
 from .cachedir import CacheDir
+from .metrics import STATS
 from .settings import DEFAULT_MEMORY
 
 log = logging.getLogger(__name__)
@@ -275,9 +276,11 @@ class BlobHandle:
         Valid until the next await. See `BlockCache._read_now`."""
         return self._cache._read_now(self._blob, index, start, length, into)
 
-    async def read(self, index: int, start: int, length: int, source: BlockSource) -> bytes:
-        """`length` bytes at `start` inside block `index` (a copy of its own), fetched if missing."""
-        return await self._cache._read(self._blob, index, start, length, source)
+    async def read(self, index: int, start: int, length: int, source: BlockSource,
+                   served: dict[str, int] | None = None) -> bytes:
+        """`length` bytes at `start` inside block `index` (a copy of its own), fetched if missing;
+        `served` counts them by where they came from (metrics.STATS.served for a reader's read)."""
+        return await self._cache._read(self._blob, index, start, length, source, served)
 
     def prefetch(self, index: int, source: BlockSource) -> None:
         """Start fetching block `index` in the background unless it is here or coming."""
@@ -390,6 +393,7 @@ class BlockCache:
         """
         buffer = self._memory.get((blob.content_id, index))
         if buffer is not None:
+            STATS.served["block_buffers"] += length
             return buffer.bytes_of(start, length)
         if not (blob.present[index] and blob.checked[index] and self._nowait_reads):
             return None
@@ -403,25 +407,37 @@ class BlockCache:
             # Any other error is the ordinary path's to meet and report.
             self._nowait_reads = exc.errno != errno.EOPNOTSUPP
             return None
-        return view if got == length else None
+        if got != length:
+            return None
+        STATS.served["cache_disk"] += length
+        return view
 
-    async def _read(self, blob, index, start, length, source):
-        """`length` bytes at `start` inside block `index` of `blob` (a copy of its own)."""
+    async def _read(self, blob, index, start, length, source, served=None):
+        """`length` bytes at `start` inside block `index` of `blob` (a copy of its own).
+
+        `served`, a dict like metrics.STATS.served, counts the bytes by where they came
+        from: a reader's read passes it, a warm-up's touch does not."""
         key = (blob.content_id, index)
+        fetched = False
         for _ in range(READ_ROUNDS):
             await self._loaded(key)
             buffer = self._memory.get(key)
             if buffer is not None:
+                _tally(served, "network" if fetched else "block_buffers", length)
                 return bytes(buffer.bytes_of(start, length))
             if blob.present[index] and blob.checked[index]:
+                _tally(served, "network" if fetched else "cache_disk", length)
                 return await self._pread(blob, index, start, length)
             if blob.present[index]:
                 buffer = await self._load(blob, index)
                 if buffer is not None:      # still ours: nothing ran since the load ended
+                    _tally(served, "cache_disk", length)
                     return bytes(buffer.bytes_of(start, length))
                 continue
             flight = await self._fetched(blob, index, source)
+            fetched = flight is not None
             if flight is not None and flight.written and not self._memory.holds(key):
+                _tally(served, "network", length)
                 return await self._pread(blob, index, start, length)
         # Only under memory pressure so extreme that a block leaves memory before its waiter runs.
         raise errors.FetchError(f"block {index} of {blob.content_id} kept leaving memory before it was read")
@@ -642,6 +658,7 @@ class BlockCache:
         amount = await trio.to_thread.run_sync(
             self.directory.bytes_to_free, self.max_size, self.min_free_fraction, extra)
         evicted = await trio.to_thread.run_sync(self.directory.evict, amount, self._protected())
+        STATS.evictions += len(evicted)
         for content_id in evicted:
             self._forget_blob(content_id)
         self._usage = await trio.to_thread.run_sync(self.directory.usage)
@@ -672,6 +689,7 @@ class BlockCache:
             return True
         await trio.to_thread.run_sync(_reset_log, blob.log_fd)
         blob.failed_verifications += 1
+        STATS.verification_failures += 1
         self._memory.forget_blob(blob.content_id)
         blob.forget_all()
         blob.read_new_records()
@@ -680,6 +698,11 @@ class BlockCache:
         log.error("%s: %s does not match its content id; discarded, it will be fetched again",
                   describe or blob.content_id, blob.content_id)
         return False
+
+
+def _tally(served, source, length):
+    if served is not None:
+        served[source] += length
 
 
 def fill_from(source, start, view):

@@ -28,11 +28,13 @@ import contextlib
 import http.client
 import ssl
 import threading
+import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 
 from . import errors
+from .metrics import STATS
 
 MAX_IDLE = 16           # per origin: the fetch workers plus the direct first-touch reads
 USER_AGENT = "lamina-llm-cache"
@@ -79,8 +81,17 @@ class Pool:
 
     @contextlib.contextmanager
     def request(self, method, url, headers):
-        """The response to one request; its connection is lent for the `with` block only."""
-        connection, response = self._exchange(method, url, headers)
+        """The response to one request; its connection is lent for the `with` block only.
+
+        Each request is counted by method and status, with the time to its answer's head."""
+        asked = time.perf_counter()
+        try:
+            connection, response = self._exchange(method, url, headers)
+        except BaseException:
+            STATS.fetch_answered(method, "error")
+            raise
+        first_byte = time.perf_counter() - asked if method == "GET" else None
+        STATS.fetch_answered(method, str(response.status), first_byte)
         try:
             yield response
         except BaseException:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from . import connections, errors, signedurl
 from .connections import TRANSPORT_ERRORS, origin
+from .metrics import STATS
 from .retry import RETRY_STATUSES, backoff, server_hint
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ class RangeFetcher:
         if attempt >= self.settings.max_retries or time.monotonic() + wait > deadline:
             raise errors.FetchError(f"{what}: offset {offset}: {problem} (gave up after {attempt + 1} tries)")
         log.info("%s: offset %d: %s; retry in %.2fs", what, offset, problem, wait)
+        STATS.fetch_retried()
         time.sleep(wait)
 
     def _read_into(self, url, start, view):
@@ -228,6 +230,7 @@ class RangeFetcher:
         got = 0
         try:
             _discard(response, skip)
+            STATS.fetch_received(skip)
             while got < len(view):
                 # Bounded reads: when the connection breaks, the bytes already in are counted
                 # and the retry resumes at the exact byte, not at the attempt's first one.
@@ -237,6 +240,8 @@ class RangeFetcher:
                 got += n
         except TRANSPORT_ERRORS as exc:
             raise _with_progress(_Retry(f"connection broke mid-body: {type(exc).__name__}"), got) from None
+        finally:
+            STATS.fetch_received(got)
         if got < len(view):
             raise _with_progress(_Retry(f"short body ({got} of {len(view)} bytes)"), got)
         return got

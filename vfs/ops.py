@@ -11,10 +11,12 @@ import functools
 import logging
 import os
 import time
+from time import perf_counter
 
 import pyfuse3
 
 from . import errors
+from .metrics import STATS
 from .reader import OpenFile
 
 log = logging.getLogger(__name__)
@@ -26,23 +28,34 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
 def handler(function):
-    """Turn every exception into a FUSEError with the one errno table, logging failures."""
+    """Turn every exception into a FUSEError with the one errno table, logging failures.
+
+    Each call is counted by operation, each error by operation and errno (metrics.py)."""
+    name, counts = function.__name__, STATS.fuse_ops
 
     @functools.wraps(function)
     async def wrapper(self, *args):
+        counts[name] += 1
         try:
             return await function(self, *args)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            _count_error(name, exc.errno)
             raise
         except errors.LaminaError as exc:
             if exc.errno not in (errno.ENOENT, errno.EROFS):
-                log.error("%s: %s", function.__name__, exc)
+                log.error("%s: %s", name, exc)
+            _count_error(name, errors.errno_for(exc))
             raise pyfuse3.FUSEError(errors.errno_for(exc)) from None
         except Exception:  # noqa: BLE001 - a bug must cost one read, not the mount
-            log.exception("%s%r failed", function.__name__, args[:3])
+            log.exception("%s%r failed", name, args[:3])
+            _count_error(name, errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
+
+
+def _count_error(op, number):
+    STATS.fuse_errors[op, errno.errorcode.get(number, str(number))] += 1
 
 
 def log_read_failure_once(describe, offset, exc):
@@ -62,7 +75,7 @@ def read_only(function):
     async def refuse(self, *args):
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    return refuse
+    return handler(refuse)
 
 
 class Operations(pyfuse3.Operations):
@@ -148,12 +161,15 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def read(self, fh, off, size):
+        started = perf_counter()
         handle = self._handles[fh]
         try:
             return await self.reader.read(handle, off, size)
         except errors.LaminaError as exc:
             log_read_failure_once(handle.source.describe, off, exc)
             raise pyfuse3.FUSEError(errors.errno_for(exc)) from None
+        finally:
+            STATS.read_seconds.observe(perf_counter() - started)
 
     @handler
     async def release(self, fh):

@@ -31,6 +31,7 @@ import trio
 
 from . import warmup
 from .blockcache import BlobHandle, BlockCache, BlockSource, fill_from
+from .metrics import STATS
 from .workers import Workers
 
 log = logging.getLogger(__name__)
@@ -102,17 +103,19 @@ class Reader:
             data = handle.blob.read_now(index, inside, end - offset, self._scratch)
             if data is not None:
                 return data
-        return await self.read_blocks(handle.blob, handle.source, offset, end)
+        return await self.read_blocks(handle.blob, handle.source, offset, end, STATS.served)
 
-    async def read_blocks(self, blob: BlobHandle, source: BlockSource, offset: int, end: int) -> bytes:
-        """The bytes at [offset, end) through the block cache (fetching what is missing)."""
+    async def read_blocks(self, blob: BlobHandle, source: BlockSource, offset: int, end: int,
+                          served: dict[str, int] | None = None) -> bytes:
+        """The bytes at [offset, end) through the block cache (fetching what is missing);
+        `served` counts them by where they came from (see BlockCache._read)."""
         pieces = []
         block_size = self.cache.block_size
         position = offset
         while position < end:
             index, inside = divmod(position, block_size)
             length = min(end - position, block_size - inside)
-            pieces.append(await blob.read(index, inside, length, source))
+            pieces.append(await blob.read(index, inside, length, source, served))
             position += length
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
@@ -150,6 +153,7 @@ class Reader:
                 self._nursery.start_soon(_provide, spliced, data)
             else:
                 spliced.provide(data)
+        STATS.served["network"] += len(data)
         return data
 
     async def _in_thread(self, function, *args):
