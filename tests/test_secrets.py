@@ -3,6 +3,8 @@
 The token is made unique per run, so finding its text anywhere is a leak, not a coincidence.
 """
 
+import json
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 
 from conftest import eventually, needs_fuse
 from faultkit import BLOCK, SHORT_BOUNDS, MiB, report, run_cli, timed_pread
+from vfs import logs
 from vfs.testing.hubsim import Fault, HubSimulator
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
@@ -100,3 +103,42 @@ def test_neither_the_cache_nor_the_logs_nor_the_command_line_hold_the_token(priv
     assert any("blobs" in p.parts for p in written) and any(p.suffix == ".log" for p in written)
     assert not [p for p in written if TOKEN.encode() in p.read_bytes()]
     assert not leaks(cmdline)
+
+
+@pytest.fixture
+def json_mount(private_hub, mount_factory):
+    return mount_factory(MANIFEST, private_hub.endpoint, env={"HF_TOKEN": TOKEN},
+                         args=BLOCK + SHORT_BOUNDS + ("-v", "--log-format", "json"))
+
+
+def test_json_logs_say_where_a_read_failed_and_never_carry_the_token(private_hub, json_mount):
+    path = json_mount.mountpoint / "private" / "model.safetensors"
+    assert (json_mount.mountpoint / "private" / "config.json").read_bytes() == private_hub.sources["config.json"]
+    private_hub.add_fault(Fault("status", code=503, origin="cdn", method="GET"))
+    assert report("a failing read, JSON logs", timed_pread(path, MiB, 4096)).error == 5
+    assert eventually(lambda: '"level": "ERROR"' in json_mount.log_text())
+    lines = [json.loads(line) for line in json_mount.log_text().splitlines()]
+    print(f"{len(lines)} JSON log lines, e.g. {lines[-1]}")
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    failure = next(line for line in lines if line["level"] == "ERROR" and line["logger"] == "vfs.ops")
+    assert (failure["model"], failure["file"], failure["offset"]) == ("private", "model.safetensors", MiB)
+    retries = [line for line in lines if "retry in" in line["message"]]
+    assert retries and all(line["model"] == "private" and "offset" in line for line in retries)
+    assert not leaks(json_mount.log_text())
+
+
+def test_a_token_that_reaches_a_log_call_is_redacted_in_both_formats(tmp_path):
+    for log_format in ("text", "json"):
+        log_file = tmp_path / f"{log_format}.log"
+        logs.setup(log_file=str(log_file), log_format=log_format, secrets=[TOKEN])
+        try:
+            logging.getLogger("vfs.test").error("sent Authorization: Bearer %s", TOKEN)
+            try:
+                raise RuntimeError(f"request failed with {TOKEN}")
+            except RuntimeError:
+                logging.getLogger("vfs.test").exception("a traceback")
+        finally:
+            logging.getLogger().handlers[:] = []
+        text = log_file.read_text()
+        print(f"{log_format}: {text[:300]!r}")
+        assert text.count(logs.REDACTED) == 2 and not leaks(text)

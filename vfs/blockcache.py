@@ -66,6 +66,7 @@ from . import blockio, errors
 from .atomic import write_atomically
 from .blockmemory import BlockMemory
 from .cachedir import CacheDir
+from .logs import where
 from .metrics import STATS
 from .settings import DEFAULT_MEMORY
 
@@ -634,7 +635,8 @@ class BlockCache:
             except OSError as exc:
                 if exc.errno != errno.ENOSPC or attempt > 1:
                     cause = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
-                    log.error("%s: block %d not cached (%s); served from memory", source.describe, index, cause)
+                    log.error("%s: block %d not cached (%s); served from memory", source.describe, index, cause,
+                              extra=where(source.describe, block_start))
                     return None
         return None
 
@@ -696,7 +698,7 @@ class BlockCache:
         if self.on_discard is not None:
             await self.on_discard(blob.content_id)
         log.error("%s: %s does not match its content id; discarded, it will be fetched again",
-                  describe or blob.content_id, blob.content_id)
+                  describe or blob.content_id, blob.content_id, extra=where(describe) if describe else None)
         return False
 
 

@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import __version__, errors
+from . import __version__, errors, logs
+from .logs import FORMATS
 from .settings import from_environment
 
 log = logging.getLogger("vfs")
@@ -40,6 +41,9 @@ def add_common(parser):
     parser.add_argument("--frozen", action="store_true",
                         help="refuse to start (exit 2) when models.lock and the manifest disagree")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("--log-format", choices=FORMATS, default="text",
+                        help="text lines, or one JSON object per line (time, level, logger, message, "
+                             "model, file, offset)")
 
 
 def build_parser():
@@ -130,18 +134,6 @@ def build_parser():
     demo.add_argument("mountpoint", nargs="?", help="default: a new temporary directory")
     demo.add_argument("-v", "--verbose", action="store_true")
     return parser
-
-
-def setup_logging(verbose, log_file=None):
-    if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("urllib3", "httpx", "httpx2", "huggingface_hub", "filelock", "gguf"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def settings_for(args):
@@ -319,7 +311,8 @@ COMMANDS = {"mount": cmd_mount, "lock": cmd_lock, "unmount": cmd_unmount, "list"
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    setup_logging(getattr(args, "verbose", False), getattr(args, "log_file", None))
+    logs.setup(getattr(args, "verbose", False), getattr(args, "log_file", None),
+               getattr(args, "log_format", "text"), secrets=[from_environment().token])
     try:
         return COMMANDS[args.command](args)
     except errors.LaminaError as exc:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from . import connections, errors, signedurl
 from .connections import TRANSPORT_ERRORS, origin
+from .logs import where
 from .metrics import STATS
 from .retry import RETRY_STATUSES, backoff, server_hint
 
@@ -159,7 +160,7 @@ class RangeFetcher:
         wait = backoff(attempt, problem.wait)
         if attempt >= self.settings.max_retries or time.monotonic() + wait > deadline:
             raise errors.FetchError(f"{what}: offset {offset}: {problem} (gave up after {attempt + 1} tries)")
-        log.info("%s: offset %d: %s; retry in %.2fs", what, offset, problem, wait)
+        log.info("%s: offset %d: %s; retry in %.2fs", what, offset, problem, wait, extra=where(what, offset))
         STATS.fetch_retried()
         time.sleep(wait)
 

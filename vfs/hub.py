@@ -80,7 +80,8 @@ class Hub:
         if not tree and tree != ():
             raise exc
         self.reachable = False
-        log.warning("model %r: Hub unreachable (%s); serving pinned commit %s", spec.name, exc, commit)
+        log.warning("model %r: Hub unreachable (%s); serving pinned commit %s", spec.name, exc, commit,
+                    extra={"model": spec.name})
         return commit, tree
 
     def _resolve_online(self, spec):

@@ -7,11 +7,11 @@ picks up the blocks a pull stored.
 
 import logging
 import sys
-import time
 
 import trio
 
 from . import errors, mount
+from .progress import PullProgress
 
 log = logging.getLogger(__name__)
 
@@ -30,37 +30,13 @@ def selected_files(fs, manifest, names, everything=False):
     return list(unique.values())
 
 
-class Progress:
-    """One updating line on a terminal; a plain line per 10% otherwise."""
-
-    def __init__(self, total, stream=sys.stderr):
-        self.total, self.done, self.stream = total, 0, stream
-        self.started = time.monotonic()
-        self.tty = stream.isatty()
-        self._last_tenth = -1
-
-    def advance(self, amount):
-        self.done += amount
-        share = self.done / self.total if self.total else 1.0
-        rate = self.done / max(time.monotonic() - self.started, 1e-6) / 1e6
-        line = f"pull: {self.done / 2**30:.2f}/{self.total / 2**30:.2f} GiB {share:6.1%} {rate:8.1f} MB/s"
-        if self.tty:
-            self.stream.write("\r" + line)
-        elif int(share * 10) != self._last_tenth:
-            self._last_tenth = int(share * 10)
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def finish(self):
-        if self.tty:
-            self.stream.write("\n")
-
-
 def pull(settings, manifest, names, everything=False):
     fs = mount.build(settings, manifest)
     refs = selected_files(fs, manifest, names, everything)
-    missing = sum(ref.size - fs.cache.peek(ref.content_id, ref.size).cached_bytes for ref in refs)
-    progress = Progress(missing)
+    missing = {}
+    for ref in refs:
+        missing[ref.model] = missing.get(ref.model, 0) + ref.size - fs.cache.peek(ref.content_id, ref.size).cached_bytes
+    progress = PullProgress(missing, settings.progress_bars)
     failed = trio.run(_pull, fs, refs, progress)
     progress.finish()
     for ref in failed:
@@ -85,7 +61,7 @@ async def _pull_one(fs, ref, progress):
         async with trio.open_nursery() as nursery:
             fs.cache.start(nursery)
             try:
-                await blob.fill(fs.source_for(ref, blob), progress.advance)
+                await blob.fill(fs.source_for(ref, blob), progress.for_model(ref.model))
             except errors.IntegrityError as exc:
                 log.error("%s", exc)
                 return False

@@ -16,6 +16,7 @@ from time import perf_counter
 import pyfuse3
 
 from . import errors
+from .logs import where
 from .metrics import STATS
 from .reader import OpenFile
 
@@ -67,7 +68,7 @@ def log_read_failure_once(describe, offset, exc):
     if getattr(exc, "logged", False):
         return
     exc.logged = True
-    log.error("read: %s: read at offset %d: %s", describe, offset, exc)
+    log.error("read: %s: read at offset %d: %s", describe, offset, exc, extra=where(describe, offset))
 
 
 def read_only(function):

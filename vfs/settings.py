@@ -32,6 +32,10 @@ class Settings:
     fetch_workers: int = 8               # concurrent range requests, all files together
     offline: bool = False
     frozen: bool = False                 # refuse to start when models.lock and models.yaml disagree
+    progress_bars: bool = True           # HF_HUB_DISABLE_PROGRESS_BARS turns pull's progress off
+    notify_socket: str | None = None     # systemd's NOTIFY_SOCKET (Type=notify)
+    watchdog_usec: int | None = None     # systemd's WATCHDOG_USEC (WatchdogSec=)
+    watchdog_pid: int | None = None      # systemd's WATCHDOG_PID: the process it watches
     proxies: tuple = field(default=(), repr=False)   # (scheme or "no", value) pairs; may hold credentials
 
 
@@ -67,6 +71,10 @@ def _proxies_from_env(env):
     return tuple(sorted(proxies.items()))
 
 
+def _integer(text):
+    return int(text) if text and text.strip().isdigit() else None
+
+
 def _hf_home(env):
     default = Path(env.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "huggingface"
     return Path(env.get("HF_HOME", default)).expanduser()
@@ -87,7 +95,11 @@ def from_environment(env=None, **overrides):
         "cache_dir": default_cache_dir(env),
         "hf_hub_cache": Path(env.get("HF_HUB_CACHE", _hf_home(env) / "hub")).expanduser(),
         "offline": env.get("HF_HUB_OFFLINE", "") in ("1", "true", "yes"),
+        "progress_bars": env.get("HF_HUB_DISABLE_PROGRESS_BARS", "").upper() not in ("1", "ON", "YES", "TRUE"),
         "proxies": _proxies_from_env(env),
+        "notify_socket": env.get("NOTIFY_SOCKET") or None,
+        "watchdog_usec": _integer(env.get("WATCHDOG_USEC")),
+        "watchdog_pid": _integer(env.get("WATCHDOG_PID")),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     if isinstance(values["endpoint"], str):

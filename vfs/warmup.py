@@ -24,6 +24,7 @@ import struct
 import trio
 
 from . import errors
+from .logs import where
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ async def run(reader, blob, source, parallel):
             order = block_order(ranges, reader.cache.block_size, blob.block_count)
             await fetch_in_order(blob, source, order, parallel)
     except errors.LaminaError as exc:
-        log.info("%s: warm-up stopped: %s", source.describe, exc)
+        log.info("%s: warm-up stopped: %s", source.describe, exc, extra=where(source.describe))
     except Exception:  # noqa: BLE001 - a background task must never end the mount
         log.exception("%s: warm-up failed", source.describe)
 
