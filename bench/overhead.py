@@ -29,7 +29,7 @@ from pathlib import Path
 
 from . import probes
 from .daemon import BenchMount
-from .data import MIB, big_file
+from .data import MIB, big_file, gguf_file
 from .server import HubProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,8 +88,9 @@ def run(args):
     work = Path(args.work)
     commit, baseline = export(args.baseline, work / "baseline")
     source = big_file(work / "repo-big", args.size_mib * MIB)
+    gguf = gguf_file(work / "repo-gguf", 4)        # the bench manifest names it; not measured here
     samples = {side: {key: [] for key, _, _ in CASES} for side in ("before", "after")}
-    with HubProcess({"bench/big": source.parent}) as hub:
+    with HubProcess({"bench/big": source.parent, "bench/gguf": gguf.parent}) as hub:
         def mount(side):
             env = {"PYTHONPATH": str(baseline)} if side == "before" else {}
             return BenchMount(work, hub.endpoint, work / "cache-hot", env=env)
@@ -172,6 +173,7 @@ def main(argv=None):
     section = markdown(commit, samples, args)
     print(section)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     write_section(out / "BENCHMARKS.md", section)
     print(f"wrote the section into {out / 'BENCHMARKS.md'}")
 

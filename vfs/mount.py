@@ -27,6 +27,7 @@ from .cachedir import CacheDir
 from .fetch import RangeFetcher
 from .hub import resolve_url
 from .manifest import load_manifest
+from .notify import Notifier, keep_informed, status_of
 from .ops import Operations
 from .pinning import moved, pin_all, pin_manifest
 from .reader import OpenFile, Reader
@@ -273,14 +274,17 @@ def run(fs: Filesystem, mountpoint, on_ready=lambda: None, api_address=None):
     prepare_mountpoint(mountpoint)
     limit_malloc_arenas()
     pyfuse3.init(fs.operations(), str(mountpoint), mount_options(fs.settings))
+    notifier = Notifier(fs.settings.notify_socket, fs.settings.watchdog_usec, fs.settings.watchdog_pid)
     try:
-        trio.run(_serve, fs, mountpoint, on_ready, api_address)
+        trio.run(_serve, fs, mountpoint, on_ready, api_address, notifier)
     finally:
+        notifier.stopping()
         pyfuse3.close(unmount=True)
+        notifier.close()
     log.info("unmounted %s", mountpoint)
 
 
-async def _serve(fs, mountpoint, on_ready, api_address):
+async def _serve(fs, mountpoint, on_ready, api_address, notifier):
     async with trio.open_nursery() as nursery:
         fs.cache.start(nursery)
         fs.reader.start(nursery)
@@ -289,7 +293,7 @@ async def _serve(fs, mountpoint, on_ready, api_address):
         if api_address is not None:
             await nursery.start(api.serve, *api_address)
         nursery.start_soon(_main_loop, nursery.cancel_scope)
-        nursery.start_soon(_terminate_on_signal)
+        nursery.start_soon(_terminate_on_signal, notifier)
         # A first request through the mount proves the handshake is done.
         await trio.to_thread.run_sync(os.stat, mountpoint)
         set_read_ahead(mountpoint, fs.settings.read_ahead_kb)
@@ -299,6 +303,8 @@ async def _serve(fs, mountpoint, on_ready, api_address):
             nursery.start_soon(_recheck_quietly, fs)
         log.info("mounted %s (%d models)", mountpoint, len(fs.tree.listing(1)))
         on_ready()
+        notifier.ready(status_of(fs.reports()))
+        nursery.start_soon(keep_informed, notifier, fs.reports, api.probe)
 
 
 async def _connect_to_hub(fetcher):
@@ -320,8 +326,9 @@ async def _main_loop(cancel_scope):
     cancel_scope.cancel()
 
 
-async def _terminate_on_signal():
+async def _terminate_on_signal(notifier):
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)
+            notifier.stopping()
             pyfuse3.terminate()
