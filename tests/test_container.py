@@ -242,3 +242,106 @@ def test_consumers_read_exact_bytes_and_heal_when_the_daemon_container_is_replac
         assert ENOTCONN_TEXT in node.sha256_in("after-child", f"/models/{GGUF_IN_MOUNT}"), replace
     logs = node.engine.docker("logs", "lamina").stderr        # after a clean stop: nothing to clear
     assert " WARNING " not in logs and " ERROR " not in logs, logs
+
+
+# ---------------------------------------------------------------------------
+# contrib/docker-compose.yml
+
+COMPOSE = REPO / "contrib" / "docker-compose.yml"
+# Stands in for a server's process: finds the model its command names (-m or --model) and
+# prints the sha256 of the GGUF file, or of the safetensors files of a model directory.
+READ_THE_NAMED_MODEL = """
+for arg; do
+    case $previous in -m|--model) model=$arg ;; esac
+    previous=$arg
+done
+if [ -d "$model" ]; then sha256sum "$model"/*.safetensors; else sha256sum "$model"; fi
+"""
+
+
+def compose_servers():
+    import yaml
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    return {name: service for name, service in services.items() if name != "lamina"}
+
+
+def named_model(command):
+    return next(value for flag, value in zip(command, command[1:]) if flag in ("-m", "--model"))
+
+
+def test_compose_servers_read_shipped_models_of_their_own_backend():
+    from vfs.manifest import load_manifest
+    specs = {spec.path.rstrip("/"): spec for spec in load_manifest(REPO / "models.yaml").models}
+    wanted = {"llama": ("llama.cpp", ".gguf"), "vllm": ("vllm", "*.safetensors")}
+    servers = compose_servers()
+    assert sorted(servers) == sorted(wanted)
+    for name, (backend, form) in wanted.items():
+        path = named_model(servers[name]["command"])
+        assert path.startswith("/lamina/models/"), "servers bind the parent directory (the layout that heals)"
+        spec = specs["/models/" + path.removeprefix("/lamina/models/")]
+        assert spec.backend == backend, f"{name} reads {spec.name}, whose backend is {spec.backend}"
+        assert (spec.file or "").endswith(form) if form == ".gguf" else form in spec.include
+        assert servers[name]["depends_on"] == {"lamina": {"condition": "service_healthy"}}
+
+
+def host_the_shipped_manifest(hub, gguf):
+    """Every repo of models.yaml on the simulator, with small stand-ins for the files it picks."""
+    from vfs.manifest import load_manifest
+    repos = {}
+    for spec in load_manifest(REPO / "models.yaml").models:
+        files = repos.setdefault(spec.hf, {})
+        if spec.is_dir:
+            files.update({p.replace("*", "model"): f"{spec.name} {p}\n".encode() for p in spec.include})
+        else:
+            files[spec.file] = gguf
+    for repo, files in repos.items():
+        hub.add_repo(repo, files=files)
+
+
+@pytest.fixture(scope="module")
+def shipped_hub(hub, tmp_path_factory):
+    gguf = tmp_path_factory.mktemp("shipped") / "q4.gguf"
+    write_gguf(gguf, size_mib=4, seed=7)
+    with HubSimulator() as simulator:
+        host_the_shipped_manifest(simulator, gguf)
+        simulator.gguf_sha256 = hashlib.sha256(gguf.read_bytes()).hexdigest()
+        yield simulator
+
+
+@pytest.mark.slow
+def test_compose_starts_the_daemon_then_servers_that_read_their_models(engine, image, shipped_hub, tmp_path):
+    """docker-compose 1.29 runs contrib/docker-compose.yml unchanged but for an override that a
+    machine without a registry needs. Not run here: the llama.cpp and vLLM images themselves
+    (registry images; a base-image shell reads the model their command names instead), the
+    `build:` step (the tests build the same Dockerfile), and published ports (host network)."""
+    api_port = dockerkit.free_port()
+    override = tmp_path / "override.yml"
+    override.write_text(json.dumps({"services": {
+        "lamina": {"environment": [f"LAMINA_API=127.0.0.1:{api_port}"],
+                   "healthcheck": {"test": ["CMD", "python3", "-c", "import urllib.request; urllib.request."
+                                            f"urlopen('http://127.0.0.1:{api_port}/healthz', timeout=4)"]}},
+        **{name: {"entrypoint": ["sh", "-c", READ_THE_NAMED_MODEL.replace("$", "$$"), name]}  # $$: compose substitutes $
+           for name in ("llama", "vllm")}}}))
+    env = {**engine.env, "LAMINA_IMAGE": image, "LLAMA_IMAGE": BASE_IMAGE, "VLLM_IMAGE": BASE_IMAGE,
+           "LAMINA_CACHE": str(tmp_path / "cache"), "HF_ENDPOINT": shipped_hub.endpoint,
+           "HF_HUB_DISABLE_XET": "1", "COMPOSE_PROJECT_NAME": "laminatest"}
+    compose = ["docker-compose", "-f", str(COMPOSE), "-f", str(override), "--no-ansi"]
+    with dockerkit.shared_directory(tmp_path / "lamina") as parent:
+        env["LAMINA_ROOT"] = str(parent)
+        try:
+            up = subprocess.run([*compose, "up", "-d", "llama", "vllm"], env=env, capture_output=True,
+                                text=True, timeout=300)
+            assert up.returncode == 0, up.stdout + up.stderr
+            for name in ("llama", "vllm"):
+                engine.docker("wait", f"laminatest_{name}_1", timeout=120)
+            outputs = {name: engine.docker("logs", f"laminatest_{name}_1") for name in ("llama", "vllm")}
+            health = engine.docker("inspect", "-f", "{{.State.Health.Status}}", "laminatest_lamina_1")
+        finally:
+            subprocess.run([*compose, "down", "--timeout", "30"], env=env, capture_output=True, timeout=180)
+    assert health.stdout.strip() == "healthy"
+    logs = {name: output.stdout.split() for name, output in outputs.items()}
+    assert all(output.stderr == "" for output in outputs.values()), outputs
+    assert logs["llama"][0] == shipped_hub.gguf_sha256
+    standin = b"qwen2.5-0.5b-instruct-hf *.safetensors\n"
+    assert logs["vllm"] == [hashlib.sha256(standin).hexdigest(),
+                            "/lamina/models/qwen2.5-0.5b-instruct-hf/model.safetensors"]
