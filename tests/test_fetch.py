@@ -42,7 +42,10 @@ def url_of(hub, name):
 
 
 def settings_for(hub, tmp_path, **overrides):
-    values = dict(endpoint=hub.endpoint, cache_dir=tmp_path / "cache", read_timeout=2.0, read_deadline=10.0)
+    # Parts as big as any read here: these tests count the requests of one read and where
+    # its retries resume (parts side by side are test_parts.py's business).
+    values = dict(endpoint=hub.endpoint, cache_dir=tmp_path / "cache", read_timeout=2.0, read_deadline=10.0,
+                  part_size=64 * MiB)
     return Settings(**{**values, **overrides})
 
 

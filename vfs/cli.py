@@ -62,6 +62,8 @@ def build_parser():
     mount.add_argument("--memory", type=parse_size,
                        help="memory for block buffers, all readers together (default 128M; at least 2 blocks)")
     mount.add_argument("--read-timeout", type=float, help="seconds a stalled transfer is waited for (default 15)")
+    mount.add_argument("--max-in-flight", type=int, metavar="N",
+                       help="HTTP requests in flight per origin, at most (default 32; fewer when the link says so)")
     mount.add_argument("--read-deadline", type=float,
                        help="seconds within which a read gets its bytes or EIO (default 60)")
     mount.add_argument("--api", metavar="HOST:PORT", help="serve the REST API here (e.g. 127.0.0.1:8765)")
@@ -141,7 +143,7 @@ def settings_for(args):
         endpoint=getattr(args, "endpoint", None), cache_dir=getattr(args, "cache_dir", None),
         max_size=getattr(args, "max_size", None), read_ahead_kb=getattr(args, "read_ahead_kb", None),
         allow_other=getattr(args, "allow_other", None), block_size=getattr(args, "block_size", None),
-        memory=getattr(args, "memory", None),
+        memory=getattr(args, "memory", None), max_in_flight=getattr(args, "max_in_flight", None),
         read_timeout=getattr(args, "read_timeout", None), read_deadline=getattr(args, "read_deadline", None),
         frozen=getattr(args, "frozen", None) or None)
 

@@ -34,18 +34,17 @@ covers it, and the unit tests drive it alone, with a simulated clock.
 """
 
 import collections
-import contextlib
 import itertools
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from . import errors
 
 DEFAULT_MAX_IN_FLIGHT = 32
-INITIAL_LIMIT = 4
+INITIAL_LIMIT = 8                # a 16 MiB block in 2 MiB parts
 MIN_EPOCH = 0.2                 # seconds: shorter epochs are mostly noise
 EPOCH_DURATIONS = 2.0           # an epoch spans about this many request durations
 GROW_EFFICIENCY = 0.85          # at or above this share of the best rate, more requests still pay
@@ -55,6 +54,10 @@ REFUSED_PAUSE = 0.5             # seconds without new requests after a 503 that 
 MAX_PAUSE = 60.0
 WAITER_POLL = 0.25              # a waiter looks again this often (a pause or a quota may have ended)
 _RATELIMIT_PAIRS = re.compile(r"\b(r|t|remaining|reset)\s*=\s*(\d+)", re.IGNORECASE)
+
+
+class NoSlot(errors.FetchError):
+    """No request slot to the origin came free before the read's deadline."""
 
 
 class OriginLimit:
@@ -236,6 +239,12 @@ class Slot:
         self._started = time.monotonic()
         self._reported = False
 
+    def __enter__(self) -> "Slot":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.failed()               # nothing if the request reported how it ended
+
     def finished(self, received: int, headers: Mapping[str, str] | None = None) -> None:
         self._report(lambda limit: limit.finished(received, time.monotonic() - self._started, headers))
 
@@ -273,19 +282,14 @@ class Controller:
             return {origin: {"limit": limit.limit, "in_flight": limit.in_flight, "most": limit.most_in_flight}
                     for origin, limit in self._limits.items()}
 
-    @contextlib.contextmanager
-    def slot(self, origin, stream=None, deadline: float | None = None, urgent: bool = False) -> Iterator[Slot]:
-        """A Slot for one request to `origin` on behalf of `stream`, held for the `with` block.
+    def slot(self, origin, stream=None, deadline: float | None = None, urgent: bool = False) -> Slot:
+        """A Slot for one request to `origin` on behalf of `stream`, held for a `with` block.
 
         Waits (the calling thread) until one is free; FetchError if `deadline` (a
         time.monotonic() value) passes first. Leaving the block without a report counts
         the request as failed (not as congestion)."""
         self._acquire(origin, stream, deadline, urgent)
-        slot = Slot(self, origin, stream)
-        try:
-            yield slot
-        finally:
-            slot.failed()           # nothing if the request reported how it ended
+        return Slot(self, origin, stream)
 
     def _limit(self, origin):
         limit = self._limits.get(origin)
@@ -313,7 +317,7 @@ class Controller:
             timeout = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and timeout <= 0:
                 if self._withdraw(origin, waiter):
-                    raise errors.FetchError("no request slot to the origin within the read deadline")
+                    raise NoSlot("no request slot to the origin within the read deadline")
                 return None
             # A pause or a quota ends without anyone releasing a slot: look again then.
             waiter.event.wait(min(w for w in (timeout, hint, WAITER_POLL) if w is not None))

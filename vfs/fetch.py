@@ -21,6 +21,14 @@ is an error (EACCES), not a loop. The resolve is asked without a Range header, s
 is good for every range of the file (a resolve asked with Range may be signed for that
 range alone).
 
+Every request takes a slot from the concurrency controller (concurrency.py) for the
+origin it goes to, so that at most `max_in_flight` are in flight per origin, and reports
+how it ended (bytes and time, 429/503 and their hints, timeouts) so the controller learns
+how many are worth having. A range bigger than a part is fetched as parts side by side
+(parts.py), sized to the rate the origin's requests reach. A 429 or 503 is waited out as
+the server asks and tried again within the read's deadline, without counting against
+`max_retries`: a rate-limited origin slows reads down, it does not fail them.
+
 A read that failed (retries exhausted, or refused) makes reads in the same block of the
 same file fail at once, with the same error object, for RECENT_FAILURE seconds: the
 kernel asks again for the first page right after a failed read-ahead, and a reader must
@@ -35,7 +43,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-from . import connections, errors, signedurl
+from . import concurrency, connections, errors, parts, signedurl
 from .connections import TRANSPORT_ERRORS, origin
 from .logs import where
 from .metrics import STATS
@@ -49,12 +57,20 @@ RECENT_FAILURE = 2.0
 REDIRECTS = (301, 302, 303, 307, 308)
 
 
+THROTTLED = frozenset({429, 503})
+
+
 class _Retry(Exception):
     """One attempt failed in a way worth another try; `wait` is the server's hint."""
 
-    def __init__(self, reason, wait=None):
+    def __init__(self, reason, wait=None, status=None, timed_out=False):
         super().__init__(reason)
-        self.wait = wait
+        self.wait, self.status, self.timed_out = wait, status, timed_out
+
+    @property
+    def throttled(self):
+        """The origin asked us to slow down (not a failure of this request's own)."""
+        return self.status in THROTTLED
 
 
 @dataclass(frozen=True)
@@ -77,7 +93,12 @@ class _Target:
 class RangeFetcher:
     def __init__(self, settings):
         self.settings = settings
-        self.pool = connections.Pool(settings.connect_timeout, settings.read_timeout, dict(settings.proxies))
+        # Idle connections for every request that may be in flight, plus first-touch reads:
+        # each part reuses one (keep-alive), none pays a new handshake.
+        self.pool = connections.Pool(settings.connect_timeout, settings.read_timeout, dict(settings.proxies),
+                                     max_idle=settings.max_in_flight + 4)
+        self.link = concurrency.Controller(settings.max_in_flight)
+        self._parts = parts.PartReader(2 * settings.max_in_flight)
         self._targets = {}          # resolve URL -> _Target the bytes come from (after redirects)
         self._resolving = {}        # resolve URL -> Event set when the resolve under way ends
         self._failures = {}         # (url, block index) -> (when, error) of recent failures
@@ -91,13 +112,14 @@ class RangeFetcher:
 
     def read_range(self, url, start, length, what=""):
         """Exactly `length` bytes of `url` from `start`, or a LaminaError within the deadline."""
-        # Small reads (a first touch) come here; a block is received into its own buffer
-        # through read_range_into.
+        # Small reads (a first touch: a reader waits for exactly these bytes) come here, and
+        # go before queued read-ahead; a block is received into its own buffer through
+        # read_range_into.
         buffer = bytearray(length)
-        self.read_range_into(url, start, memoryview(buffer), what)
+        self.read_range_into(url, start, memoryview(buffer), what, urgent=True)
         return buffer
 
-    def read_range_into(self, url, start, view, what=""):
+    def read_range_into(self, url, start, view, what="", urgent=False):
         """Fill the writable buffer `view` with the bytes of `url` from `start`, exactly, or raise
         a LaminaError within the deadline (then `view` holds a part of them, or nothing)."""
         view = memoryview(view).cast("B")
@@ -108,10 +130,24 @@ class RangeFetcher:
             recent = self._recent_failure(key, time.monotonic())
         if recent is not None:
             raise recent.with_traceback(None)
+        deadline = time.monotonic() + self.settings.read_deadline
         try:
-            self._read_with_retries(url, start, view, what)
+            self._parts.read(start, view, self._part_size(url),
+                             lambda part, part_view: self._read_with_retries(url, part, part_view, what, deadline, urgent))
         except errors.LaminaError as exc:
             raise self._remember_failure(key, exc).with_traceback(None) from None
+
+    def close(self):
+        """Let the part threads go and close idle connections (at unmount)."""
+        self._parts.close()
+        self.pool.close()
+
+    def _part_size(self, url):
+        """Parts as big as the rate the origin's requests reach allows (see parts.py)."""
+        with self._lock:
+            target = self._targets.get(url)
+        rate = self.link.limit(origin(target.url)).best_per_request if target is not None else 0.0
+        return parts.part_size(rate, self.settings.part_size)
 
     def prepare(self, url):
         """Resolve `url` and open a connection to where its bytes come from, ahead of a first read."""
@@ -144,39 +180,51 @@ class RangeFetcher:
             self._failures[key] = (now, error)
         return error
 
-    def _read_with_retries(self, url, start, view, what):
-        got = 0
-        deadline = time.monotonic() + self.settings.read_deadline
-        for attempt in range(self.settings.max_retries + 1):
+    def _read_with_retries(self, url, start, view, what, deadline, urgent=False):
+        got, attempt, tries, last = 0, 0, 0, None
+        while True:
+            tries += 1
             try:
-                self._read_into(url, start + got, view[got:])
+                self._read_into(url, start + got, view[got:], deadline, urgent)
                 return
             except _Retry as problem:
                 got += getattr(problem, "got", 0)
-                self._wait_or_give_up(problem, attempt, deadline, what, start + got)
-        raise AssertionError("unreachable")
+                last = str(problem)
+                self._wait_or_give_up(problem, attempt, tries, deadline, what, start + got)
+                attempt += not problem.throttled    # being asked to slow down is not a failure
+            except concurrency.NoSlot as exc:
+                # The origin's pause (Retry-After) outlasted the deadline: say why it paused.
+                cause = f"{last} (gave up after {tries - 1} tries)" if last else str(exc)
+                raise errors.FetchError(f"{what}: offset {start + got}: {cause}") from None
 
-    def _wait_or_give_up(self, problem, attempt, deadline, what, offset):
+    def _wait_or_give_up(self, problem, attempt, tries, deadline, what, offset):
         wait = backoff(attempt, problem.wait)
         if attempt >= self.settings.max_retries or time.monotonic() + wait > deadline:
-            raise errors.FetchError(f"{what}: offset {offset}: {problem} (gave up after {attempt + 1} tries)")
+            raise errors.FetchError(f"{what}: offset {offset}: {problem} (gave up after {tries} tries)")
         log.info("%s: offset %d: %s; retry in %.2fs", what, offset, problem, wait, extra=where(what, offset))
         STATS.fetch_retried()
         time.sleep(wait)
 
-    def _read_into(self, url, start, view):
+    def _read_into(self, url, start, view, deadline, urgent=False):
         """One attempt: fill `view` from `start`; on failure raise _Retry carrying bytes got."""
         asked_at = time.monotonic()
         target = self.resolve(url)
         end = start + len(view) - 1
         headers = self._headers_for(target.url, {"Range": f"bytes={start}-{end}"})
-        try:
-            with self.pool.request("GET", target.url, headers) as response:
-                skip = self._check_response(url, target, response, start, end, asked_at)
-                return self._read_body(response, view, skip)
-        except TRANSPORT_ERRORS as exc:
-            # Only the request and the answer's head get here: _read_body turns its own.
-            raise _Retry(f"request failed: {type(exc).__name__}") from None
+        with self.link.slot(origin(target.url), url, deadline, urgent) as slot:
+            try:
+                with self.pool.request("GET", target.url, headers) as response:
+                    skip = self._check_response(url, target, response, start, end, asked_at)
+                    got = self._read_body(response, view, skip)
+                    slot.finished(got, response.headers)
+                    return got
+            except TRANSPORT_ERRORS as exc:
+                # Only the request and the answer's head get here: _read_body turns its own.
+                slot.failed(timed_out=isinstance(exc, TimeoutError))
+                raise _Retry(f"request failed: {type(exc).__name__}") from None
+            except _Retry as problem:
+                _report(slot, problem)
+                raise
 
     def _check_response(self, url, target, response, start, end, asked_at):
         """Bytes to skip before the asked range begins (0 unless the server ignored Range)."""
@@ -224,7 +272,7 @@ class RangeFetcher:
         if status == 416:
             raise errors.FetchError("range not satisfiable: the Hub's file is shorter than its listing")
         if status in RETRY_STATUSES:
-            raise _Retry(f"HTTP {status}", server_hint(response.headers))
+            raise _Retry(f"HTTP {status}", server_hint(response.headers), status=status)
         raise errors.FetchError(f"unexpected HTTP {status}")
 
     def _read_body(self, response, view, skip):
@@ -240,7 +288,10 @@ class RangeFetcher:
                     break
                 got += n
         except TRANSPORT_ERRORS as exc:
-            raise _with_progress(_Retry(f"connection broke mid-body: {type(exc).__name__}"), got) from None
+            # No local name for the _Retry: exception -> traceback -> this frame -> it would
+            # be a cycle, keeping the caller's buffer exported until the next gc.
+            raise _with_progress(_Retry(f"connection broke mid-body: {type(exc).__name__}",
+                                        timed_out=isinstance(exc, TimeoutError)), got) from None
         finally:
             STATS.fetch_received(got)
         if got < len(view):
@@ -306,11 +357,18 @@ class RangeFetcher:
 
     def _head(self, url):
         """The answer to a HEAD of `url` (status and headers; its connection is back in the pool)."""
-        try:
-            with self.pool.request("HEAD", url, self._headers_for(url)) as response:
-                return response
-        except TRANSPORT_ERRORS as exc:
-            raise _Retry(f"request failed: {type(exc).__name__}") from None
+        deadline = time.monotonic() + self.settings.connect_timeout + self.settings.read_timeout
+        with self.link.slot(origin(url), url, deadline, urgent=True) as slot:
+            try:
+                with self.pool.request("HEAD", url, self._headers_for(url)) as response:
+                    if response.status in THROTTLED:
+                        slot.refused(server_hint(response.headers))
+                    else:
+                        slot.finished(0, response.headers)
+                    return response
+            except TRANSPORT_ERRORS as exc:
+                slot.failed(timed_out=isinstance(exc, TimeoutError))
+                raise _Retry(f"request failed: {type(exc).__name__}") from None
 
 
 def _check_partial(response, start, end):
@@ -337,6 +395,14 @@ def _discard(response, count):
         if not chunk:
             raise _Retry("body ended before the asked offset")
         count -= len(chunk)
+
+
+def _report(slot, problem):
+    """Tell the controller how a failed attempt ended: throttled, timed out, or broken."""
+    if problem.throttled:
+        slot.refused(problem.wait)
+    else:
+        slot.failed(timed_out=problem.timed_out)
 
 
 def _with_progress(problem, got):

@@ -281,6 +281,7 @@ def run(fs: Filesystem, mountpoint, on_ready=lambda: None, api_address=None):
         notifier.stopping()
         pyfuse3.close(unmount=True)
         notifier.close()
+        fs.fetcher.close()
     log.info("unmounted %s", mountpoint)
 
 

@@ -29,7 +29,9 @@ class Settings:
     read_timeout: float = 15.0           # a stalled body is abandoned after this
     read_deadline: float = 60.0          # a FUSE read gets its bytes or EIO within this
     max_retries: int = 5
-    fetch_workers: int = 8               # concurrent range requests, all files together
+    fetch_workers: int = 8               # blocks fetched at once, all files together
+    max_in_flight: int = 32              # HTTP requests in flight per origin, at most (concurrency.py)
+    part_size: int = 2 * 1024 * 1024     # the smallest part a block is split into (parts.py)
     offline: bool = False
     frozen: bool = False                 # refuse to start when models.lock and models.yaml disagree
     progress_bars: bool = True           # HF_HUB_DISABLE_PROGRESS_BARS turns pull's progress off
