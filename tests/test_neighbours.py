@@ -73,7 +73,7 @@ def test_gc_beside_a_mount_keeps_the_blob_it_has_open_and_evicts_an_idle_one(
     mount.stop()
     again = mount_factory(MANIFEST, hub.endpoint, cache_dir=tmp_path / "cache", args=BLOCK)
     big = again.mountpoint / "big" / "model.gguf"
-    assert int(os.getxattr(big, "user.lamina.cached_bytes")) == len(sources["big"])  # it survived gc
+    assert int(os.getxattr(big, "user.lamina.cached_bytes")) >= MiB      # what it held survived gc
     assert big.read_bytes() == sources["big"]
 
 

@@ -62,7 +62,7 @@ from typing import Protocol
 
 import trio
 
-from . import blockio, errors
+from . import blockio, cachedir, errors
 from .atomic import write_atomically
 from .blockmemory import BlockMemory
 from .cachedir import CacheDir
@@ -131,6 +131,8 @@ class _Blob:
         self.verified = False
         self.failed_verifications = 0
         self.open_count = 0             # open BlobHandles: an open blob is never evicted
+        self.users = 0                  # open handles + flights: while > 0, `hold_fd` holds a
+        self.hold_fd: int | None = None  # shared flock other processes' eviction respects
         self.data_fd: int | None = None
         self.log_fd: int | None = None
         self.direct_fd: int | None = None
@@ -185,10 +187,37 @@ class _Blob:
         self.verified = False
 
     def close_files(self) -> None:
-        for fd in (self.data_fd, self.log_fd, self.direct_fd):
+        for fd in (self.data_fd, self.log_fd, self.direct_fd, self.hold_fd):
             if fd is not None:
                 os.close(fd)
-        self.data_fd = self.log_fd = self.direct_fd = None
+        self.data_fd = self.log_fd = self.direct_fd = self.hold_fd = None
+
+    def on_disk(self) -> bool:
+        """Its data file is still the one this process has open (no other process evicted it)."""
+        try:
+            return os.stat(self.data_path).st_ino == os.fstat(self.data_fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def use(self) -> None:
+        """One more user (a handle or a flight); the first takes the shared flock."""
+        self.users += 1
+        if self.users > 1:
+            return
+        self.hold_fd = cachedir.hold_shared(self.data_path)
+        if self.hold_fd is None or os.fstat(self.hold_fd).st_ino != os.fstat(self.data_fd).st_ino:
+            # Evicted by another process between our open and this hold: start over on a
+            # fresh file (nobody else uses this blob in this process right now).
+            self.close_files()
+            self.forget_all()
+            self.open_files()
+            self.hold_fd = cachedir.hold_shared(self.data_path)
+
+    def unuse(self) -> None:
+        self.users -= 1
+        if self.users == 0 and self.hold_fd is not None:
+            os.close(self.hold_fd)
+            self.hold_fd = None
 
 
 def make_record(index: int, crc: int) -> bytes:
@@ -233,6 +262,7 @@ class BlobHandle:
         self._closers: list[Callable[[], None]] = []
         self._open = True
         blob.open_count += 1
+        blob.use()
 
     @property
     def content_id(self) -> str:
@@ -312,6 +342,7 @@ class BlobHandle:
             return
         self._open = False
         self._blob.open_count -= 1
+        self._blob.unuse()
         while self._closers:
             self._closers.pop()()
 
@@ -345,6 +376,9 @@ class BlockCache:
         # Called (from the trio thread) with a content id whose bytes were discarded, so a
         # mount can make the kernel drop pages it cached from them.
         self.on_discard: Callable[[str], Awaitable[None]] | None = None
+        # A command beside a mount (pull, verify) never truncates a blob another process
+        # holds; a mount discards bad bytes itself, since it is the one serving them.
+        self.defer_discards = False
 
     def start(self, nursery: trio.Nursery) -> None:
         """Background fetches and verifications run in `nursery` (one per mount)."""
@@ -358,6 +392,9 @@ class BlockCache:
     def open(self, content_id: str, size: int) -> BlobHandle:
         """A handle on `content_id`'s blob, opened on first use; marks the blob recently used."""
         blob = self._blobs.get(content_id)
+        if blob is not None and blob.users == 0 and not blob.on_disk():
+            self._forget_blob(content_id)      # another process evicted it while unused here
+            blob = None
         if blob is None:
             blob = _Blob(self.directory.blob_base(content_id), content_id, size, self.block_size)
             blob.open_files()
@@ -562,6 +599,7 @@ class BlockCache:
     def _start_flight(self, blob, index, source):
         flight = Flight()
         self._inflight[(blob.content_id, index)] = flight
+        blob.use()                          # a blob being filled is held, open or not
         self._nursery.start_soon(self._fly, blob, index, source, flight)
         return flight
 
@@ -576,6 +614,7 @@ class BlockCache:
             log.exception("%s: storing block %d failed", source.describe, index)
         finally:
             del self._inflight[(blob.content_id, index)]
+            blob.unuse()
             flight.done.set()           # already set, unless the download failed
         if flight.error is None and blob.complete() and not blob.verified:
             self._nursery.start_soon(self._verify_in_background, blob, source.describe)
@@ -659,9 +698,9 @@ class BlockCache:
         extra = incoming * (8 if force else 1)
         amount = await trio.to_thread.run_sync(
             self.directory.bytes_to_free, self.max_size, self.min_free_fraction, extra)
-        evicted = await trio.to_thread.run_sync(self.directory.evict, amount, self._protected())
-        STATS.evictions += len(evicted)
-        for content_id in evicted:
+        eviction = await trio.to_thread.run_sync(self.directory.evict, amount, self._protected())
+        STATS.evictions += len(eviction.evicted)
+        for content_id in eviction.evicted:
             self._forget_blob(content_id)
         self._usage = await trio.to_thread.run_sync(self.directory.usage)
 
@@ -689,7 +728,13 @@ class BlockCache:
             await trio.to_thread.run_sync(write_atomically, blob.ok_path, b"")
             blob.verified = True
             return True
+        if self.defer_discards and not (blob.hold_fd is not None and cachedir.try_exclusive(blob.hold_fd)):
+            log.error("%s: %s does not match its content id; another process has it open, so it is "
+                      "left for that process to discard", describe or blob.content_id, blob.content_id)
+            return False
         await trio.to_thread.run_sync(_reset_log, blob.log_fd)
+        if self.defer_discards:
+            cachedir.share_again(blob.hold_fd)
         blob.failed_verifications += 1
         STATS.verification_failures += 1
         self._memory.forget_blob(blob.content_id)

@@ -5,8 +5,17 @@ last use is the mtime of its `.data` file: the daemon touches it when a blob is 
 and writing blocks moves it too. Eviction removes whole blobs, least recently used first,
 never one that is open in this process or pinned; pins are kept per model name in
 `pins/<name>` (the content ids that model needs), written atomically.
+
+Other processes share the cache (a mount beside `gc`, `verify`, `pull`), so the rules
+between processes are flocks, which the kernel drops when a process dies:
+- A process holds a shared flock on a blob's `.data` file while it has the blob open or
+  is filling it (blockcache.py). Eviction takes an exclusive flock without waiting and
+  skips the blob when it cannot: nothing is evicted or truncated under a user.
+- A mount holds an exclusive flock on `mount.lock` for its lifetime: a second mount on
+  the same cache is refused at start with the pid of the first.
 """
 
+import fcntl
 import json
 import logging
 import os
@@ -22,6 +31,12 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CACHEDIR_TAG = b"Signature: 8a477f597d28d172789f06886806bc55\n# lamina-llm-cache block cache\n"
 SUFFIXES = (".data", ".log", ".ok")
+
+
+@dataclass
+class Eviction:
+    evicted: list          # content ids removed
+    in_use: int = 0        # blobs skipped because another process holds them
 
 
 @dataclass(frozen=True)
@@ -71,20 +86,42 @@ class CacheDir:
         under_floor = int(disk.total * min_free_fraction) - (disk.free - extra)
         return max(0, over_cap, under_floor)
 
-    def evict(self, amount, protected):
-        """Remove least recently used blobs not in `protected` until `amount` bytes are freed."""
-        freed, evicted = 0, []
+    def evict(self, amount, protected) -> Eviction:
+        """Remove least recently used blobs not in `protected` until `amount` bytes are freed.
+
+        A blob another process holds (open or filling) is skipped, never removed."""
+        freed, result = 0, Eviction([])
         for blob in sorted(self.blobs(), key=lambda b: b.last_used):
             if freed >= amount:
                 break
             if blob.content_id in protected:
                 continue
-            remove_blob(blob.base)
+            if not remove_blob_unless_held(blob.base):
+                result.in_use += 1
+                continue
             freed += blob.allocated
-            evicted.append(blob.content_id)
-        if evicted:
-            log.info("evicted %d blobs (%d bytes), least recently used first", len(evicted), freed)
-        return evicted
+            result.evicted.append(blob.content_id)
+        if result.evicted:
+            log.info("evicted %d blobs (%d bytes), least recently used first", len(result.evicted), freed)
+        if result.in_use:
+            log.info("kept %d blobs another process has open", result.in_use)
+        return result
+
+    def claim_for_mount(self) -> int:
+        """Hold `mount.lock` for this process's lifetime (the fd returned); CacheError naming
+        the other mount's pid when one already holds it."""
+        fd = os.open(self.root / "mount.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise errors.CacheError(
+                f"{self.root} is in use by another mount (pid {holder}); two mounts on one cache "
+                "are refused: unmount it, or give this mount its own --cache-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     def pin(self, name, content_ids):
         write_atomically(self.root / "pins" / name, json.dumps(sorted(content_ids)).encode())
@@ -105,6 +142,51 @@ class CacheDir:
             except (OSError, ValueError):
                 log.warning("%s: unreadable pin file, ignored", path)
         return pins
+
+
+def hold_shared(data_path) -> int | None:
+    """A descriptor holding a shared flock on a blob's data file (None if it is gone).
+
+    Blocks only while an eviction decides on this very blob (a few unlinks)."""
+    try:
+        fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def try_exclusive(fd) -> bool:
+    """Turn the shared flock held on `fd` into an exclusive one if no other process holds
+    the file; on failure the shared flock is taken again (a conversion may drop it)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return False
+
+
+def share_again(fd) -> None:
+    fcntl.flock(fd, fcntl.LOCK_SH)
+
+
+def remove_blob_unless_held(base) -> bool:
+    """Remove a blob unless another process holds it; True when it is gone."""
+    try:
+        fd = os.open(base.with_suffix(".data"), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        remove_blob(base)
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    else:
+        remove_blob(base)       # under the exclusive flock: nobody can take it up meanwhile
+        return True
+    finally:
+        os.close(fd)
 
 
 def remove_blob(base):

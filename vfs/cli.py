@@ -77,8 +77,10 @@ def build_parser():
                       help="move locked branches to where they point now (all, or the NAMEs)")
     add_common(lock)
 
-    unmount = commands.add_parser("unmount", help="unmount a mountpoint")
+    unmount = commands.add_parser("unmount", help="unmount a mountpoint; returns once its daemon has exited")
     unmount.add_argument("mountpoint")
+    unmount.add_argument("--timeout", type=float, default=30.0,
+                         help="seconds to wait for the daemon to exit (default 30); exit 1 past them")
 
     listing = commands.add_parser("list", help="models, backends, sizes and how much is cached")
     add_common(listing)
@@ -161,7 +163,10 @@ def cmd_mount(args):
     mountpoint = Path(args.mountpoint or Path(args.manifest).resolve().parent / "models")
     from .api import parse_address
     api_address = parse_address(args.api) if args.api else None
-    fs = mount.build(settings_for(args), manifest, stored_first=True)
+    settings = settings_for(args)
+    from .cachedir import CacheDir
+    claim = CacheDir(settings.cache_dir, settings.block_size).claim_for_mount()  # noqa: F841 - held till exit
+    fs = mount.build(settings, manifest, stored_first=True)
     mount.run(fs, mountpoint, on_ready=lambda: report_ready(args.ready_fd, mountpoint), api_address=api_address)
     return 0
 
@@ -210,8 +215,14 @@ def cmd_lock(args):
 
 
 def cmd_unmount(args):
+    from . import daemons
     from .mount import unmount
+    pid = daemons.daemon_of(args.mountpoint)
     unmount(Path(args.mountpoint))
+    if pid is not None and not daemons.wait_for_exit(pid, args.timeout):
+        print(f"lamina-llm-cache: unmounted {args.mountpoint}, but the daemon (pid {pid}) did not exit "
+              f"within {args.timeout:g}s", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -32,6 +32,7 @@ def selected_files(fs, manifest, names, everything=False):
 
 def pull(settings, manifest, names, everything=False):
     fs = mount.build(settings, manifest)
+    fs.cache.defer_discards = True          # a mount beside us may be serving these blobs
     refs = selected_files(fs, manifest, names, everything)
     missing = {}
     for ref in refs:
@@ -73,6 +74,7 @@ async def _pull_one(fs, ref, progress):
 
 def verify(settings, manifest, names):
     fs = mount.build(settings, manifest, stored_first=True)
+    fs.cache.defer_discards = True          # a mount beside us may be serving these blobs
     refs = selected_files(fs, manifest, names)
     bad = trio.run(_verify_all, fs, refs)
     print(f"verify: {len(refs) - bad} ok, {bad} discarded")
@@ -87,22 +89,29 @@ async def _verify_all(fs, refs):
             if not state.complete:
                 print(f"{ref.describe}: incomplete ({state.cached_bytes} of {ref.size} bytes cached)")
                 continue
+            discarded_before = blob.failed_verifications
             good = await blob.verify(ref.describe)
-        print(f"{ref.describe}: {'ok' if good else 'MISMATCH: discarded, will be fetched again'}")
+            discarded = blob.failed_verifications > discarded_before
+        verdict = "MISMATCH: discarded, will be fetched again" if discarded else \
+            "MISMATCH: another process has it open; left for it to discard"
+        print(f"{ref.describe}: {'ok' if good else verdict}")
         bad += not good
     return bad
 
 
 def gc(settings, manifest, max_size):
-    """Evict to `max_size` (LRU); without a size, drop blobs no manifest model names."""
+    """Evict to `max_size` (LRU); without a size, drop blobs no manifest model names.
+
+    Blobs a running mount (or a pull) has open or is filling are skipped, whatever the size."""
     fs = mount.build(settings, manifest, stored_first=True)
     directory = fs.cache.directory
     named = {node.file.content_id for node in fs.tree.files()}
     if max_size is None:
-        evicted = directory.evict(float("inf"), protected=named | fs.cache.pinned)
+        eviction = directory.evict(float("inf"), protected=named | fs.cache.pinned)
     else:
-        evicted = directory.evict(max(0, directory.usage() - max_size), protected=fs.cache.pinned)
-    print(f"gc: evicted {len(evicted)} blobs; cache now {directory.usage()} bytes")
+        eviction = directory.evict(max(0, directory.usage() - max_size), protected=fs.cache.pinned)
+    kept = f"; {eviction.in_use} in use by another process, kept" if eviction.in_use else ""
+    print(f"gc: evicted {len(eviction.evicted)} blobs{kept}; cache now {directory.usage()} bytes")
     return 0
 
 

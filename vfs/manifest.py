@@ -20,7 +20,9 @@ Validation is strict and stops at the first problem: every bad input becomes exa
 `add_model` is the CLI's `add`, which edits the file as text so the user's comments survive.
 """
 
+import contextlib
 import difflib
+import fcntl
 import fnmatch
 import json
 import os
@@ -539,6 +541,26 @@ def add_model(path, name, *, hf, backend, file=None, revision=None, include=(), 
     the file is replaced atomically. `dir_model` defaults to "no `file` given".
     """
     source = os.fspath(path)
+    with _editing(source):
+        return _add_model(source, name, hf=hf, backend=backend, file=file, revision=revision,
+                          include=include, dir_model=dir_model)
+
+
+@contextlib.contextmanager
+def _editing(source):
+    """Serialise read-modify-write edits of the manifest across processes: ten `add`s at
+    once must each see the others' entries. The lock is a flock on the manifest's
+    directory (the file itself is replaced by each edit, so it cannot carry the lock)."""
+    directory = os.path.dirname(os.path.realpath(source))
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _add_model(source, name, *, hf, backend, file, revision, include, dir_model):
     text = _read_for_update(source)
     if _is_blank(text):
         text += ("\n" if text and not text.endswith("\n") else "") + "models:\n"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import errors
+from . import daemons, errors
 from .api import Api
 from .blockcache import BlockCache
 from .cachedir import CacheDir
@@ -282,6 +282,7 @@ def run(fs: Filesystem, mountpoint, on_ready=lambda: None, api_address=None):
         pyfuse3.close(unmount=True)
         notifier.close()
         fs.fetcher.close()
+        daemons.forget(mountpoint)
     log.info("unmounted %s", mountpoint)
 
 
@@ -303,6 +304,7 @@ async def _serve(fs, mountpoint, on_ready, api_address, notifier):
             nursery.start_soon(_connect_to_hub, fs.fetcher)
             nursery.start_soon(_recheck_quietly, fs)
         log.info("mounted %s (%d models)", mountpoint, len(fs.tree.listing(1)))
+        daemons.record(mountpoint)          # `unmount` waits for this pid to exit
         on_ready()
         notifier.ready(status_of(fs.reports()))
         nursery.start_soon(keep_informed, notifier, fs.reports, api.probe)
