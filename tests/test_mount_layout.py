@@ -27,9 +27,9 @@ def workspace(hub, tmp_path):
     return tmp_path
 
 
-def mount_cli(workspace, hub, mountpoint, *extra):
+def mount_cli(workspace, hub, mountpoint, *extra, cache="cache"):
     command = [sys.executable, "-m", "vfs", "mount", str(mountpoint), "-m", str(workspace / "models.yaml"),
-               "--cache-dir", str(workspace / "cache"), "--endpoint", hub.endpoint, *extra]
+               "--cache-dir", str(workspace / cache), "--endpoint", hub.endpoint, *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=60,
                           env=isolated_environment(workspace))
 
@@ -67,7 +67,7 @@ def test_a_second_mount_over_a_live_one_is_refused(workspace, hub):
     first = mount_cli(workspace, hub, mountpoint, "--background")
     try:
         assert first.returncode == 0, first.stderr
-        second = mount_cli(workspace, hub, mountpoint)
+        second = mount_cli(workspace, hub, mountpoint, cache="another-cache")     # one mount per cache
         assert second.returncode == 1
         assert "already mounted by lamina-llm-cache; unmount it first" in second.stderr
         assert (mountpoint / "notes" / "a.txt").read_bytes() == b"alpha\n"
