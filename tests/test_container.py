@@ -209,39 +209,123 @@ def test_mount_refuses_a_volume_target_naming_the_layout_that_heals(node, image)
 @pytest.mark.slow
 def test_consumers_read_exact_bytes_and_heal_when_the_daemon_container_is_replaced(node, image):
     expected = node.hub.expected_sha256
-    child = f"{node.parent / 'models'}:/models:ro,rslave"
-    # Started before the daemon: one binding the models child with rslave, one with the default.
+    child, parent = f"{node.parent / 'models'}:/models:ro,rslave", f"{node.parent}:/lamina:ro,rslave"
+    # Started before the daemon: binding the models child with rslave, or with the default; the parent.
     node.start_consumer("before-rslave", child)
     node.start_consumer("before-private", f"{node.parent / 'models'}:/models:ro")
+    node.start_consumer("before-parent", parent)
     node.start_daemon()
     node.wait_ready()
 
     assert hashlib.sha256((node.parent / "models" / GGUF_IN_MOUNT).read_bytes()).hexdigest() == expected
     assert node.sha256_in("before-rslave", f"/models/{GGUF_IN_MOUNT}") == expected
+    assert node.sha256_in("before-parent", f"/lamina/models/{GGUF_IN_MOUNT}") == expected
     assert node.listing_in("before-private", "/models") == [], "default propagation never sees the mount"
-    # Started after the mount: one binding the parent (the documented layout), one the child.
-    node.start_consumer("after-parent", f"{node.parent}:/lamina:ro,rslave")
+    # Started after the mount: binding the parent (the documented layout), or the child.
+    node.start_consumer("after-parent", parent)
     node.start_consumer("after-child", child)
     assert node.sha256_in("after-parent", f"/lamina/models/{GGUF_IN_MOUNT}") == expected
     assert node.sha256_in("after-child", f"/models/{GGUF_IN_MOUNT}") == expected
+    holder = Holder(node, parent, f"/lamina/models/{GGUF_IN_MOUNT}")
 
-    for replace in ("kill", "stop"):            # the daemon killed (dead mount), then stopped cleanly
-        node.engine.docker(*(["rm", "-f"] if replace == "kill" else ["stop", "-t", "30"]), "lamina")
-        if replace == "stop":
-            node.engine.docker("rm", "lamina")
+    # The daemon killed (a dead mount), stopped cleanly, and unmounted by the DaemonSet's preStop.
+    for replace in ("kill", "stop", "prestop"):
+        assert holder.ask("reopen") == expected
+        end_daemon(node, replace)
         node.start_daemon()
         node.wait_ready()
         if replace == "kill":
             assert "left a dead mount; clearing it" in node.engine.docker("logs", "lamina").stderr
-        # Healed, with no consumer restarted: the host, the consumer started before the first
-        # mount, and the one started after it that binds the parent directory.
+        # Healed, with no consumer restarted: the host, the consumers started before the first
+        # mount with rslave, and those that bind the parent directory, whenever they started.
         assert hashlib.sha256((node.parent / "models" / GGUF_IN_MOUNT).read_bytes()).hexdigest() == expected
-        assert node.sha256_in("before-rslave", f"/models/{GGUF_IN_MOUNT}") == expected, replace
-        assert node.sha256_in("after-parent", f"/lamina/models/{GGUF_IN_MOUNT}") == expected, replace
-        # The documented limit: a consumer that bound the FUSE mount itself keeps it, dead.
+        for consumer, path in (("before-rslave", "/models"), ("before-parent", "/lamina/models"),
+                               ("after-parent", "/lamina/models")):
+            assert node.sha256_in(consumer, f"{path}/{GGUF_IN_MOUNT}") == expected, (replace, consumer)
+        # The documented limit: a consumer that bound the FUSE mount itself keeps it, dead; a
+        # file held open across the restart fails its reads, and is served again once reopened.
         assert ENOTCONN_TEXT in node.sha256_in("after-child", f"/models/{GGUF_IN_MOUNT}"), replace
-    logs = node.engine.docker("logs", "lamina").stderr        # after a clean stop: nothing to clear
+        assert holder.ask("read") in (ENOTCONN_TEXT, "Input/output error"), replace
+        assert holder.ask("reopen") == expected, replace
+    logs = node.engine.docker("logs", "lamina").stderr        # after a clean unmount: nothing to clear
     assert " WARNING " not in logs and " ERROR " not in logs, logs
+
+
+def end_daemon(node, how):
+    if how == "kill":
+        node.engine.docker("rm", "-f", "lamina")
+        return
+    if how == "prestop":        # contrib/k8s/daemonset.yaml's preStop, then the SIGTERM that follows it
+        node.engine.docker("exec", "lamina", "lamina-llm-cache", "unmount", "--lazy", "/host/models")
+    node.engine.docker("stop", "-t", "30", "lamina")
+    assert node.engine.docker("wait", "lamina", timeout=60).stdout.strip() == "0"
+    node.engine.docker("rm", "lamina")
+
+
+# A consumer that holds the model open, as an inference server does: on `read` it hashes the
+# whole file through the fd it holds (its cached pages dropped first, so the reads reach the
+# mount); on `reopen` it opens the path anew and hashes through the new fd.
+HOLDER = """
+import hashlib, os, sys, time
+path, fd = sys.argv[1], None
+def digest():
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    sha, offset = hashlib.sha256(), 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        sha.update(chunk)
+        offset += len(chunk)
+    return sha.hexdigest()
+while True:
+    for verb in ("read", "reopen"):
+        if os.path.exists("/tmp/" + verb):
+            os.unlink("/tmp/" + verb)
+            try:
+                if verb == "reopen":
+                    fd = os.open(path, os.O_RDONLY)
+                answer = digest()
+            except OSError as error:
+                answer = os.strerror(error.errno)
+            with open("/tmp/answer.partial", "w") as out:
+                out.write(answer)
+            os.rename("/tmp/answer.partial", "/tmp/answer")
+    time.sleep(0.05)
+"""
+
+
+class Holder:
+    def __init__(self, node, volume, path, name="holder"):
+        self.engine, self.name = node.engine, name
+        self.engine.docker("run", "-d", "--name", name, "--network", "none", "-v", volume,
+                           BASE_IMAGE, "python3", "-c", HOLDER, path)
+
+    def ask(self, verb, timeout=30):
+        self.engine.docker("exec", self.name, "sh", "-c", f"rm -f /tmp/answer && touch /tmp/{verb}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            answer = self.engine.docker("exec", self.name, "cat", "/tmp/answer", check=False)
+            if answer.returncode == 0:
+                return answer.stdout
+            time.sleep(0.2)
+        raise AssertionError(f"the holder did not answer {verb!r} within {timeout}s")
+
+
+@pytest.mark.slow
+def test_a_daemon_on_the_host_heals_container_consumers_of_the_parent(node, mount_factory):
+    """The systemd form: the daemon on the host, mounting inside a shared parent directory."""
+    expected = node.hub.expected_sha256
+    node.start_consumer("before-parent", f"{node.parent}:/lamina:ro,rslave")
+    first = mount_factory(MANIFEST, node.hub.endpoint, cache_dir=node.cache, mountpoint=node.parent / "models")
+    node.start_consumer("after-parent", f"{node.parent}:/lamina:ro,rslave")
+    node.start_consumer("after-child", f"{node.parent / 'models'}:/models:ro,rslave")
+    for consumer in ("before-parent", "after-parent"):
+        assert node.sha256_in(consumer, f"/lamina/models/{GGUF_IN_MOUNT}") == expected
+    first.process.kill()                    # SIGKILL: the mount is left dead
+    first.process.wait()
+    assert ENOTCONN_TEXT in node.sha256_in("after-parent", f"/lamina/models/{GGUF_IN_MOUNT}")
+    mount_factory(MANIFEST, node.hub.endpoint, cache_dir=node.cache, mountpoint=node.parent / "models")
+    for consumer in ("before-parent", "after-parent"):
+        assert node.sha256_in(consumer, f"/lamina/models/{GGUF_IN_MOUNT}") == expected, consumer
+    assert ENOTCONN_TEXT in node.sha256_in("after-child", f"/models/{GGUF_IN_MOUNT}")
 
 
 # ---------------------------------------------------------------------------

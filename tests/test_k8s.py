@@ -84,7 +84,7 @@ def test_the_daemonset_token_probes_and_shutdown():
     assert lamina["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "api"}
     assert lamina["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "api"}
     assert lamina["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "api"}
-    assert lamina["lifecycle"]["preStop"]["exec"]["command"] == ["lamina-llm-cache", "unmount", "/host/models"]
+    assert lamina["lifecycle"]["preStop"]["exec"]["command"] == ["lamina-llm-cache", "unmount", "--lazy", "/host/models"]
     args = lamina["args"]
     read_deadline = float(args[args.index("--read-deadline") + 1])
     assert read_deadline == Settings.read_deadline
@@ -130,3 +130,10 @@ def test_the_configmap_manifest_is_valid_and_names_what_the_shipped_one_names():
     shipped = {spec.name: spec for spec in parse_manifest((REPO / "models.yaml").read_text()).models}
     for spec in configmap_manifest().models:
         assert spec == shipped[spec.name]
+
+
+def test_the_deploy_doc_names_only_files_that_exist():
+    text = (REPO / "docs" / "DEPLOY.md").read_text()
+    named = set(re.findall(r"(?:contrib|tests|docs)/[\w./-]+\.(?:yml|yaml|py|sh|service|md)", text))
+    named |= {"docs/" + name for name in re.findall(r"\]\((\w+\.md)", text)}
+    assert named and sorted(p for p in named if not (REPO / p).exists()) == []

@@ -73,3 +73,20 @@ def test_a_second_mount_over_a_live_one_is_refused(workspace, hub):
         assert (mountpoint / "notes" / "a.txt").read_bytes() == b"alpha\n"
     finally:
         lazy_unmount(mountpoint)
+
+
+def test_a_lazy_unmount_detaches_at_once_while_open_files_are_still_served(workspace, hub, mount_factory):
+    """The DaemonSet's preStop: a plain unmount is refused while a consumer holds a file open."""
+    mount = mount_factory(MANIFEST, hub.endpoint, cache_dir=workspace / "cache")
+    with open(mount.mountpoint / "notes" / "a.txt", "rb") as held:
+        plain = subprocess.run([sys.executable, "-m", "vfs", "unmount", str(mount.mountpoint)],
+                               capture_output=True, text=True, timeout=60)
+        assert plain.returncode == 1 and "busy" in plain.stderr
+        lazy = subprocess.run([sys.executable, "-m", "vfs", "unmount", "--lazy", str(mount.mountpoint)],
+                              capture_output=True, text=True, timeout=60)
+        assert lazy.returncode == 0, lazy.stderr
+        assert not os.path.ismount(mount.mountpoint)
+        assert os.pread(held.fileno(), 100, 0) == b"alpha\n"
+        assert mount.process.poll() is None, "the daemon serves the open file"
+    # The last open file closed, the kernel ends the connection and the daemon exits by itself.
+    assert mount.process.wait(timeout=15) == 0

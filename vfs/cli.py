@@ -81,6 +81,9 @@ def build_parser():
     unmount.add_argument("mountpoint")
     unmount.add_argument("--timeout", type=float, default=30.0,
                          help="seconds to wait for the daemon to exit (default 30); exit 1 past them")
+    unmount.add_argument("--lazy", action="store_true",
+                         help="detach now even while files are open: the daemon serves them until they are "
+                              "closed, then exits; returns at once")
 
     listing = commands.add_parser("list", help="models, backends, sizes and how much is cached")
     add_common(listing)
@@ -217,8 +220,9 @@ def cmd_lock(args):
 def cmd_unmount(args):
     from . import daemons
     from .mount import unmount
-    pid = daemons.daemon_of(args.mountpoint)
-    unmount(Path(args.mountpoint))
+    # A lazy unmount leaves the daemon serving the files still open, so there is no exit to wait for.
+    pid = None if args.lazy else daemons.daemon_of(args.mountpoint)
+    unmount(Path(args.mountpoint), lazy=args.lazy)
     if pid is not None and not daemons.wait_for_exit(pid, args.timeout):
         print(f"lamina-llm-cache: unmounted {args.mountpoint}, but the daemon (pid {pid}) did not exit "
               f"within {args.timeout:g}s", file=sys.stderr)
