@@ -99,3 +99,16 @@ def test_wait_sees_a_model_a_pull_fetched_without_any_mount(hub, big, tmp_path):
     status, out, err, _ = run_cli("wait", "big", "--verified", "--timeout", "5", *common, "--endpoint", NO_HUB,
                                   home=tmp_path)
     assert status == 0 and out == "wait: big: verified\n", err
+
+
+def test_a_user_without_a_home_can_wait_on_an_explicit_cache(tmp_path, monkeypatch):
+    """A systemd DynamicUser may have no HOME and no passwd entry: ~ cannot be expanded."""
+    import importlib
+    import os.path
+
+    import vfs.settings
+    monkeypatch.setattr(os.path, "expanduser", lambda path: str(path))      # what Python does without a home
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("HF_HOME", raising=False)
+    settings = importlib.reload(vfs.settings).from_environment(env={}, cache_dir=tmp_path / "cache")
+    assert settings.cache_dir == tmp_path / "cache" and settings.token is None

@@ -17,8 +17,8 @@ DEFAULT_MEMORY = 128 * 1024 * 1024       # block buffers: downloads, loads, bloc
 class Settings:
     endpoint: str = DEFAULT_ENDPOINT
     token: str | None = field(default=None, repr=False)  # never printed
-    cache_dir: Path = Path("~/.cache/lamina-llm-cache").expanduser()
-    hf_hub_cache: Path = Path("~/.cache/huggingface/hub").expanduser()
+    cache_dir: Path = field(default_factory=lambda: _expand("~/.cache/lamina-llm-cache"))
+    hf_hub_cache: Path = field(default_factory=lambda: _expand("~/.cache/huggingface/hub"))
     block_size: int = DEFAULT_BLOCK_SIZE
     memory: int = DEFAULT_MEMORY         # bytes of block buffers (at least two blocks' worth are used)
     max_size: int | None = None          # bytes; None = bounded by free space only
@@ -73,18 +73,27 @@ def _proxies_from_env(env):
     return tuple(sorted(proxies.items()))
 
 
+def _expand(path) -> Path:
+    """`path` with ~ expanded; unexpanded when the user has no home (a systemd DynamicUser
+    without HOME): every path that matters can then still be given explicitly."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 def _integer(text):
     return int(text) if text and text.strip().isdigit() else None
 
 
 def _hf_home(env):
-    default = Path(env.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "huggingface"
-    return Path(env.get("HF_HOME", default)).expanduser()
+    default = _expand(env.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    return _expand(env.get("HF_HOME", default))
 
 
 def default_cache_dir(env=None):
     env = os.environ if env is None else env
-    base = Path(env.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    base = _expand(env.get("XDG_CACHE_HOME", "~/.cache"))
     return base / "lamina-llm-cache"
 
 
@@ -95,7 +104,7 @@ def from_environment(env=None, **overrides):
         "endpoint": (env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
         "token": _token_from_env(env),
         "cache_dir": default_cache_dir(env),
-        "hf_hub_cache": Path(env.get("HF_HUB_CACHE", _hf_home(env) / "hub")).expanduser(),
+        "hf_hub_cache": _expand(env.get("HF_HUB_CACHE", _hf_home(env) / "hub")),
         "offline": env.get("HF_HUB_OFFLINE", "") in ("1", "true", "yes"),
         "progress_bars": env.get("HF_HUB_DISABLE_PROGRESS_BARS", "").upper() not in ("1", "ON", "YES", "TRUE"),
         "proxies": _proxies_from_env(env),
@@ -106,5 +115,5 @@ def from_environment(env=None, **overrides):
     values.update({k: v for k, v in overrides.items() if v is not None})
     if isinstance(values["endpoint"], str):
         values["endpoint"] = values["endpoint"].rstrip("/")
-    values["cache_dir"] = Path(values["cache_dir"]).expanduser()
+    values["cache_dir"] = _expand(values["cache_dir"])
     return Settings(**values)
