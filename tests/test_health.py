@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
@@ -20,6 +22,7 @@ from faultkit import MiB, run_cli
 from vfs.api import Api
 from vfs.health import Health, MountProbe
 from vfs.manifest import load_manifest
+from vfs.testing.mounts import isolated_environment
 
 MANIFEST = """
 models:
@@ -189,3 +192,18 @@ async def test_readyz_waits_for_the_mount_and_lists_each_unpinned_model_with_why
 async def test_a_probe_of_a_directory_that_is_no_mount_says_so(tmp_path):
     health = await MountProbe(tmp_path).check()
     assert (health.ok, health.status) == (False, "not mounted")
+
+
+@needs_fuse
+@pytest.mark.fuse
+def test_a_sandbox_without_dev_fuse_gets_one_clear_error_not_a_traceback(hub, big, tmp_path):
+    # systemd's PrivateDevices= does this to a daemon: /dev/fuse is not the FUSE device.
+    (tmp_path / "models.yaml").write_text(MANIFEST)
+    command = [sys.executable, "-m", "vfs", "mount", str(tmp_path / "mnt"), "-m", str(tmp_path / "models.yaml"),
+               "--cache-dir", str(tmp_path / "cache"), "--endpoint", hub.endpoint]
+    result = subprocess.run(["unshare", "--mount", "sh", "-c", 'mount --bind /dev/null /dev/fuse && exec "$@"',
+                             "sh", *command], capture_output=True, text=True, timeout=60,
+                            env=isolated_environment(tmp_path))
+    print(result.stderr)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "lamina-llm-cache: error: could not mount" in result.stderr and "/dev/fuse" in result.stderr

@@ -273,7 +273,12 @@ def run(fs: Filesystem, mountpoint, on_ready=lambda: None, api_address=None):
     mountpoint = Path(mountpoint)
     prepare_mountpoint(mountpoint)
     limit_malloc_arenas()
-    pyfuse3.init(fs.operations(), str(mountpoint), mount_options(fs.settings))
+    try:
+        pyfuse3.init(fs.operations(), str(mountpoint), mount_options(fs.settings))
+    except RuntimeError as exc:
+        # libfuse says only "fuse_session_mount failed"; its own reason went to stderr.
+        raise errors.LaminaError(f"could not mount {mountpoint}: {exc} (is /dev/fuse there, and may this "
+                                 "process mount? A sandbox without /dev/fuse or CAP_SYS_ADMIN cannot)") from None
     notifier = Notifier(fs.settings.notify_socket, fs.settings.watchdog_usec, fs.settings.watchdog_pid)
     try:
         trio.run(_serve, fs, mountpoint, on_ready, api_address, notifier)
