@@ -29,6 +29,7 @@ from .hub import resolve_url
 from .manifest import load_manifest
 from .notify import Notifier, keep_informed, status_of
 from .ops import Operations
+from .offline import PROBE_SECONDS, HubStatus, hub_answers
 from .pinning import moved, pin_all, pin_manifest
 from .reader import OpenFile, Reader
 from .report import model_report
@@ -54,6 +55,7 @@ class Filesystem:
     nursery: object = None
     to_recheck: list = field(default_factory=list)    # branches served from the store at start
     lock: object = None                                # the models.lock pinned from, if any
+    hub_status: HubStatus = field(default_factory=HubStatus)   # offline: asked, or found at start
 
     def open_file(self, node):
         ref = node.file
@@ -68,7 +70,7 @@ class Filesystem:
 
     def source_for(self, ref, blob):
         url = resolve_url(self.settings.endpoint, ref.repo, ref.commit, ref.repo_path)
-        remote = RemoteSource(self.fetcher, url, ref.describe)
+        remote = RemoteSource(self.fetcher, url, ref.describe, self.hub_status)
         local = hf_cached_blob(self.settings.hf_hub_cache, ref)
         return remote if local is None else HfCacheSource(local, remote, blob)
 
@@ -112,7 +114,9 @@ class Filesystem:
         changed = moved(current, pinned.snapshots)
         if not pinned.hub_reachable:
             log.warning("branches not re-checked: the Hub is unreachable; serving the stored commits")
-        elif changed and self.manifest is manifest:     # a /refresh meanwhile has the newer answer
+            self.hub_status.found_unreachable()
+            return                                      # re-checked once the Hub answers again
+        if changed and self.manifest is manifest:       # a /refresh meanwhile has the newer answer
             log.info("branches moved for %d models (%s); applying", len(changed), ", ".join(changed[:5]))
             await self.apply(manifest, pinned.snapshots)
         self.to_recheck = []
@@ -158,7 +162,9 @@ def build(settings, manifest, stored_first=False):
     tree = Tree.build(manifest, snapshots)
     directory.make_blob_directories(node.file.content_id for node in tree.files())
     fs = Filesystem(settings, manifest, snapshots, tree, cache, RangeFetcher(settings), Reader(cache),
-                    to_recheck=pinned.to_recheck, lock=pinned.lock)
+                    to_recheck=pinned.to_recheck, lock=pinned.lock, hub_status=HubStatus(asked=settings.offline))
+    if not pinned.hub_reachable:
+        fs.hub_status.found_unreachable()
     cache.on_discard = fs.forget_content
     return fs
 
@@ -308,6 +314,7 @@ async def _serve(fs, mountpoint, on_ready, api_address, notifier):
         if not fs.settings.offline:
             nursery.start_soon(_connect_to_hub, fs.fetcher)
             nursery.start_soon(_recheck_quietly, fs)
+            nursery.start_soon(_watch_hub, fs)
         log.info("mounted %s (%d models)", mountpoint, len(fs.tree.listing(1)))
         daemons.record(mountpoint)          # `unmount` waits for this pid to exit
         on_ready()
@@ -320,6 +327,24 @@ async def _connect_to_hub(fetcher):
     # round trip, not a connect (and a TLS handshake) as well. Abandoned at unmount: a Hub
     # that does not answer must not hold the unmount up for the connect timeout.
     await trio.to_thread.run_sync(fetcher.connect_to_hub, abandon_on_cancel=True)
+
+
+async def _watch_hub(fs):
+    """Probe the Hub once at start and, while it is found unreachable, every PROBE_SECONDS;
+    once it answers, reads fetch again and the branches not yet re-checked are."""
+    status, settings = fs.hub_status, fs.settings
+    first = True
+    while True:
+        if first or status.offline:
+            answers = await trio.to_thread.run_sync(
+                hub_answers, settings.endpoint, settings.proxies, abandon_on_cancel=True)
+            if not answers:
+                status.found_unreachable()
+            elif status.offline:
+                status.found_reachable()
+                await _recheck_quietly(fs)
+            first = False
+        await trio.sleep(PROBE_SECONDS)
 
 
 async def _recheck_quietly(fs):

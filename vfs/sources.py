@@ -17,19 +17,28 @@ log = logging.getLogger(__name__)
 class RemoteSource:
     """A Hub file's bytes, fetched by HTTP range reads."""
 
-    def __init__(self, fetcher, url, describe):
+    def __init__(self, fetcher, url, describe, hub_status=None):
         self.fetcher, self.url, self.describe = fetcher, url, describe
+        self.hub_status = hub_status        # offline.HubStatus: refuse at once while offline
 
     def fetch(self, start, length):
+        self._refuse_if_offline()
         return self.fetcher.read_range(self.url, start, length, self.describe)
 
     def fetch_into(self, start, view):
+        self._refuse_if_offline()
         self.fetcher.read_range_into(self.url, start, view, self.describe)
 
     def prepare(self):
         """Follow the Hub's redirect and connect to where it points now, so a first read
         costs one request on an open connection, not a resolve and a connect as well."""
+        if self.hub_status is not None and self.hub_status.offline:
+            return              # nothing to resolve; the first read is refused at once
         self.fetcher.prepare(self.url)
+
+    def _refuse_if_offline(self):
+        if self.hub_status is not None:
+            self.hub_status.refuse_if_offline(self.describe)
 
 
 class HfCacheSource:

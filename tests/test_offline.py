@@ -1,0 +1,87 @@
+"""Offline means offline: an uncached read fails at once with EIO and one log line per file."""
+
+import errno
+import os
+import time
+
+import pytest
+
+from conftest import eventually, needs_fuse
+from vfs.testing.hubsim import HubSimulator
+
+pytestmark = [needs_fuse, pytest.mark.fuse]
+
+MiB = 1024 * 1024
+BLOCK = ("--block-size", "1M")
+MANIFEST = """
+models:
+  big:
+    path: /models/big/model.gguf
+    backend: llama.cpp
+    hf: org/big
+    file: big.gguf
+"""
+
+
+@pytest.fixture
+def weights(random_file):
+    return random_file("big.gguf", 6 * MiB, seed=31)
+
+
+def cache_first_block(hub, weights, mount_factory):
+    hub.add_repo("org/big", files={"big.gguf": weights})
+    online = mount_factory(MANIFEST, hub.endpoint, args=BLOCK)
+    path = online.mountpoint / "big" / "model.gguf"
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        os.preadv(fd, [memoryview(bytearray(MiB))], 0)
+    finally:
+        os.close(fd)
+    assert eventually(lambda: int(os.getxattr(path, "user.lamina.cached_bytes")) >= MiB)
+    online.stop()
+
+
+def timed_uncached_read(path, offset):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    started = time.monotonic()
+    try:
+        os.preadv(fd, [memoryview(bytearray(4096))], offset)
+    except OSError as failure:
+        return failure.errno, time.monotonic() - started
+    finally:
+        os.close(fd)
+    return None, time.monotonic() - started
+
+
+def test_with_hf_hub_offline_an_uncached_read_fails_at_once_with_one_line_per_file(
+        hub, weights, mount_factory, tmp_path):
+    cache_first_block(hub, weights, mount_factory)
+    offline = mount_factory(MANIFEST, hub.endpoint, cache_dir=tmp_path / "cache", args=BLOCK,
+                            env={"HF_HUB_OFFLINE": "1"})
+    path = offline.mountpoint / "big" / "model.gguf"
+    hub.clear_log()
+    results = [timed_uncached_read(path, offset) for offset in (3 * MiB, 4 * MiB, 5 * MiB)]
+    print("offline reads of uncached blocks:", [f"errno {e} in {s * 1000:.1f} ms" for e, s in results])
+    assert all(error == errno.EIO and seconds <= 0.1 for error, seconds in results)
+    assert sum("not cached, offline" in line for line in offline.log_text().splitlines()) == 1
+    with open(path, "rb") as cached:
+        assert cached.read(4096) == weights.read_bytes()[:4096]
+    assert hub.log == []                # asked to be offline: never tried
+
+
+def test_a_hub_unreachable_at_start_fails_uncached_reads_at_once_and_recovers_when_back(
+        hub, weights, mount_factory, tmp_path):
+    cache_first_block(hub, weights, mount_factory)
+    ports = [int(url.rsplit(":", 1)[1]) for url in (hub.endpoint, hub.cdn_endpoint)]
+    hub.stop()
+    mount = mount_factory(MANIFEST, hub.endpoint, cache_dir=tmp_path / "cache", args=BLOCK)
+    path = mount.mountpoint / "big" / "model.gguf"
+    assert eventually(lambda: "the Hub is unreachable" in mount.log_text())
+    error, seconds = timed_uncached_read(path, 4 * MiB)
+    print(f"Hub down at start: uncached read errno {error} in {seconds * 1000:.1f} ms")
+    assert error == errno.EIO and seconds <= 0.1
+    back = HubSimulator(port=ports[0], cdn_port=ports[1])
+    back.add_repo("org/big", files={"big.gguf": weights})
+    with back.start():
+        assert eventually(lambda: timed_uncached_read(path, 4 * MiB)[0] is None, timeout=20)
+    assert "the Hub answers again" in mount.log_text()
