@@ -76,6 +76,7 @@ RECORD = struct.Struct("<4sIII")       # magic, block index, block crc32, record
 RECORD_MAGIC = b"BLK1"
 SMALL_READ = 64 * 1024                 # a read this small waits for the disk on the trio thread
 READ_ROUNDS = 3                        # a read retries when its block left memory under it
+PEEK_SCAN_FROM = 64                    # peek_many scans the blob folders for this many blobs
 
 
 class BlockSource(Protocol):
@@ -402,6 +403,29 @@ class BlockCache:
         else:
             os.utime(blob.data_path)
         return BlobHandle(self, blob)
+
+    def peek_many(self, blobs: list[tuple[str, int]]) -> list[BlobState]:
+        """`peek` of many (content id, size) pairs, for reports on repos of many files.
+
+        One scan of the blob folders says which blobs have a log at all (most of a big
+        repo has none) and which are verified whole (`.ok`: no log to read); only the
+        rest are peeked one by one."""
+        if len(blobs) < PEEK_SCAN_FROM:
+            return [self.peek(content_id, size) for content_id, size in blobs]
+        on_disk = self.directory.blob_files()
+        absent: dict[int, BlobState] = {}      # blocks -> the state of a blob with none cached
+        states = []
+        for content_id, size in blobs:
+            suffixes = on_disk.get(content_id)
+            blocks = max(1, -(-size // self.block_size))
+            if suffixes is None and content_id not in self._blobs:
+                state = absent.get(blocks) or absent.setdefault(blocks, BlobState(blocks, 0, 0, False))
+            elif content_id not in self._blobs and {".ok", ".log"} <= suffixes:
+                state = BlobState(blocks, blocks, size, True)
+            else:
+                state = self.peek(content_id, size)
+            states.append(state)
+        return states
 
     def peek(self, content_id: str, size: int) -> BlobState:
         """The state of a blob, read from disk without opening it for use."""

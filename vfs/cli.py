@@ -230,9 +230,9 @@ def cmd_unmount(args):
     return 0
 
 
-def model_reports(args):
-    """Every model's report, pinned from the lock or the stored snapshots (the Hub only when
-    never pinned)."""
+def model_reports(args, names=None, with_files=True):
+    """The reports of the models `names` (all for None), pinned from the lock or the stored
+    snapshots (the Hub only when never pinned)."""
     from .blockcache import BlockCache
     from .cachedir import CacheDir
     from .pinning import pin_manifest
@@ -241,11 +241,12 @@ def model_reports(args):
     manifest = load(args)
     cache = BlockCache(CacheDir(settings.cache_dir, settings.block_size))
     snapshots = pin_manifest(settings, manifest, stored_first=True).snapshots
-    return [model_report(spec, snapshots[spec.name], cache) for spec in manifest.models]
+    return [model_report(spec, snapshots[spec.name], cache, with_files)
+            for spec in manifest.models if names is None or spec.name in names]
 
 
 def cmd_list(args):
-    reports = model_reports(args)
+    reports = model_reports(args, with_files=args.json)
     if args.json:
         print(json.dumps(reports, indent=2))
         return 0
@@ -259,16 +260,18 @@ def cmd_list(args):
 
 def cmd_info(args):
     load(args).get(args.name)      # an unknown name is a usage error
-    data = next(model for model in model_reports(args) if model["name"] == args.name)
+    (data,) = model_reports(args, names={args.name})
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
     for key in ("name", "backend", "path", "hf", "revision", "commit"):
         print(f"{key:9} {data[key] if data[key] is not None else '-'}")
     print(f"{'size':9} {human(data['size'])}, {human(data['cached_bytes'])} cached")
+    lines = []          # written at once: a repo may have 100k files
     for f in data["files"]:
         state = "verified" if f["verified"] else f"{human(f['cached_bytes'])} cached"
-        print(f"  {f['path']}  {human(f['size'])}  {f['content_id'][:19]}…  {state}")
+        lines.append(f"  {f['path']}  {human(f['size'])}  {f['content_id'][:19]}…  {state}\n")
+    sys.stdout.write("".join(lines))
     return 0
 
 

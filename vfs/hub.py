@@ -13,7 +13,6 @@ import logging
 import re
 import time
 import urllib.parse
-from typing import Iterable
 
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
@@ -21,27 +20,17 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 from . import errors
 from .ratelimit import RateGate
 from .retry import RETRY_STATUSES, backoff, server_hint
-from .snapshots import RemoteFile, Snapshot, SnapshotStore
+from .snapshots import (COMMIT_RE, RemoteFile, Snapshot, SnapshotStore, is_safe_repo_path,  # noqa: F401
+                        path_index, select_files)
 
 log = logging.getLogger(__name__)
 
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 HEX_RE = re.compile(r"^[0-9a-f]+$")
 # The memory bound on a listing: files only (folders cost nothing once listed). Measured
 # ~1.5 KB of daemon memory per file, all structures included, so this caps one repo at
 # about 1.5 GB; a listing past it is treated as hostile. See docs/BENCHMARKS.md (Scale).
 MAX_FILES = 1_000_000
 MAX_FILE_SIZE = 1 << 40      # the Hub caps files at 50 GB; a listing past 1 TiB is lying
-
-
-def is_safe_repo_path(path):
-    """A relative '/'-separated path with no way out of the directory it lands in."""
-    if not isinstance(path, str) or not path or path.startswith("/") or "\\" in path:
-        return False
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
-        return False
-    parts = path.split("/")
-    return all(p not in ("", ".", "..") and len(p.encode()) <= 255 for p in parts)
 
 
 class Hub:
@@ -58,7 +47,7 @@ class Hub:
 
     def snapshot(self, spec, commit, tree, index=None):
         """`spec`'s files of `tree` at `commit`; `index` (path -> file) spares a scan per model."""
-        return Snapshot(spec.hf, spec.revision, commit, self._select(spec, commit, tree, index))
+        return Snapshot(spec.hf, spec.revision, commit, select_files(spec, commit, tree, index))
 
     def commit_and_tree(self, spec, online):
         """(commit, files) of `spec.hf` at `spec.revision`: stored when known, else online."""
@@ -145,20 +134,6 @@ class Hub:
             raise ValueError("the listing's next page is on another origin")  # the token would follow it
         return page, next_url
 
-    def _select(self, spec, commit, tree, index=None):
-        if spec.is_dir:
-            if not spec.include and not spec.exclude:
-                return tuple(tree)
-            return tuple(f for f in tree if spec.wants(f.path))
-        if index is not None:
-            chosen = [index[spec.file]] if spec.file in index else []
-        else:
-            chosen = [f for f in tree if f.path == spec.file]
-        if not chosen:
-            raise errors.EntryNotFound(
-                f"model {spec.name!r}: file {spec.file!r} is not in {spec.hf} at {spec.revision} ({commit[:12]})")
-        return tuple(chosen)
-
     def _call(self, spec, function, *args, **kwargs):
         """Call huggingface_hub with retries; map its failures to our errors."""
         deadline = time.monotonic() + self.settings.read_deadline
@@ -181,11 +156,6 @@ class Hub:
 def _is_rate_limited(exc):
     response = getattr(exc, "response", None)
     return response is not None and getattr(response, "status_code", None) == 429
-
-
-def path_index(tree: Iterable[RemoteFile]) -> dict:
-    """path -> RemoteFile, for picking many single files out of one tree."""
-    return {remote.path: remote for remote in tree}
 
 
 def remote_file(entry):

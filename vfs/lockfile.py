@@ -33,8 +33,7 @@ from pathlib import Path
 
 from .atomic import write_atomically
 from .errors import ManifestError
-from .hub import COMMIT_RE, is_safe_repo_path
-from .snapshots import RemoteFile, Snapshot
+from .snapshots import COMMIT_RE, RemoteFile, Snapshot, is_safe_repo_path
 
 LOCK_KEY = "lamina-llm-cache lock"
 LOCK_VERSION = 1

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 
 from .cachedir import CacheDir
 from .errors import ManifestError, UsageError
-from .hub import COMMIT_RE, Hub, path_index
 from .lockfile import Lock, load_lock, lock_path_for, write_lock
-from .snapshots import Snapshot, SnapshotStore
+from .snapshots import COMMIT_RE, Snapshot, SnapshotStore, path_index, select_files
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +84,8 @@ def update_lock(settings, manifest, upgrade=None) -> tuple:
 
 
 def pin_all(settings, manifest, store: SnapshotStore, *, lock=None, stored_first=False,
-            hub: Hub | None = None) -> Pinned:
+            hub=None) -> Pinned:
     """Snapshots for every model of `manifest` (see the module docstring for the order)."""
-    hub = hub or Hub(settings, store)
     snapshots = {spec.name: None for spec in manifest.models}
     groups = {}
     for spec in manifest.models:
@@ -102,12 +100,16 @@ def pin_all(settings, manifest, store: SnapshotStore, *, lock=None, stored_first
     online = not settings.offline
     stored, remote = _split_stored(store, groups, stored_first)
     for key, (commit, tree, is_branch) in stored.items():
-        _select_all(hub, groups[key], commit, tree, snapshots)
+        _select_all(groups[key], commit, tree, snapshots)
         if is_branch:           # a commit never moves: nothing to re-check
             pinned.to_recheck.append(key)
-    for key, (commit, tree) in _pin_remote(hub, groups, remote, online).items():
-        _select_all(hub, groups[key], commit, tree, snapshots)
-    pinned.hub_reachable = hub.reachable and online
+    if remote:
+        if hub is None:
+            from .hub import Hub    # huggingface_hub is slow to import; a start from the store skips it
+            hub = Hub(settings, store)
+        for key, (commit, tree) in _pin_remote(hub, groups, remote, online).items():
+            _select_all(groups[key], commit, tree, snapshots)
+    pinned.hub_reachable = online and (hub is None or hub.reachable)
     return pinned
 
 
@@ -145,10 +147,10 @@ def _pin_remote(hub, groups, keys, online):
     return {key: future.result() for key, future in futures.items()}
 
 
-def _select_all(hub, specs, commit, tree, snapshots):
+def _select_all(specs, commit, tree, snapshots):
     index = path_index(tree) if sum(not spec.is_dir for spec in specs) > 1 else None
     for spec in specs:
-        snapshots[spec.name] = hub.snapshot(spec, commit, tree, index)
+        snapshots[spec.name] = Snapshot(spec.hf, spec.revision, commit, select_files(spec, commit, tree, index))
 
 
 def moved(old: dict, new: dict) -> list:

@@ -6,20 +6,22 @@ def file_report(remote, state):
             "cached_bytes": state.cached_bytes, "verified": state.verified}
 
 
-def model_report(spec, snapshot, cache):
+def model_report(spec, snapshot, cache, with_files=True):
     """Name, backend, source, pinned commit, sizes and cache state of one manifest model.
 
     `ready`: pinned to a commit (or nothing to pin); `verified`: every file hashed against
-    its content id (true for a model with no files)."""
-    files = [] if snapshot is None else [
-        file_report(remote, cache.peek(remote.content_id, remote.size)) for remote in snapshot.files]
-    size, cached = sum(f["size"] for f in files), sum(f["cached_bytes"] for f in files)
+    its content id (true for a model with no files). Without `with_files` the per-file
+    list is left out (totals only: `list` on a repo of 100k files)."""
+    remotes = () if snapshot is None else snapshot.files
+    states = cache.peek_many([(remote.content_id, remote.size) for remote in remotes])
+    files = [file_report(remote, state) for remote, state in zip(remotes, states)] if with_files else []
+    size, cached = sum(r.size for r in remotes), sum(state.cached_bytes for state in states)
     return {
         "name": spec.name, "backend": spec.backend, "path": spec.path, "hf": spec.hf,
         "revision": spec.revision if spec.hf else None, "commit": snapshot.commit if snapshot else None,
         "pinned": spec.pin, "ready": snapshot is not None or spec.hf is None,
         "size": size, "cached_bytes": cached, "cached_fraction": cached / size if size else 1.0,
-        "verified": all(f["verified"] for f in files), "files": files,
+        "verified": all(state.verified for state in states), "files": files,
     }
 
 

@@ -10,15 +10,33 @@ starts from these files alone.
 """
 
 import json
+import re
 import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
+from . import errors
 from .atomic import write_atomically
 
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
-@dataclass(frozen=True)
-class RemoteFile:
+
+def is_safe_repo_path(path):
+    """A relative '/'-separated path with no way out of the directory it lands in."""
+    if not isinstance(path, str) or not path or path.startswith("/") or "\\" in path:
+        return False
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
+        return False
+    parts = path.split("/")
+    return all(p not in ("", ".", "..") and len(p.encode()) <= 255 for p in parts)
+
+
+class RemoteFile(NamedTuple):
+    """One file of a repo at a commit. A tuple: a 100k-file repo makes 100k of these at
+    every start, and a frozen dataclass costs several times as much to build."""
+
     path: str          # path in the repo, '/'-separated, already checked to be safe
     size: int
     content_id: str    # "sha256:<hex>" (LFS) or "sha1:<hex>" (git blob)
@@ -68,10 +86,36 @@ class SnapshotStore:
         """The stored files of `repo` at `commit`, or None when never seen."""
         try:
             entries = json.loads(self._tree_path(repo, commit).read_text())
-        except (OSError, ValueError):
+            if entries and isinstance(entries[0], dict):      # written by an older version
+                return tuple(RemoteFile(e["path"], int(e["size"]), e["content_id"]) for e in entries)
+            return tuple(map(RemoteFile._make, entries))
+        except (OSError, ValueError, TypeError, KeyError):
             return None
-        return tuple(RemoteFile(e["path"], int(e["size"]), e["content_id"]) for e in entries)
 
     def save_tree(self, repo, commit, files):
-        entries = [{"path": f.path, "size": f.size, "content_id": f.content_id} for f in files]
-        write_atomically(self._tree_path(repo, commit), json.dumps(entries).encode())
+        # [path, size, content id] per file: a 100k-file tree loads in a third of the time
+        # of a list of objects.
+        entries = [[f.path, f.size, f.content_id] for f in files]
+        write_atomically(self._tree_path(repo, commit), json.dumps(entries, separators=(",", ":")).encode())
+
+
+def path_index(tree: Iterable[RemoteFile]) -> dict:
+    """path -> RemoteFile, for picking many single files out of one tree."""
+    return {remote.path: remote for remote in tree}
+
+
+def select_files(spec, commit, tree, index=None) -> tuple:
+    """The files of `tree` that `spec` shows; EntryNotFound when its single file is missing.
+    `index` (path_index of the tree) spares a scan per model when many pick from one tree."""
+    if spec.is_dir:
+        if not spec.include and not spec.exclude:
+            return tuple(tree)
+        return tuple(f for f in tree if spec.wants(f.path))
+    if index is not None:
+        chosen = [index[spec.file]] if spec.file in index else []
+    else:
+        chosen = [f for f in tree if f.path == spec.file]
+    if not chosen:
+        raise errors.EntryNotFound(
+            f"model {spec.name!r}: file {spec.file!r} is not in {spec.hf} at {spec.revision} ({commit[:12]})")
+    return tuple(chosen)

@@ -8,15 +8,16 @@ invalidating what the kernel caches.
 import logging
 import stat
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 
 
-@dataclass(frozen=True)
-class FileRef:
-    """Where a file's bytes come from and what they must hash to."""
+class FileRef(NamedTuple):
+    """Where a file's bytes come from and what they must hash to (a tuple: cheap to build
+    by the hundred thousand)."""
 
     model: str
     repo: str
@@ -31,14 +32,14 @@ class FileRef:
         return f"{self.model}/{self.repo_path}"
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     inode: int
     name: str
     parent: int
     is_dir: bool
     size: int = 0
-    children: dict = field(default_factory=dict)     # name -> inode (directories)
+    children: dict | None = field(default_factory=dict)   # name -> inode (directories; None for files)
     file: FileRef | None = None
     model: str | None = None
 
@@ -106,15 +107,19 @@ class Tree:
         top = self._make_dirs(ROOT_INODE, folders, spec.name)
         if snapshot is None:
             return
+        folders_made = {"": top}       # repo folder -> inode: a 100k-file repo has few folders
         for remote in snapshot.files:
             ref = FileRef(spec.name, snapshot.repo, snapshot.revision, snapshot.commit,
                           remote.path, remote.size, remote.content_id)
             if not spec.is_dir:
                 self._add_file(top, spec.parts[-1], ref)
                 continue
-            *subdirs, leaf = remote.path.split("/")
+            folder, _, leaf = remote.path.rpartition("/")
             try:
-                self._add_file(self._make_dirs(top, subdirs, spec.name), leaf, ref)
+                parent = folders_made.get(folder)
+                if parent is None:
+                    parent = folders_made[folder] = self._make_dirs(top, folder.split("/"), spec.name)
+                self._add_file(parent, leaf, ref)
             except ValueError as exc:
                 log.warning("%s; skipping %r", exc, remote.path)
 
@@ -129,7 +134,7 @@ class Tree:
         return parent
 
     def _add_file(self, parent, name, ref):
-        if self.lookup(parent, name) is not None:
+        if name in self.nodes[parent].children:
             log.warning("model %r: %r appears twice; keeping the first", ref.model, ref.repo_path)
             return
         node = self._new_node(parent, name, is_dir=False, model=ref.model, ref=ref)
@@ -137,7 +142,9 @@ class Tree:
 
     def _new_node(self, parent, name, is_dir, model, ref=None):
         path = f"{self.paths[parent]}/{name}"
-        node = Node(self._inode_for(path, is_dir, ref), name, parent, is_dir, model=model)
+        # A file has no children: no empty dict for each of a big repo's files.
+        node = Node(self._inode_for(path, is_dir, ref), name, parent, is_dir, model=model,
+                    children={} if is_dir else None)
         self.nodes[node.inode] = node
         self.paths[node.inode] = path
         self.nodes[parent].children[name] = node.inode
