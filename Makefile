@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 MANIFEST ?= models.yaml
 MOUNTPOINT ?= models
 
-.PHONY: install test mount demo bench bench-smoke clean
+.PHONY: install test mount demo bench bench-smoke bench-scale clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ bench: install
 	./bench/install-deps.sh
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) -m bench --out docs
+
+# Start-up and big trees at fleet scale (1,000 models over 10 repos; a 100,000-file repo;
+# the simulator 50 ms away): writes the Scale section of docs/BENCHMARKS.md. Needs root.
+bench-scale: install
+	$(PY) -m bench.scale --out docs
 
 # The same harness on a small file with one repeat: checks it works, measures nothing.
 bench-smoke: install

@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import cases, machine, overhead, profiles, report
+from . import cases, machine, overhead, profiles, report, scale
 from .data import MIB, big_file, gguf_file
 from .server import HubProcess
 
@@ -102,7 +102,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     settings = (f"{shape['big_mib']} MiB file, {shape['gguf_mib']} MiB GGUF, {shape['repeats']} repeats, "
                 f"fio {shape['fio_seconds']} s")
-    kept = overhead.kept_section(out / "BENCHMARKS.md")     # measured by its own command
+    # Sections measured by their own commands (make bench-scale, bench.overhead) stay.
+    kept = "\n\n".join(filter(None, (scale.kept_section(out / "BENCHMARKS.md"),
+                                       overhead.kept_section(out / "BENCHMARKS.md"))))
     (out / "BENCHMARKS.md").write_text(report.markdown(rows, read_ahead, block_sizes, machine.describe(),
                                                        settings, notes(bench, bench.tools))
                                        + (f"\n{kept}\n" if kept else ""))

@@ -125,7 +125,7 @@ def test_lock_keeps_commits_and_upgrade_moves_only_the_named_models(workspace, h
     assert "0 models changed" in run_cli(workspace, hub, "lock").stdout
     out = run_cli(workspace, hub, "lock", "--upgrade", "tiny").stdout
     now = json.loads((workspace / "models.lock").read_text())["models"]
-    assert "1 models changed (tiny)" in out
+    assert "1 model changed (tiny)" in out
     assert now["tiny"]["commit"] == moved and now["also-tiny"]["commit"] == old["also-tiny"]["commit"]
     run_cli(workspace, hub, "lock", "--upgrade")
     assert json.loads((workspace / "models.lock").read_text())["models"]["also-tiny"]["commit"] == moved

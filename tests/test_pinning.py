@@ -154,3 +154,13 @@ def test_a_cached_remount_serves_before_the_hub_answers_and_applies_a_moved_bran
     assert eventually(lambda: path.stat().st_size == len(b"GGUF moved on"), timeout=20)
     assert path.read_bytes() == b"GGUF moved on"
     assert "branches moved for 1 models (tiny)" in second.log_text()
+
+
+def test_the_simulator_takes_its_delay_in_milliseconds():
+    import argparse
+
+    from vfs.testing import link
+    parser = argparse.ArgumentParser()
+    link.add_arguments(parser)
+    assert link.from_arguments(parser.parse_args(["--delay-ms", "50"])).delay == 0.05
+    assert link.from_arguments(parser.parse_args(["--delay", "0.2"])).delay == 0.2

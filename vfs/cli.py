@@ -213,7 +213,8 @@ def cmd_lock(args):
         raise errors.UsageError("lock: naming models needs --upgrade (lock alone keeps every locked commit)")
     upgrade = args.names if args.upgrade else None
     path, changed = update_lock(settings_for(args), load(args), upgrade)
-    print(f"{path}: {len(changed)} models changed" + (f" ({', '.join(changed)})" if changed else ""))
+    plural = "" if len(changed) == 1 else "s"
+    print(f"{path}: {len(changed)} model{plural} changed" + (f" ({', '.join(changed)})" if changed else ""))
     return 0
 
 
@@ -235,14 +236,15 @@ def model_reports(args, names=None, with_files=True):
     snapshots (the Hub only when never pinned)."""
     from .blockcache import BlockCache
     from .cachedir import CacheDir
-    from .pinning import pin_manifest
+    from .pinning import collector_paused, pin_manifest
     from .report import model_report
     settings = settings_for(args)
     manifest = load(args)
     cache = BlockCache(CacheDir(settings.cache_dir, settings.block_size))
-    snapshots = pin_manifest(settings, manifest, stored_first=True).snapshots
-    return [model_report(spec, snapshots[spec.name], cache, with_files)
-            for spec in manifest.models if names is None or spec.name in names]
+    with collector_paused():
+        snapshots = pin_manifest(settings, manifest, stored_first=True).snapshots
+        return [model_report(spec, snapshots[spec.name], cache, with_files)
+                for spec in manifest.models if names is None or spec.name in names]
 
 
 def cmd_list(args):

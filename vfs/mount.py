@@ -30,7 +30,7 @@ from .manifest import load_manifest
 from .notify import Notifier, keep_informed, status_of
 from .ops import Operations
 from .offline import PROBE_SECONDS, HubStatus, hub_answers
-from .pinning import moved, pin_all, pin_manifest
+from .pinning import collector_paused, moved, pin_all, pin_manifest
 from .reader import OpenFile, Reader
 from .report import model_report
 from .snapshots import SnapshotStore
@@ -123,7 +123,8 @@ class Filesystem:
 
     async def apply(self, manifest, snapshots):
         """Serve `manifest` pinned to `snapshots` from now on. Returns the entries changed."""
-        tree = Tree.build(manifest, snapshots, previous=self.tree)
+        with collector_paused():
+            tree = Tree.build(manifest, snapshots, previous=self.tree)
         stale = tree.changed_entries(self.tree)
         self.manifest, self.snapshots, self.tree = manifest, snapshots, tree
         self.cache.pinned = pinned_content(manifest, snapshots, self.cache.directory)
@@ -155,11 +156,12 @@ def build(settings, manifest, stored_first=False):
     """Everything a mount serves. `stored_first`: branches answered from the store when
     they can be (the mount re-checks them once serving), else resolved at the Hub now."""
     directory = CacheDir(settings.cache_dir, settings.block_size)
-    pinned = pin_manifest(settings, manifest, stored_first=stored_first)
-    snapshots = pinned.snapshots
+    with collector_paused():
+        pinned = pin_manifest(settings, manifest, stored_first=stored_first)
+        snapshots = pinned.snapshots
+        tree = Tree.build(manifest, snapshots)
     cache = BlockCache(directory, settings.fetch_workers, settings.max_size, settings.min_free_fraction,
                        pinned=pinned_content(manifest, snapshots, directory), memory=settings.memory)
-    tree = Tree.build(manifest, snapshots)
     directory.make_blob_directories(node.file.content_id for node in tree.files())
     fs = Filesystem(settings, manifest, snapshots, tree, cache, RangeFetcher(settings), Reader(cache),
                     to_recheck=pinned.to_recheck, lock=pinned.lock, hub_status=HubStatus(asked=settings.offline))

@@ -17,6 +17,8 @@ store instead of each waiting out their own retries.
 """
 
 import concurrent.futures
+import contextlib
+import gc
 import logging
 from dataclasses import dataclass, field
 
@@ -52,6 +54,25 @@ def lock_for(settings, manifest) -> Lock | None:
         for name, why in lock.disagreements(manifest):
             log.warning("model %r: %s: %s; pinned without the lock", name, lock.path.name, why)
     return lock
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Build a big tree without the cyclic garbage collector, then freeze what was built.
+
+    A 100k-file repo makes some 400k objects (files, refs, nodes); the collector, run
+    again and again as they are allocated, doubled the build (measured 0.49 against
+    0.26 s). None of them form cycles, so reference counting still frees them. Frozen,
+    they are skipped by every later collection too, which a running mount would
+    otherwise pay for in its read latency."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.freeze()
 
 
 def pin_manifest(settings, manifest, *, stored_first=False) -> Pinned:

@@ -62,6 +62,7 @@ class Tree:
     def __init__(self, previous=None):
         self.nodes = {ROOT_INODE: Node(ROOT_INODE, "", ROOT_INODE, True)}
         self.paths = {ROOT_INODE: ""}
+        self._listings = {}         # directory inode -> its sorted entries, made on first readdir
         self._previous = previous
         self._next_inode = max(previous.nodes) + 1 if previous else ROOT_INODE + 1
 
@@ -96,8 +97,13 @@ class Tree:
         return None if inode is None else self.nodes[inode]
 
     def listing(self, inode):
-        directory = self.nodes[inode]
-        return [self.nodes[child] for _, child in sorted(directory.children.items())]
+        """A directory's entries in name order; kept, since the kernel asks for a big
+        directory's listing once per page of `readdir` replies and the tree never changes."""
+        listed = self._listings.get(inode)
+        if listed is None:
+            directory = self.nodes[inode]
+            listed = self._listings[inode] = [self.nodes[child] for _, child in sorted(directory.children.items())]
+        return listed
 
     def files(self):
         return [node for node in self.nodes.values() if node.file is not None]

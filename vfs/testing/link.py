@@ -130,6 +130,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cap each response body at this rate, e.g. 40MB or 10MiB (default: unlimited)")
     parser.add_argument("--delay", type=float, default=0.0, metavar="SECONDS",
                         help="wait this long before every reply, e.g. 0.03 (default 0)")
+    parser.add_argument("--delay-ms", type=float, metavar="MS",
+                        help="the same in milliseconds, e.g. 50 (a Hub 50 ms away); wins over --delay")
     parser.add_argument("--max-in-flight", type=int, metavar="N",
                         help="refuse requests beyond N served at once on an origin (default: no limit)")
     parser.add_argument("--refuse-status", type=int, default=503, choices=(429, 503),
@@ -137,5 +139,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_arguments(args) -> Link:
-    return Link(rate=args.rate, delay=args.delay, max_in_flight=args.max_in_flight,
+    delay = args.delay_ms / 1000 if getattr(args, "delay_ms", None) is not None else args.delay
+    return Link(rate=args.rate, delay=delay, max_in_flight=args.max_in_flight,
                 refuse_status=args.refuse_status)
