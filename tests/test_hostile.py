@@ -18,6 +18,7 @@ import pytest
 
 from conftest import eventually, needs_fuse
 from faultkit import BLOCK, SHORT_BOUNDS, MiB, cli_error, is_mounted, report, run_cli, timed_pread
+from vfs import errors
 from vfs.testing.hubsim import Fault, HubSimulator
 from vfs.testing.mounts import isolated_environment
 
@@ -214,9 +215,9 @@ def test_hostile_names_in_a_listing_are_dropped_and_nothing_lands_outside(lying_
     assert not [p for p in written if "escape" in p.name or "\n" in p.name or "\x07" in p.name]
     assert not any(Path(where, "escape.bin").exists() for where in ("/tmp", tmp_path.parent, tmp_path))
     assert {p.relative_to(tmp_path / "cache").parts[0] for p in written if tmp_path / "cache" in p.parents} <= {
-        "format", "CACHEDIR.TAG", "blobs", "snapshots", "pins"}
+        "format", "CACHEDIR.TAG", "blobs", "snapshots", "pins", "mount.lock"}
     (tree,) = [p for p in written if p.suffix == ".json" and "trees" in p.parts]
-    assert sorted(entry["path"] for entry in json.loads(tree.read_text())) == shown
+    assert sorted(path for path, _, _ in json.loads(tree.read_text())) == shown
 
 
 @needs_fuse
@@ -251,13 +252,21 @@ def test_a_listing_that_claims_a_smaller_size_is_never_verified(hub, random_file
     assert os.getxattr(path, "user.lamina.verified") == b"no"
 
 
-def test_a_gigantic_listing_is_refused_without_holding_it_all(hub, tmp_path):
+def test_folders_never_count_against_the_bound_and_too_many_files_are_refused(hub, tmp_path, monkeypatch):
+    from vfs import hub as hub_module
+    from vfs.hub import Hub
+    from vfs.manifest import parse_manifest
+    from vfs.settings import Settings
+    from vfs.snapshots import SnapshotStore
     hub.add_repo("org/huge", files={"config.json": b"{}\n"})
-    entries = [{"type": "directory", "oid": "b" * 40, "size": 0, "path": f"d{i}"} for i in range(100_001)]
-    hub.add_fault(Fault("raw_tree", entries=entries))
-    (tmp_path / "models.yaml").write_text("models:\n  h:\n    path: /models/h/\n    backend: vllm\n    hf: org/huge\n")
-    status, _, stderr, seconds = run_cli("list", "-m", tmp_path / "models.yaml", "--cache-dir", tmp_path / "cache",
-                                         "--endpoint", hub.endpoint, home=tmp_path, timeout=120)
-    print(f"100,001 entries: exit {status} after {seconds:.1f}s: {cli_error(stderr)}")
-    assert status == 1
-    assert cli_error(stderr) == "model 'h': org/huge lists more than 100000 entries; refused"
+    folders = [{"type": "directory", "oid": "b" * 40, "size": 0, "path": f"d{i}"} for i in range(3000)]
+    files = [{"type": "file", "oid": f"{i:040x}", "size": 1, "path": f"d{i}/f"} for i in range(1000)]
+    hub.add_fault(Fault("raw_tree", entries=folders + files))
+    monkeypatch.setattr(hub_module, "MAX_FILES", 1000)
+    spec = parse_manifest("models:\n  h:\n    path: /models/h/\n    backend: vllm\n    hf: org/huge\n").models[0]
+    settings = Settings(endpoint=hub.endpoint, cache_dir=tmp_path / "cache", max_retries=1)
+    assert len(Hub(settings, SnapshotStore(tmp_path / "cache")).pin(spec).files) == 1000    # 3,000 folders free
+    hub.clear_faults()
+    hub.add_fault(Fault("raw_tree", entries=folders + files + [{**files[0], "path": "extra/f"}]))
+    with pytest.raises(errors.HubError, match="lists more than 1000 files; refused"):
+        Hub(settings, SnapshotStore(tmp_path / "other-cache")).pin(spec)

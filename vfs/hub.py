@@ -30,6 +30,7 @@ HEX_RE = re.compile(r"^[0-9a-f]+$")
 # ~1.5 KB of daemon memory per file, all structures included, so this caps one repo at
 # about 1.5 GB; a listing past it is treated as hostile. See docs/BENCHMARKS.md (Scale).
 MAX_FILES = 1_000_000
+MAX_ENTRIES_SEEN = 10 * MAX_FILES    # folders and junk included: a hostile listing must still end
 MAX_FILE_SIZE = 1 << 40      # the Hub caps files at 50 GB; a listing past 1 TiB is lying
 
 
@@ -96,20 +97,25 @@ class Hub:
     def _list_tree(self, spec, commit):
         """The files of `spec.hf` at `commit`, page by page; each page is retried on its own."""
         url = f"{self.settings.endpoint}/api/models/{spec.hf}/tree/{commit}?recursive=true&expand=false"
-        files, ignored = [], []
+        files, seen, ignored, first_ignored = [], 0, 0, None
         while url:
             page, url = self._call(spec, self._tree_page, url)
+            seen += len(page)
             for entry in page:
                 remote = remote_file(entry)
                 if remote is not None:
                     files.append(remote)
                 elif not _is_directory(entry):
-                    ignored.append(entry.get("path") if isinstance(entry, dict) else entry)
+                    ignored += 1
+                    first_ignored = first_ignored or (entry.get("path") if isinstance(entry, dict) else entry)
             if len(files) > MAX_FILES:
                 raise errors.HubError(f"model {spec.name!r}: {spec.hf} lists more than {MAX_FILES} files; refused")
+            if seen > MAX_ENTRIES_SEEN:     # folders are free, but a listing must end
+                raise errors.HubError(
+                    f"model {spec.name!r}: {spec.hf} lists more than {MAX_ENTRIES_SEEN} entries; refused")
         if ignored:
             log.warning("model %r: ignored %d unsafe or malformed entries of %s's listing, e.g. %.200r",
-                        spec.name, len(ignored), spec.hf, ignored[0])
+                        spec.name, ignored, spec.hf, first_ignored)
         return tuple(files)
 
     def _get(self, url):
