@@ -150,3 +150,23 @@ def test_unmount_says_so_when_the_daemon_does_not_exit_within_its_timeout(hub, s
         os.kill(pid, signal.SIGKILL)
         os.kill(pid, signal.SIGCONT)
         subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "mnt")], capture_output=True)
+
+
+@needs_fuse
+@pytest.mark.fuse
+def test_verify_beside_a_mount_never_truncates_a_blob_the_mount_has_open(hub, sources, mount_factory, tmp_path):
+    mount = mount_factory(MANIFEST, hub.endpoint, args=BLOCK)
+    path = mount.mountpoint / "small" / "model.gguf"
+    with open(path, "rb") as handle:
+        assert handle.read() == sources["small"]
+        assert eventually(lambda: os.getxattr(path, "user.lamina.verified") == b"yes")
+        (data,) = [p for p in blob_data_files(tmp_path / "cache") if p.stat().st_size == len(sources["small"])]
+        with open(data, "r+b") as blob:                  # the disk rots under the mount
+            blob.seek(12345)
+            blob.write(bytes([blob.read(1)[0] ^ 0xFF]))
+        log_size = data.with_suffix(".log").stat().st_size
+        result = cli(tmp_path, hub, "verify", "small", manifest=mount.manifest)
+        print(result.stdout.strip())
+        assert "MISMATCH: another process has it open; left for it to discard" in result.stdout
+        assert result.returncode == 1
+        assert data.with_suffix(".log").stat().st_size == log_size        # not truncated under the mount

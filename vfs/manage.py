@@ -76,27 +76,31 @@ def verify(settings, manifest, names):
     fs = mount.build(settings, manifest, stored_first=True)
     fs.cache.defer_discards = True          # a mount beside us may be serving these blobs
     refs = selected_files(fs, manifest, names)
-    bad = trio.run(_verify_all, fs, refs)
-    print(f"verify: {len(refs) - bad} ok, {bad} discarded")
-    return 1 if bad else 0
+    outcomes = trio.run(_verify_all, fs, refs)
+    counts = {outcome: outcomes.count(outcome) for outcome in ("ok", "discarded", "kept", "incomplete")}
+    kept = f", {counts['kept']} mismatched but held by another process (not discarded)" if counts["kept"] else ""
+    print(f"verify: {counts['ok']} ok, {counts['discarded']} discarded{kept}, {counts['incomplete']} incomplete")
+    return 1 if counts["discarded"] or counts["kept"] else 0
 
 
 async def _verify_all(fs, refs):
-    bad = 0
+    """Per file: "ok", "discarded" (a mismatch, dropped), "kept" (a mismatch another process
+    holds: left to it) or "incomplete"."""
+    outcomes = []
     for ref in refs:
         with fs.cache.open(ref.content_id, ref.size) as blob:
             state = blob.state()
             if not state.complete:
                 print(f"{ref.describe}: incomplete ({state.cached_bytes} of {ref.size} bytes cached)")
+                outcomes.append("incomplete")
                 continue
             discarded_before = blob.failed_verifications
             good = await blob.verify(ref.describe)
-            discarded = blob.failed_verifications > discarded_before
-        verdict = "MISMATCH: discarded, will be fetched again" if discarded else \
-            "MISMATCH: another process has it open; left for it to discard"
-        print(f"{ref.describe}: {'ok' if good else verdict}")
-        bad += not good
-    return bad
+            outcome = "ok" if good else "discarded" if blob.failed_verifications > discarded_before else "kept"
+        print(f"{ref.describe}: " + {"ok": "ok", "discarded": "MISMATCH: discarded, will be fetched again",
+                                     "kept": "MISMATCH: another process has it open; left for it to discard"}[outcome])
+        outcomes.append(outcome)
+    return outcomes
 
 
 def gc(settings, manifest, max_size):
