@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 HEX_RE = re.compile(r"^[0-9a-f]+$")
 # The memory bound on a listing: files only (folders cost nothing once listed). Measured
-# ~1.5 KB of daemon memory per file, all structures included, so this caps one repo at
-# about 1.5 GB; a listing past it is treated as hostile. See docs/BENCHMARKS.md (Scale).
+# ~0.9 KiB of daemon memory per file (docs/BENCHMARKS.md, Scale), so the largest repo
+# accepted costs under 1 GiB; a listing past it is treated as hostile.
 MAX_FILES = 1_000_000
 MAX_ENTRIES_SEEN = 10 * MAX_FILES    # folders and junk included: a hostile listing must still end
 MAX_FILE_SIZE = 1 << 40      # the Hub caps files at 50 GB; a listing past 1 TiB is lying
