@@ -17,7 +17,7 @@ RUN apt-get update \
         gcc=4:12.2.0-3 libc6-dev=2.36-9+deb12u14 pkg-config=1.8.1-1 libfuse3-dev=3.14.0-4 \
  && if ! python3 -c 'import os, sysconfig; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")'; then \
         apt-get install -y --no-install-recommends python3-dev=3.11.2-1+b1; fi \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get clean && rm -rf /var/lib/apt/lists/*
 # Two venvs: one to build the wheel with, one (without pip) that becomes the image's.
 RUN python3 -m venv /opt/build-venv \
  && python3 -m venv --without-pip /opt/lamina-llm-cache
@@ -43,7 +43,7 @@ FROM ${BASE_IMAGE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
         fuse3=3.14.0-4 libfuse3-3=3.14.0-4 ca-certificates=20250419~deb12u2 \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get clean && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/lamina-llm-cache /opt/lamina-llm-cache
 COPY contrib/docker/entrypoint.sh /usr/local/bin/lamina-llm-cache-entrypoint
 ENV PATH=/opt/lamina-llm-cache/bin:$PATH \
