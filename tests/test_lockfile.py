@@ -158,3 +158,10 @@ def test_a_mount_under_a_lock_pins_with_no_hub_call_and_refresh_never_moves_a_lo
     assert path.read_bytes() == b"GGUF v1"
     assert pin_requests(hub) == []
     assert "pinned without the lock" not in mount.log_text()
+    upgrade = subprocess.run([sys.executable, "-m", "vfs", "lock", "--upgrade", "tiny", "-m", str(mount.manifest),
+                              "--cache-dir", str(workspace / "cache-of-the-locker"), "--endpoint", hub.endpoint],
+                             capture_output=True, text=True, timeout=120, env=isolated_environment(workspace))
+    assert upgrade.returncode == 0, upgrade.stderr
+    with urllib.request.urlopen(request, timeout=30) as answer:    # the lock moved: so does the mount
+        assert answer.status == 200
+    assert (mount.mountpoint / "tiny" / "model.gguf").read_bytes() == b"GGUF v2, moved on"

@@ -170,3 +170,19 @@ def test_verify_beside_a_mount_never_truncates_a_blob_the_mount_has_open(hub, so
         assert "MISMATCH: another process has it open; left for it to discard" in result.stdout
         assert result.returncode == 1
         assert data.with_suffix(".log").stat().st_size == log_size        # not truncated under the mount
+
+
+@needs_fuse
+@pytest.mark.fuse
+def test_pull_beside_a_mount_filling_the_same_blob_leaves_exact_bytes(hub, sources, mount_factory, tmp_path):
+    mount = mount_factory(MANIFEST, hub.endpoint, args=BLOCK)
+    path = mount.mountpoint / "big" / "model.gguf"
+    with open(path, "rb") as handle:
+        head = handle.read(MiB)                  # the mount is filling the blob now
+        result = cli(tmp_path, hub, "pull", "big", manifest=mount.manifest)
+        assert result.returncode == 0, result.stderr
+        assert "1 of 1 files complete and verified" in result.stdout
+        assert head + handle.read() == sources["big"]
+    assert eventually(lambda: os.getxattr(path, "user.lamina.verified") == b"yes")
+    (data,) = [p for p in blob_data_files(tmp_path / "cache") if p.stat().st_size == len(sources["big"])]
+    assert data.read_bytes() == sources["big"]
