@@ -4,16 +4,19 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 MANIFEST ?= models.yaml
 MOUNTPOINT ?= models
+# yes: pyfuse3 with FUSE passthrough (contrib/build-passthrough.sh); no: the stock pyfuse3
+PASSTHROUGH ?= yes
 
 .PHONY: install test mount demo bench bench-smoke bench-scale clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml contrib/build-passthrough.sh contrib/pyfuse3-passthrough.patch
 	./contrib/install-system-deps.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	if [ "$(PASSTHROUGH)" = yes ]; then ./contrib/build-passthrough.sh $(VENV); fi
 	touch $(STAMP)
 
 # The container tests start their own Docker engine; they need these (root installs them).

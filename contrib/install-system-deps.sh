@@ -1,11 +1,16 @@
 #!/bin/sh
-# Installs the Debian/Ubuntu packages a mount needs (FUSE 3 and what pyfuse3 builds with),
-# plus any tools named as arguments: COMMAND, or COMMAND=PACKAGE when the package is named otherwise.
+# Installs the Debian/Ubuntu packages a mount needs (FUSE 3 and what pyfuse3 and libfuse
+# build with), plus any tools named as arguments: COMMAND, or COMMAND=PACKAGE when the
+# package is named otherwise.
 set -eu
 missing=""
 command -v fusermount3 >/dev/null 2>&1 || missing="$missing fuse3"
 pkg-config --exists fuse3 2>/dev/null || missing="$missing libfuse3-dev"
 command -v pkg-config >/dev/null 2>&1 || missing="$missing pkg-config"
+# what contrib/build-passthrough.sh builds pyfuse3 and libfuse with
+command -v gcc >/dev/null 2>&1 || missing="$missing gcc"
+command -v patch >/dev/null 2>&1 || missing="$missing patch"
+command -v dpkg-source >/dev/null 2>&1 || missing="$missing dpkg-dev"
 for tool in "$@"; do
     command -v "${tool%%=*}" >/dev/null 2>&1 || missing="$missing ${tool#*=}"
 done
