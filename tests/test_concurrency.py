@@ -197,14 +197,28 @@ def test_threads_never_exceed_the_cap():
     assert controller.stats()["cdn"]["in_flight"] == 0
 
 
+def start_and_queue(controller, threads, waiting):
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while controller.stats().get("cdn", {}).get("waiting", 0) < waiting and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 def test_several_readers_share_an_origin_fairly():
-    controller = Controller(max_in_flight=2, initial=2)
+    controller = Controller(max_in_flight=1, initial=1)
     seen = new_seen()
-    # One reader queues 20 requests, then a second one 5: the second is not served last.
-    run_all(hold_slots(controller, "cdn", 20, "first", 0.02, seen) + hold_slots(controller, "cdn", 5, "second", 0.02, seen))
+    # One reader queues 10 requests, then a second one 3: the second is served every other
+    # time, not after the first reader's whole queue.
+    first = hold_slots(controller, "cdn", 10, "first", 0.1, seen)
+    second = hold_slots(controller, "cdn", 3, "second", 0.1, seen)
+    start_and_queue(controller, first, 9)
+    start_and_queue(controller, second, 12)     # while the first request still holds the slot
+    for thread in first + second:
+        thread.join(30)
     order = seen["order"]
-    assert len(order) == 25
-    assert max(i for i, stream in enumerate(order) if stream == "second") < 14
+    assert len(order) == 13
+    assert [i for i, stream in enumerate(order) if stream == "second"] == [1, 3, 5], order
 
 
 def test_an_urgent_request_goes_before_queued_read_ahead():

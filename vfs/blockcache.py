@@ -47,6 +47,17 @@ Concurrency rules:
   cache), and waits itself only for small reads (SMALL_READ), where a hand-off costs more.
 - Other processes (`pull`) append to the same logs. Before fetching a block that looks
   absent, the log's new records are read in, so their work is reused.
+
+Origins that ignore Range (a mirror or proxy that answers every range with the whole
+file): fetching block by block would send the file's prefix again for every block, so a
+blob of such a source is filled in one pass instead (`_run_stream`). One GET, asked from
+the first block wanted with an open-ended Range, is read in order into block buffers,
+filling every block that is absent (its prefix too, when the server sends it whole). Each
+block still has its own flight: the stream hands the flight a pinned buffer with the
+block's bytes, and the flight wakes its readers, writes and records the block as for any
+download, so readers are served as their blocks arrive and verification is unchanged. At
+most one stream per blob; a block behind a running stream waits for it to end and starts
+the next one.
 """
 
 import errno
@@ -77,6 +88,7 @@ RECORD_MAGIC = b"BLK1"
 SMALL_READ = 64 * 1024                 # a read this small waits for the disk on the trio thread
 READ_ROUNDS = 3                        # a read retries when its block left memory under it
 PEEK_SCAN_FROM = 64                    # peek_many scans the blob folders for this many blobs
+STREAM_TRIES = 3                       # a one-pass read whose body breaks is reopened this often
 
 
 class BlockSource(Protocol):
@@ -99,6 +111,52 @@ class Flight:
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
     written: bool = False           # its bytes are in the data file (durable or not yet)
+    streamed: bool = False          # its bytes come from the blob's one-pass stream
+
+
+@dataclass(eq=False)
+class _Delivery:
+    """One block's buffer handed from a blob's stream to the block's flight."""
+
+    ready: trio.Event = field(default_factory=trio.Event)
+    buffer: object = None
+    error: BaseException | None = None
+
+
+class _NotReached(Exception):
+    """A stream ended without passing a block (its server honoured the Range after all)."""
+
+
+class _BlobStream:
+    """One pass over a blob's bytes, in order; `position` is the next block not decided yet.
+
+    Until its body is open, every block may still be reached (a server that ignores Range
+    sends the file from its first byte); after, those from `position` on."""
+
+    def __init__(self, first: int):
+        self.position = first
+        self.opened = False
+        self.deliveries: dict[int, _Delivery] = {}
+        self.ended = trio.Event()
+
+    def will_deliver(self, index: int) -> bool:
+        if self.ended.is_set():
+            return False
+        return index in self.deliveries or not self.opened or index >= self.position
+
+    def first_wanted(self) -> int:
+        pending = [i for i, d in self.deliveries.items() if not d.ready.is_set()]
+        return min([self.position, *pending])
+
+    def delivery(self, index: int) -> _Delivery:
+        return self.deliveries.setdefault(index, _Delivery())
+
+    def end(self, error: BaseException | None) -> None:
+        self.ended.set()
+        for delivery in self.deliveries.values():
+            if not delivery.ready.is_set():
+                delivery.error = error or _NotReached()
+                delivery.ready.set()
 
 
 @dataclass(frozen=True)
@@ -366,6 +424,7 @@ class BlockCache:
         self.pinned = set(pinned)       # content ids eviction must not touch
         self._blobs: dict[str, _Blob] = {}
         self._inflight: dict[tuple[str, int], Flight] = {}
+        self._streams: dict[str, _BlobStream] = {}          # content id -> its one-pass fill
         self._fetch_limiter = trio.CapacityLimiter(fetch_workers)
         self._memory = BlockMemory(self.block_size, memory // self.block_size)
         self._loads: dict[tuple[str, int], trio.Event] = {}     # blocks being read into memory
@@ -620,8 +679,8 @@ class BlockCache:
             raise flight.error
         return flight
 
-    def _start_flight(self, blob, index, source):
-        flight = Flight()
+    def _start_flight(self, blob, index, source, streamed=None):
+        flight = Flight(streamed=_ignores_range(source) if streamed is None else streamed)
         self._inflight[(blob.content_id, index)] = flight
         blob.use()                          # a blob being filled is held, open or not
         self._nursery.start_soon(self._fly, blob, index, source, flight)
@@ -652,14 +711,12 @@ class BlockCache:
         after, out of memory's way.
         """
         key = (blob.content_id, index)
-        buffer = await self._memory.take(key, blob.block_range(index)[1])
         try:
-            try:
-                await self._download(blob, index, source, buffer)
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting reader
-                flight.error = exc
-                self._memory.forget(key)
-                return None
+            buffer = await self._receive(blob, index, source, flight)
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting reader
+            flight.error = exc
+            return None
+        try:
             buffer.ready = buffer.key == key
             flight.done.set()
             crc = await self._write(blob, index, buffer, source)
@@ -674,11 +731,124 @@ class BlockCache:
         except Exception:  # noqa: BLE001 - a background task must never end the mount
             log.exception("%s: verifying %s failed", describe, blob.content_id)
 
+    async def _receive(self, blob, index, source, flight):
+        """A pinned buffer holding block `index`'s bytes, downloaded or from the blob's stream."""
+        key = (blob.content_id, index)
+        if not flight.streamed:
+            buffer = await self._memory.take(key, blob.block_range(index)[1])
+            try:
+                await self._download(blob, index, source, buffer)
+                return buffer
+            except errors.RangeIgnored:
+                flight.streamed = True          # read the blob in one pass instead
+            except BaseException:
+                self._memory.forget(key)
+                self._memory.unpin(buffer)
+                raise
+            self._memory.forget(key)
+            self._memory.unpin(buffer)
+        buffer = await self._streamed(blob, index, source)
+        try:
+            await self._check_streamed(blob, index, source, buffer)
+        except BaseException:
+            self._memory.forget(key)
+            self._memory.unpin(buffer)
+            raise
+        return buffer
+
+    async def _check_streamed(self, blob, index, source, buffer):
+        block_start, block_len = blob.block_range(index)
+        view = buffer.view[:block_len]
+        splice = getattr(source, "splice_into", None)
+        if splice is not None:      # bytes a first-touch read served go into what is hashed
+            await trio.to_thread.run_sync(splice, block_start, view)
+        await self._check_single_block(blob, source, view)
+
+    async def _streamed(self, blob, index, source):
+        """Block `index`'s buffer from the blob's stream (one is started if none will pass it)."""
+        while True:
+            stream = self._streams.get(blob.content_id)
+            if stream is None:
+                stream = self._streams[blob.content_id] = _BlobStream(index)
+                blob.use()
+                self._nursery.start_soon(self._run_stream, blob, source, stream)
+            if stream.will_deliver(index):
+                delivery = stream.delivery(index)
+                await delivery.ready.wait()
+                if isinstance(delivery.error, _NotReached):
+                    continue                # the next stream starts at this block
+                if delivery.error is not None:
+                    raise delivery.error
+                return delivery.buffer
+            await stream.ended.wait()       # it has passed this block: the next one starts here
+
+    async def _run_stream(self, blob, source, stream):
+        error = None
+        try:
+            for attempt in range(STREAM_TRIES):
+                try:
+                    await self._stream_from(blob, source, stream)
+                    error = None
+                    break
+                except errors.FetchError as exc:    # the body broke: open it again where it broke
+                    error = exc
+                    log.info("%s: one-pass read broke at block %d (%s); %s", source.describe, stream.position,
+                             exc, "reopening" if attempt + 1 < STREAM_TRIES else "giving up")
+        except Exception as exc:  # noqa: BLE001 - handed to the flights waiting for their blocks
+            error = exc
+        finally:
+            if self._streams.get(blob.content_id) is stream:
+                del self._streams[blob.content_id]
+            stream.end(error)
+            blob.unuse()
+
+    async def _stream_from(self, blob, source, stream):
+        stream.opened = False
+        start = blob.block_range(stream.first_wanted())[0]
+        body = await trio.to_thread.run_sync(source.open_whole_body, start, blob.size)
+        try:
+            # A server that ignores Range sends it all from 0: its prefix fills blocks too.
+            stream.position = body.position // self.block_size
+            stream.opened = True
+            while stream.position < blob.blocks:
+                await self._stream_block(blob, source, stream, body)
+        finally:
+            await trio.to_thread.run_sync(body.close)
+
+    async def _stream_block(self, blob, source, stream, body):
+        """Receive the stream's next block into a buffer for its flight, or skip its bytes."""
+        index = stream.position
+        key = (blob.content_id, index)
+        flight = self._inflight.get(key)
+        wanted = (index in stream.deliveries or (flight is not None and flight.streamed and not flight.done.is_set())
+                  or (flight is None and not blob.present[index]))
+        block_len = blob.block_range(index)[1]
+        if not wanted:
+            await trio.to_thread.run_sync(body.discard, block_len)
+            stream.position += 1
+            return
+        delivery = stream.delivery(index)          # reserved before its flight asks for it
+        if flight is None:
+            self._start_flight(blob, index, source, streamed=True)
+        buffer = await self._memory.take(key, block_len)
+        try:
+            await trio.to_thread.run_sync(body.readinto, buffer.view[:block_len])
+        except BaseException:
+            self._memory.forget(key)
+            self._memory.unpin(buffer)
+            raise
+        delivery.buffer = buffer
+        delivery.ready.set()
+        stream.position += 1
+
     async def _download(self, blob, index, source, buffer):
         block_start, block_len = blob.block_range(index)
         view = buffer.view[:block_len]
         async with self._fetch_limiter:
             await trio.to_thread.run_sync(fill_from, source, block_start, view)
+        await self._check_single_block(blob, source, view)
+
+    async def _check_single_block(self, blob, source, view):
         if blob.blocks == 1 and not await trio.to_thread.run_sync(
                 matches_content_id, blob.content_id, blob.size, [view]):
             raise errors.IntegrityError(
@@ -774,6 +944,11 @@ class BlockCache:
 def _tally(served, source, length):
     if served is not None:
         served[source] += length
+
+
+def _ignores_range(source):
+    ignores = getattr(source, "ignores_range", None)
+    return ignores is not None and ignores()
 
 
 def fill_from(source, start, view):

@@ -22,11 +22,14 @@ gets an `OriginLimit`, which learns how many requests are worth having in flight
   to the origin until it has passed (requests under way go on). A timeout halves it too.
   `RateLimit: ...;r=N` (or `remaining=N`) allows at most N more requests before its reset.
 - Never more than `cap` requests in flight per origin (32 by default), nor fewer than one.
+  A new origin gets one request until its first answer arrives (a probe: an origin that
+  ignores Range is learnt from one whole-file answer, not from dozens side by side).
 
 `Controller` hands out slots under those limits, blocking the calling thread (fetches run
 in worker threads). When a slot frees, it goes to an urgent waiter first (a reader waiting
 for exactly those bytes), else to the stream (a file being read) with the fewest requests in
-flight, oldest first: several readers share an origin's budget evenly.
+flight, then the one served least recently (round robin), oldest request first: several
+readers share an origin's budget evenly.
 
 Concurrency: one lock guards every origin's state and the waiters; nothing blocks on the
 network while holding it. `OriginLimit` itself is not thread-safe: the Controller's lock
@@ -52,6 +55,7 @@ SHRINK_EFFICIENCY = 0.7         # below it, requests only share a full link: kee
 BEST_EPOCHS = 8                 # the best per-request rate is the best of this many epochs (links change)
 REFUSED_PAUSE = 0.5             # seconds without new requests after a 503 that gave no hint
 MAX_PAUSE = 60.0
+MAX_STREAMS_REMEMBERED = 4096
 WAITER_POLL = 0.25              # a waiter looks again this often (a pause or a quota may have ended)
 _RATELIMIT_PAIRS = re.compile(r"\b(r|t|remaining|reset)\s*=\s*(\d+)", re.IGNORECASE)
 
@@ -72,6 +76,9 @@ class OriginLimit:
         self.most_in_flight = 0
         self.paused_until = 0.0
         self.starting = True            # start-up: double while it pays
+        # Until a first answer: one request alone. A server that ignores Range answers each
+        # request with the whole file; learning that from one costs one file's prefix, not 32.
+        self.probing = True
         self._best = collections.deque([0.0], maxlen=BEST_EPOCHS)   # per epoch: the best request's rate
         self._quota = None              # (requests left, until when) from a RateLimit header
         self._epoch = _Epoch(clock())
@@ -82,7 +89,7 @@ class OriginLimit:
 
     def may_start(self) -> bool:
         now = self.clock()
-        if now < self.paused_until or self.in_flight >= int(self.limit):
+        if now < self.paused_until or self.in_flight >= (1 if self.probing else int(self.limit)):
             return False
         return self._quota is None or self._quota[0] > 0 or now >= self._quota[1]
 
@@ -93,6 +100,10 @@ class OriginLimit:
         if self._quota is not None:
             left, until = self._quota
             self._quota = None if self.clock() >= until else (left - 1, until)
+
+    def answered(self) -> None:
+        """A request to the origin got its answer's head: the origin is known, stop probing."""
+        self.probing = False
 
     def demand_exceeds_limit(self) -> None:
         """Someone waited for a slot: this epoch's figures say something about the limit."""
@@ -110,6 +121,7 @@ class OriginLimit:
 
     def finished(self, received: int, seconds: float, headers: Mapping[str, str] | None = None) -> None:
         """A request ended with its answer read; `received` body bytes in `seconds`."""
+        self.probing = False
         self._account()
         self.in_flight -= 1
         self._epoch.bytes += received
@@ -125,6 +137,7 @@ class OriginLimit:
 
     def refused(self, wait: float | None = None) -> None:
         """The origin said 429 or 503: halve the limit, and pause as asked (or briefly)."""
+        self.probing = False
         self._account()
         self.in_flight -= 1
         self._decrease()
@@ -132,6 +145,7 @@ class OriginLimit:
 
     def failed(self, timed_out: bool = False) -> None:
         """A request broke (connection error, timeout): a timeout counts as congestion."""
+        self.probing = False
         self._account()
         self.in_flight -= 1
         if timed_out:
@@ -238,12 +252,23 @@ class Slot:
         self._controller, self.origin, self.stream = controller, origin, stream
         self._started = time.monotonic()
         self._reported = False
+        self._kept = False
 
     def __enter__(self) -> "Slot":
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.failed()               # nothing if the request reported how it ended
+        if not self._kept:
+            self.failed()           # nothing if the request reported how it ended
+
+    def keep(self) -> "Slot":
+        """Outlive the `with` block: its request goes on elsewhere, which reports how it ended."""
+        self._kept = True
+        return self
+
+    def answered(self) -> None:
+        """The answer's head arrived (the slot is still held until the body is read)."""
+        self._controller._update(self.origin, OriginLimit.answered)
 
     def finished(self, received: int, headers: Mapping[str, str] | None = None) -> None:
         self._report(lambda limit: limit.finished(received, time.monotonic() - self._started, headers))
@@ -270,6 +295,7 @@ class Controller:
         self._limits: dict[object, OriginLimit] = {}
         self._waiters: dict[object, list[_Waiter]] = {}
         self._streams: dict[tuple[object, object], int] = {}    # (origin, stream) -> requests in flight
+        self._served: dict[tuple[object, object], int] = {}     # (origin, stream) -> its last grant's number
         self._order = itertools.count()
 
     def limit(self, origin) -> OriginLimit:
@@ -277,9 +303,10 @@ class Controller:
             return self._limit(origin)
 
     def stats(self) -> dict:
-        """Per origin: the current limit, requests in flight, and the most at once so far."""
+        """Per origin: the current limit, requests in flight and waiting, the most in flight so far."""
         with self._lock:
-            return {origin: {"limit": limit.limit, "in_flight": limit.in_flight, "most": limit.most_in_flight}
+            return {origin: {"limit": limit.limit, "in_flight": limit.in_flight, "most": limit.most_in_flight,
+                             "waiting": len(self._waiters.get(origin, ()))}
                     for origin, limit in self._limits.items()}
 
     def slot(self, origin, stream=None, deadline: float | None = None, urgent: bool = False) -> Slot:
@@ -335,6 +362,14 @@ class Controller:
         limit.started()
         key = (origin, stream)
         self._streams[key] = self._streams.get(key, 0) + 1
+        if len(self._served) > MAX_STREAMS_REMEMBERED:
+            self._served.clear()        # only the order among current readers matters
+        self._served[key] = next(self._order)
+
+    def _update(self, origin, update):
+        with self._lock:
+            update(self._limits[origin])
+            self._dispatch(origin)
 
     def _release(self, origin, stream, update):
         with self._lock:
@@ -349,7 +384,8 @@ class Controller:
         """Grant free slots to waiters: urgent first, then the least-served stream, oldest first."""
         limit, queue = self._limits[origin], self._waiters.get(origin)
         while queue and limit.may_start():
-            waiter = min(queue, key=lambda w: (not w.urgent, self._streams.get((origin, w.stream), 0), w.order))
+            waiter = min(queue, key=lambda w: (not w.urgent, self._streams.get((origin, w.stream), 0),
+                                               self._served.get((origin, w.stream), -1), w.order))
             queue.remove(waiter)
             self._grant(origin, waiter.stream, limit)
             waiter.granted = True

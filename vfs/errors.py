@@ -66,6 +66,11 @@ class FetchError(LaminaError):
     """A byte range could not be fetched correctly (bad status, bad headers, short body)."""
 
 
+class RangeIgnored(FetchError):
+    """The server answered a Range request with the whole body (200): its bytes are to be read
+    in one pass from the start (the block cache does that), not one range at a time."""
+
+
 class IntegrityError(LaminaError):
     """Bytes did not match their content id or block checksum."""
 

@@ -7,8 +7,12 @@ received straight into the caller's buffer (`read_range_into`).
 
 Every ranged answer is checked before a byte of it is used: status 206, the exact
 Content-Range asked for, and exactly the length asked for. A server that ignores Range
-(200 + whole body) is read by skipping to the offset, never by trusting the slice it
-sent. A connection that dies mid-body resumes after the last byte kept: a clean close at
+(200 + whole body: some mirrors and proxies) is remembered as such for
+IGNORES_RANGE_MEMORY seconds, and the read raises RangeIgnored: the block cache then reads
+the blob in one pass (`open_whole_body`), never one range at a time, which would send the
+file's prefix again for every block. The whole body that answered is not thrown away: it
+is parked for a few seconds and is what `open_whole_body` hands out first (or what a
+plain `read_range` near the start of the file skips through). A connection that dies mid-body resumes after the last byte kept: a clean close at
 the exact byte, a reset or timeout at the start of the read call it broke (bytes that
 call was receiving are asked for again). The token goes only to the Hub's own origin,
 never to the CDN a redirect points to.
@@ -36,8 +40,10 @@ not wait out the deadline twice, nor see one failure logged twice because a bloc
 and a small first-touch read of that block failed side by side.
 """
 
+import contextlib
 import logging
 import math
+import sys
 import threading
 import time
 import urllib.parse
@@ -53,6 +59,9 @@ log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 CHUNK = 1024 * 1024
+IGNORES_RANGE_MEMORY = 600.0    # seconds an origin seen ignoring Range is treated so
+MAX_SKIP = 16 * 1024 * 1024     # a first-touch read skips at most this much of a whole body
+PARKED_SECONDS = 10.0           # a whole body received for a ranged read waits this long to be used
 RECENT_FAILURE = 2.0
 REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -99,6 +108,8 @@ class RangeFetcher:
                                      max_idle=settings.max_in_flight + 4)
         self.link = concurrency.Controller(settings.max_in_flight)
         self._parts = parts.PartReader(2 * settings.max_in_flight)
+        self._range_ignored = {}    # origin -> time.monotonic() it last answered a Range with 200
+        self._parked = {}           # url -> (WholeBody a ranged read received, until when it is kept)
         self._targets = {}          # resolve URL -> _Target the bytes come from (after redirects)
         self._resolving = {}        # resolve URL -> Event set when the resolve under way ends
         self._failures = {}         # (url, block index) -> (when, error) of recent failures
@@ -110,13 +121,26 @@ class RangeFetcher:
             headers["Authorization"] = f"Bearer {self.settings.token}"
         return headers
 
-    def read_range(self, url, start, length, what=""):
-        """Exactly `length` bytes of `url` from `start`, or a LaminaError within the deadline."""
+    def read_range(self, url, start, length, what="", skip_whole=True):
+        """Exactly `length` bytes of `url` from `start`, or a LaminaError within the deadline.
+
+        From a server that ignores Range, the whole body that answered is read up to
+        `start` (at most MAX_SKIP bytes) when `skip_whole`; else RangeIgnored is raised."""
         # Small reads (a first touch: a reader waits for exactly these bytes) come here, and
         # go before queued read-ahead; a block is received into its own buffer through
         # read_range_into.
         buffer = bytearray(length)
-        self.read_range_into(url, start, memoryview(buffer), what, urgent=True)
+        try:
+            self.read_range_into(url, start, memoryview(buffer), what, urgent=True)
+        except errors.RangeIgnored:
+            body = self._claim(url) if skip_whole and start <= MAX_SKIP else None
+            if body is None:
+                raise
+            try:
+                body.discard(start - body.position)
+                body.readinto(memoryview(buffer))
+            finally:
+                body.close()
         return buffer
 
     def read_range_into(self, url, start, view, what="", urgent=False):
@@ -134,11 +158,118 @@ class RangeFetcher:
         try:
             self._parts.read(start, view, self._part_size(url),
                              lambda part, part_view: self._read_with_retries(url, part, part_view, what, deadline, urgent))
+        except errors.RangeIgnored:
+            raise                   # not a failure: the caller reads the blob in one pass
         except errors.LaminaError as exc:
             raise self._remember_failure(key, exc).with_traceback(None) from None
 
+    def ignores_range(self, url) -> bool:
+        """Whether the server of `url`'s bytes was seen answering Range with the whole body lately."""
+        with self._lock:
+            target = self._targets.get(url)
+        return target is not None and self._range_ignored_at(target)
+
+    def _range_ignored_at(self, target):
+        with self._lock:
+            seen = self._range_ignored.get(origin(target.url))
+        return seen is not None and time.monotonic() - seen < IGNORES_RANGE_MEMORY
+
+    def open_whole_body(self, url, size, start, what=""):
+        """The bytes of `url` from `start` (or from 0) to its end, to be read in order (WholeBody).
+
+        Asked with an open-ended Range: a server that honours it after all sends only what is
+        wanted (and is no longer taken for one that ignores Range); one that ignores it sends
+        the whole body, and the WholeBody's `position` is 0."""
+        parked = self._claim(url)
+        if parked is not None:
+            return parked
+        deadline = time.monotonic() + self.settings.read_deadline
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return self._open_whole_body(url, size, start, deadline)
+            except _Retry as problem:
+                self._wait_or_give_up(problem, tries - 1, tries, deadline, what, start)
+
+    def _open_whole_body(self, url, size, start, deadline):
+        target = self.resolve(url)
+        key = origin(target.url)
+        slot = self.link.slot(key, url, deadline)
+        exchange = self.pool.request("GET", target.url, self._headers_for(target.url, {"Range": f"bytes={start}-"}))
+        try:
+            response = exchange.__enter__()
+        except TRANSPORT_ERRORS as exc:
+            slot.failed(timed_out=isinstance(exc, TimeoutError))
+            raise _Retry(f"request failed: {type(exc).__name__}") from None
+        except BaseException:
+            slot.failed()
+            raise
+        try:
+            position = self._check_whole_body(url, target, response, size, start)
+            slot.answered()
+            return WholeBody(exchange, response, slot, position)
+        except BaseException as exc:
+            # The connection goes (its body is unread); the slot says how the request ended.
+            if isinstance(exc, _Retry):
+                _report(slot, exc)
+            slot.failed()
+            exchange.__exit__(*sys.exc_info())
+            raise
+
+    def _check_whole_body(self, url, target, response, size, start):
+        """Where this answer's body begins in the file: `start`, or 0 for a whole body."""
+        length = response.headers.get("content-length")
+        if response.status == 206:
+            with self._lock:
+                self._range_ignored.pop(origin(target.url), None)
+            _check_partial(response, start, size - 1)
+            return start
+        if response.status == 200:
+            self._note_range_ignored(target)
+            if length is not None and length.strip() != str(size):
+                raise errors.FetchError(f"whole body of {length} bytes, the file has {size}")
+            return 0
+        self._check_response(url, target, response, start, size - 1, time.monotonic())
+        raise errors.FetchError(f"unexpected HTTP {response.status}")
+
+    def _unless_range_ignored(self, url, target):
+        if self._range_ignored_at(target):
+            # Asking would only fetch the whole file again to use a slice of it.
+            raise errors.RangeIgnored(f"{_safe(url)} ignores Range")
+
+    def _park(self, url, body):
+        """Keep a whole body a ranged read received, for `open_whole_body` (a few seconds at most)."""
+        with self._lock:
+            older = self._parked.pop(url, None)
+            self._parked[url] = (body, time.monotonic() + PARKED_SECONDS)
+        if older is not None:
+            older[0].close()
+
+    def _claim(self, url):
+        """The body parked for `url`, if any; parked bodies nobody claimed in time are closed."""
+        now = time.monotonic()
+        with self._lock:
+            found = self._parked.pop(url, None)
+            stale = [self._parked.pop(key)[0] for key, (_, until) in list(self._parked.items()) if until < now]
+        for body in stale:
+            body.close()
+        return found[0] if found is not None else None
+
+    def _note_range_ignored(self, target):
+        with self._lock:
+            first = origin(target.url) not in self._range_ignored
+            self._range_ignored[origin(target.url)] = time.monotonic()
+        if first:
+            log.warning("%s ignored the Range header; its files are read in one pass from now on",
+                        _safe(target.url))
+
     def close(self):
         """Let the part threads go and close idle connections (at unmount)."""
+        with self._lock:
+            parked, self._parked = self._parked, {}
+        for body, _ in parked.values():
+            body.close()
         self._parts.close()
         self.pool.close()
 
@@ -209,15 +340,29 @@ class RangeFetcher:
         """One attempt: fill `view` from `start`; on failure raise _Retry carrying bytes got."""
         asked_at = time.monotonic()
         target = self.resolve(url)
-        end = start + len(view) - 1
-        headers = self._headers_for(target.url, {"Range": f"bytes={start}-{end}"})
-        with self.link.slot(origin(target.url), url, deadline, urgent) as slot:
+        self._unless_range_ignored(url, target)
+        with self.link.slot(origin(target.url), url, deadline, urgent) as slot, contextlib.ExitStack() as exchange:
+            # Again, now that a slot is ours: while this waited, a signed URL may have come
+            # due for renewal, or the origin may have shown it ignores Range.
+            if not target.fresh(time.monotonic()):
+                asked_at = time.monotonic()
+                target = self.resolve(url)
+            self._unless_range_ignored(url, target)
+            end = start + len(view) - 1
+            headers = self._headers_for(target.url, {"Range": f"bytes={start}-{end}"})
             try:
-                with self.pool.request("GET", target.url, headers) as response:
+                response = exchange.enter_context(self.pool.request("GET", target.url, headers))
+                try:
                     skip = self._check_response(url, target, response, start, end, asked_at)
-                    got = self._read_body(response, view, skip)
-                    slot.finished(got, response.headers)
-                    return got
+                except errors.RangeIgnored:
+                    # The whole file is on its way: keep it for the one-pass read to come.
+                    slot.answered()
+                    self._park(url, WholeBody(exchange.pop_all(), response, slot.keep(), 0))
+                    raise
+                slot.answered()
+                got = self._read_body(response, view, skip)
+                slot.finished(got, response.headers)
+                return got
             except TRANSPORT_ERRORS as exc:
                 # Only the request and the answer's head get here: _read_body turns its own.
                 slot.failed(timed_out=isinstance(exc, TimeoutError))
@@ -233,8 +378,8 @@ class RangeFetcher:
             _check_partial(response, start, end)
             return 0
         if status == 200:
-            log.warning("%s ignored the Range header; skipping to offset %d", _safe(url), start)
-            return start
+            self._note_range_ignored(target)
+            raise errors.RangeIgnored(f"{_safe(url)} answered a Range request with the whole body")
         if status in REDIRECTS and "location" in response.headers:
             # The CDN moved the bytes on: ask there next time (never with the token).
             self._replace_target(url, target, _Target.received(urllib.parse.urljoin(target.url, response.headers["location"])))
@@ -369,6 +514,48 @@ class RangeFetcher:
             except TRANSPORT_ERRORS as exc:
                 slot.failed(timed_out=isinstance(exc, TimeoutError))
                 raise _Retry(f"request failed: {type(exc).__name__}") from None
+
+
+class WholeBody:
+    """A body being read in order from `position` on (one GET), for a blob filled in one pass.
+
+    It holds its request's concurrency slot and connection until `close`; reads are
+    blocking (worker threads), one thread at a time."""
+
+    def __init__(self, exchange, response, slot, position):
+        self._exchange, self._response, self._slot = exchange, response, slot
+        self.position = position
+        self._received = 0
+
+    def readinto(self, view):
+        """Fill `view` exactly with the next bytes, or raise FetchError."""
+        view = memoryview(view).cast("B")
+        got = 0
+        try:
+            while got < len(view):
+                n = self._response.readinto(view[got:got + CHUNK])
+                if not n:
+                    break
+                got += n
+        except TRANSPORT_ERRORS as exc:
+            raise errors.FetchError(f"connection broke at offset {self.position + got}: {type(exc).__name__}") from None
+        finally:
+            self.position += got
+            self._received += got
+            STATS.fetch_received(got)
+        if got < len(view):
+            raise errors.FetchError(f"body ended at offset {self.position}, before the file's end")
+
+    def discard(self, count):
+        scratch = memoryview(bytearray(min(count, CHUNK))) if count else None
+        while count > 0:
+            step = min(count, CHUNK)
+            self.readinto(scratch[:step])
+            count -= step
+
+    def close(self):
+        self._slot.finished(self._received)
+        self._exchange.__exit__(None, None, None)
 
 
 def _check_partial(response, start, end):

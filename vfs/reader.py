@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import trio
 
-from . import warmup
+from . import errors, warmup
 from .blockcache import BlobHandle, BlockCache, BlockSource, fill_from
 from .metrics import STATS
 from .workers import Workers
@@ -94,7 +94,7 @@ class Reader:
         if handle.reads == 0 and offset == 0:
             self._start_warmup(handle)
         continuing = self._track(handle, offset, end)
-        if not continuing and self._untouched(handle.blob, offset, end):
+        if not continuing and self._untouched(handle.blob, offset, end) and not ignores_range(handle.source):
             return await self._read_direct(handle, offset, end)
         self._read_ahead(handle, end)
         index, inside = divmod(offset, self.cache.block_size)
@@ -146,6 +146,8 @@ class Reader:
         try:
             async with self._direct_limiter:
                 data = await self._in_thread(handle.source.fetch, offset, end - offset)
+        except errors.RangeIgnored:
+            pass                    # the server sends whole files: the block comes in one pass
         finally:
             if data is not None and self._nursery is not None:
                 # After this task has answered the kernel: the block's other fetches would
@@ -153,6 +155,8 @@ class Reader:
                 self._nursery.start_soon(_provide, spliced, data)
             else:
                 spliced.provide(data)
+        if data is None:
+            return await self.read_blocks(handle.blob, handle.source, offset, end, STATS.served)
         STATS.served["network"] += len(data)
         return data
 
@@ -177,6 +181,12 @@ class Reader:
             return
         self._warming.add(blob.content_id)
         self._nursery.start_soon(warmup.run, self, blob, handle.source, self.warmup_parallel)
+
+
+def ignores_range(source) -> bool:
+    """Whether `source`'s server is known to answer ranges with whole files (no small reads then)."""
+    ignores = getattr(source, "ignores_range", None)
+    return ignores is not None and ignores()
 
 
 def _prepare_quietly(source):
@@ -208,6 +218,21 @@ class SplicedSource:
         buffer = bytearray(length)
         self.fetch_into(start, memoryview(buffer))
         return buffer
+
+    def ignores_range(self):
+        return self.source.ignores_range()
+
+    def open_whole_body(self, start, size):
+        return self.source.open_whole_body(start, size)
+
+    def splice_into(self, block_start, view):
+        """Put the first-touch read's bytes into a block that came another way (a one-pass
+        read), so that what was served is what gets hashed."""
+        if not block_start <= self.start < self.end <= block_start + len(view):
+            return
+        self._ready.wait(self.patience)
+        if self._data is not None and len(self._data) == self.end - self.start:
+            view[self.start - block_start:self.end - block_start] = self._data
 
     def fetch_into(self, start, view):
         end = start + len(view)

@@ -2,7 +2,9 @@
 
 A source is blocking (it runs in worker threads) and knows nothing of blocks or presence.
 `fetch(start, length)` returns the bytes; `fetch_into(start, view)` fills a caller's
-buffer with them exactly (no copy on the way), or raises.
+buffer with them exactly (no copy on the way), or raises. A source whose server ignores
+Range says so (`ignores_range()`, non-blocking) and offers `open_whole_body(start, size)`,
+its bytes from `start` to the end in one pass.
 """
 
 import logging
@@ -23,11 +25,19 @@ class RemoteSource:
 
     def fetch(self, start, length):
         self._refuse_if_offline()
-        return self.fetcher.read_range(self.url, start, length, self.describe)
+        # A reader's first touch: from a server that ignores Range it waits for the one pass.
+        return self.fetcher.read_range(self.url, start, length, self.describe, skip_whole=False)
 
     def fetch_into(self, start, view):
         self._refuse_if_offline()
         self.fetcher.read_range_into(self.url, start, view, self.describe)
+
+    def ignores_range(self):
+        return self.fetcher.ignores_range(self.url)
+
+    def open_whole_body(self, start, size):
+        self._refuse_if_offline()
+        return self.fetcher.open_whole_body(self.url, size, start, self.describe)
 
     def prepare(self):
         """Follow the Hub's redirect and connect to where it points now, so a first read
@@ -54,6 +64,12 @@ class HfCacheSource:
 
     def prepare(self):
         pass            # local bytes: nothing to resolve
+
+    def ignores_range(self):
+        return bool(self.blob.failed_verifications) and self.remote.ignores_range()
+
+    def open_whole_body(self, start, size):
+        return self.remote.open_whole_body(start, size)
 
     def fetch(self, start, length):
         buffer = bytearray(length)

@@ -213,7 +213,7 @@ _FAULT_PARAMS = {  # kind -> (required params, optional params with defaults)
     "stall": ({"seconds"}, {"after_bytes": 0, "then": "finish"}),
     "reset": (set(), {"after_bytes": 0}),
     "short": (set(), {"after_bytes": 0}),
-    "ignore_range": (set(), {}),
+    "ignore_range": (set(), {"reset_after": None}),
     "wrong_content_range": (set(), {}),
     "long_body": (set(), {"extra": 1024}),
     "wrong_bytes": (set(), {}),
@@ -249,7 +249,8 @@ class Fault:
     reset                after_bytes (0)               GET with a body     send after_bytes, then TCP RST
     short                after_bytes (0)               GET with a body     send after_bytes, then a clean close
     wrong_bytes          -                             GET with a body     every body byte XOR 0xFF, headers intact
-    ignore_range         -                             206 answers         200 and the whole body instead
+    ignore_range         reset_after (None)            206 answers         200 and the whole body instead (reset
+                                                                           after that many bytes, if given)
     wrong_content_range  -                             206 answers         the same length from another offset,
                                                                            Content-Range naming it (for a range of
                                                                            the whole body: a total one too big)
@@ -1169,6 +1170,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _write_body(self, response, fault, record):
         kind = fault.kind if fault is not None else None
         cut = fault.params["after_bytes"] if kind in ("stall", "reset", "short") else None
+        if kind == "ignore_range":
+            cut = fault.params["reset_after"]
         first = response.length if cut is None else min(cut, response.length)
         self._send_range(response.body, response.start, first, kind == "wrong_bytes", record)
         if cut is not None and cut < response.length:
@@ -1179,7 +1182,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.sim._sleep(fault.params["seconds"])
             if fault.params["then"] == "finish":
                 return self._send_range(response.body, response.start + sent, response.length - sent, False, record)
-        if fault.kind == "reset":
+        if fault.kind in ("reset", "ignore_range"):
             # linger 0 makes close() send RST instead of FIN
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.connection.close()
