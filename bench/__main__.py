@@ -6,12 +6,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import cases, machine, overhead, profiles, report, scale
-from .data import MIB, big_file, gguf_file
+from . import cases, link, machine, overhead, profiles, report, scale
+from .data import MIB, big_file, four_files, gguf_file
 from .server import HubProcess
 
-FULL = dict(big_mib=1024, gguf_mib=320, repeats=3, fio_seconds=5)
-SMOKE = dict(big_mib=48, gguf_mib=24, repeats=1, fio_seconds=1)
+FULL = dict(big_mib=1024, gguf_mib=320, four_mib=256, repeats=3, fio_seconds=5)
+SMOKE = dict(big_mib=48, gguf_mib=24, four_mib=8, repeats=1, fio_seconds=1)
 
 
 def parse_args(argv):
@@ -38,8 +38,9 @@ def run(args):
     print("making the files", flush=True)
     big = big_file(work / "repo-big", shape["big_mib"] * MIB)
     gguf = gguf_file(work / "repo-gguf", shape["gguf_mib"])
-    with HubProcess({"bench/big": big.parent, "bench/gguf": gguf.parent}) as hub:
-        bench = cases.Bench(work, hub, big, gguf, shape["repeats"], shape["fio_seconds"], tools)
+    four = four_files(work / "repo-four", shape["four_mib"] * MIB)
+    with HubProcess({"bench/big": big.parent, "bench/gguf": gguf.parent, "bench/four": four[0].parent}) as hub:
+        bench = cases.Bench(work, hub, big, gguf, shape["repeats"], shape["fio_seconds"], tools, four_sources=four)
         rows = measure(bench, args.only and set(args.only.split(",")))
         bench.profiles = profile(bench) if not (args.smoke or args.only) and profiles.available() else {}
         sweeps = ([], []) if args.no_sweeps or args.smoke or args.only else (cases.read_ahead_sweep(bench),
@@ -54,7 +55,8 @@ CASES = [("cold", "cold sequential reads", cases.cold_sequential),
          ("page", "page cache hot", cases.page_cache_hot),
          ("random", "random reads", cases.random_reads),
          ("load", "llama.cpp-style load", cases.llama_load),
-         ("coldload", "llama.cpp-style load, cold", cases.llama_load_cold)]
+         ("coldload", "llama.cpp-style load, cold", cases.llama_load_cold),
+         ("link", "cold reads over shaped links, against aria2c -x16 and curl", link.link_rows)]
 NEEDS_HOT_CACHE = {"hot", "page", "random", "load"}
 
 
@@ -102,12 +104,21 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     settings = (f"{shape['big_mib']} MiB file, {shape['gguf_mib']} MiB GGUF, {shape['repeats']} repeats, "
                 f"fio {shape['fio_seconds']} s")
+    page = out / "BENCHMARKS.md"
+    shaped = [row for row in rows if row.section == "link"]
+    if args.only and set(args.only.split(",")) == {"link"}:
+        # Only the shaped-link section is measured: the rest of the page stays as it was.
+        report.write_section(page, link.section(rows, machine.describe(), shape), *link.MARKERS)
+        print(f"wrote the shaped-link section of {page}")
+        return
+    rows = [row for row in rows if row.section != "link"]
+    shaped_section = link.section(shaped, machine.describe(), shape) if shaped else \
+        report.kept_section(page, *link.MARKERS)
     # Sections measured by their own commands (make bench-scale, bench.overhead) stay.
-    kept = "\n\n".join(filter(None, (scale.kept_section(out / "BENCHMARKS.md"),
-                                       overhead.kept_section(out / "BENCHMARKS.md"))))
-    (out / "BENCHMARKS.md").write_text(report.markdown(rows, read_ahead, block_sizes, machine.describe(),
-                                                       settings, notes(bench, bench.tools))
-                                       + (f"\n{kept}\n" if kept else ""))
+    kept = [shaped_section, scale.kept_section(page), overhead.kept_section(page)]
+    page.write_text(report.markdown(rows, read_ahead, block_sizes, machine.describe(), settings,
+                                    notes(bench, bench.tools))
+                    + "".join(f"\n{section}\n" for section in kept if section))
     plotted = report.plot(rows, out / "benchmarks.png")
     print(f"wrote {out / 'BENCHMARKS.md'}" + (f" and {out / 'benchmarks.png'}" if plotted else
                                                 " (no plot: pip install '.[bench]' for matplotlib)"))

@@ -31,6 +31,7 @@ class Row:
     target: str
     met: bool | None
     higher_is_better: bool = True
+    section: str = ""               # "link": written to the shaped-link section of BENCHMARKS.md
 
     @property
     def ratio(self):
@@ -48,6 +49,7 @@ class Bench:
     tools: dict
     samples: dict = field(default_factory=dict)
     blob: Path | None = None        # the hot cache's blob file of the big file
+    four_sources: list = field(default_factory=list)    # bench/four's files (the link rows)
 
     def mount(self, cache="cold", fresh=False, args=()):
         return BenchMount(self.work, self.hub.endpoint, self.work / f"cache-{cache}", fresh, args)

@@ -14,6 +14,10 @@ models:
     path: /models/big/
     backend: vllm
     hf: bench/big
+  four:
+    path: /models/four/
+    backend: vllm
+    hf: bench/four
   gguf:
     path: /models/gguf/model.gguf
     backend: llama.cpp
@@ -52,6 +56,11 @@ class BenchMount:
     @property
     def big(self):
         return self.root / "big" / "big.bin"
+
+    @property
+    def four(self):
+        """The four files of bench/four, in the mount."""
+        return sorted((self.root / "four").iterdir())
 
     @property
     def gguf(self):

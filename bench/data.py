@@ -20,6 +20,20 @@ def big_file(directory, size):
     return path
 
 
+def four_files(directory, size):
+    """Four files of `size` random bytes each (for four readers of different files)."""
+    paths = []
+    for number in range(4):
+        path = Path(directory) / f"part-{number}.bin"
+        if not (path.exists() and path.stat().st_size == size):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as out:
+                for offset in range(0, size, 64 * MIB):
+                    out.write(os.urandom(min(64 * MIB, size - offset)))
+        paths.append(path)
+    return paths
+
+
 def gguf_file(directory, size_mib):
     """A llama-architecture GGUF of about `size_mib` MiB (kept between runs)."""
     path = Path(directory) / GGUF_NAME

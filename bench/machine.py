@@ -49,4 +49,4 @@ def prefault_memory(limit_gib=16):
 def tools():
     """Which optional comparison tools are installed."""
     import shutil
-    return {name: shutil.which(name) is not None for name in ("curl", "fio", "rclone")}
+    return {name: shutil.which(name) is not None for name in ("curl", "fio", "rclone", "aria2c")}

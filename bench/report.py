@@ -80,6 +80,25 @@ cache and mounts).
 """
 
 
+def kept_section(path, begin, end):
+    """The section between `begin` and `end` in the file at `path`, markers included, or ""."""
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        return begin + text.split(begin, 1)[1].split(end, 1)[0] + end
+    return ""
+
+
+def write_section(path, section, begin, end):
+    """Put `section` in place of the one between the markers in `path` (appended if none)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
 def plot(rows, path):
     """Write the ratios as a bar chart; False if matplotlib (the bench extra) is missing."""
     try:

@@ -1,0 +1,186 @@
+"""Cold reads over links shaped like a CDN's, against aria2c -x16 and one curl stream.
+
+Loopback is not the Hub: there one HTTP stream runs as fast as the CPU. Each link here
+caps every response at a rate and delays every reply (the simulator's link shaping), as
+a CDN edge and the distance to it do. On each link, in one run, back to back:
+
+- a cold sequential read of the big file through the mount, against aria2c -x16 (16
+  connections) downloading it, and one curl stream (over its first CURL_MIB: at
+  10 MB/s a whole GiB would take two minutes and say nothing more);
+- a llama.cpp-style load (header reads, then mmap MAP_POPULATE) of the GGUF through a
+  cold mount, against aria2c's download of it followed by the same load from local disk;
+- four cold readers of four different files at once, against aria2c -x16 -j4 downloading
+  the four.
+
+Each mount's most requests in flight at the simulator's CDN origin is recorded (the
+daemon's peak RSS goes into the benchmark's memory row).
+"""
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import datetime
+
+from . import probes, report
+from .cases import MB, MIB, Row
+
+LINKS = (("40 MB/s per response, 30 ms per reply", 40e6, 0.03),
+         ("10 MB/s per response, 80 ms per reply", 10e6, 0.08))
+CURL_MIB = 64
+MARKERS = ("<!-- link-rows:begin -->", "<!-- link-rows:end -->")
+RERUN = "sudo .venv/bin/python -m bench --only link --out docs"
+
+
+def link_rows(bench):
+    rows = []
+    try:
+        for name, rate, delay in LINKS:
+            print(f"  link: {name}", flush=True)
+            bench.hub.client.set_link(rate=rate, delay=delay)
+            rows += _one_link(bench, name)
+    finally:
+        bench.hub.client.set_link()         # the loopback rows are measured unshaped
+    return rows
+
+
+def section(rows, machine, shape):
+    """The shaped-link section of BENCHMARKS.md, markers included."""
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""{MARKERS[0]}
+## Cold reads over shaped links
+
+Written by `{RERUN}` ({when}; `make bench` writes it too). The simulator caps every
+response at a rate and delays every reply, as a CDN edge and the distance to it do;
+aria2c -x16 and one curl stream read the same file from the same simulator, back to back
+in the same run: {shape['big_mib']} MiB file, {shape['gguf_mib']} MiB GGUF, four files of
+{shape['four_mib']} MiB, {shape['repeats']} rounds, medians (the in-flight and spread rows:
+the worst round). "Cold": a fresh block cache and a dropped page cache. The machine was
+shared with other work while this ran (2 cores): read the ratios more than the figures.
+
+Machine: {machine}
+
+{report.table(rows)}
+{MARKERS[1]}"""
+
+
+def _one_link(bench, name):
+    tag = name.split(",")[0]
+    for _ in range(bench.repeats):
+        _cold_read(bench, tag)
+        _cold_load(bench, tag)
+        _four_readers(bench, tag)
+    return _rows(bench, name, tag)
+
+
+def _rows(bench, name, tag):
+    def med(key):
+        return bench.median(f"{tag} {key}")
+
+    read, aria, curl = med("mount") / MB, med("aria2c") / MB, med("curl") / MB
+    load, aria_load = med("load mount"), med("load aria2c")
+    four, aria_four = med("four mount") / MB, med("four aria2c") / MB
+    spread = max(bench.samples[f"{tag} four spread"])
+    most = max(bench.samples[f"{tag} in flight"])
+    rows = [
+        Row(f"cold sequential read, {name}", read, "aria2c -x16", aria, "MB/s", ">= 0.9x", read >= 0.9 * aria),
+        Row(f"cold sequential read, {name}", read, f"one curl stream (first {CURL_MIB} MiB)", curl, "MB/s",
+            "-", None),
+        Row(f"cold llama.cpp-style load (mmap MAP_POPULATE), {name}", load,
+            "aria2c -x16 download, then the same load from local disk", aria_load, "s", "<= 1.0x",
+            load <= aria_load, higher_is_better=False),
+        Row(f"4 cold readers of different files, total, {name}", four, "aria2c -x16 -j4 of the four files",
+            aria_four, "MB/s", ">= 0.9x", four >= 0.9 * aria_four),
+        Row(f"4 cold readers: slowest reader's time / fastest's (worst round), {name}", spread, "", None, "x",
+            "<= 2x", spread <= 2.0, higher_is_better=False),
+        Row(f"most requests in flight at the CDN origin (any round), {name}", most, "", None, "requests",
+            "<= 32", most <= 32, higher_is_better=False),
+    ]
+    for row in rows:
+        row.section = "link"
+    return rows
+
+
+def _cold_read(bench, tag):
+    size = bench.big_source.stat().st_size
+    with bench.mount(fresh=True) as mount:
+        bench.cold()
+        bench.hub.client.reset_in_flight_peak()
+        bench.record(f"{tag} mount", probes.read_sequential(mount.big))
+        bench.record(f"{tag} in flight", bench.hub.client.most_in_flight("cdn"))
+    bench.cold()
+    bench.record(f"{tag} aria2c", size / aria2c_seconds(bench, [bench.hub.cdn_url("bench/big", "big.bin")]))
+    bench.cold()
+    url = bench.hub.cdn_url("bench/big", "big.bin")
+    bench.record(f"{tag} curl", probes.curl(url, f"0-{CURL_MIB * MIB - 1}")[0])
+
+
+def _cold_load(bench, tag):
+    with bench.mount(fresh=True) as mount:
+        bench.cold()
+        bench.hub.client.reset_in_flight_peak()
+        bench.record(f"{tag} load mount", probes.llama_style_load_seconds(mount.gguf))
+        bench.record(f"{tag} in flight", bench.hub.client.most_in_flight("cdn"))
+    bench.cold()
+    target = bench.work / "aria2c-download"
+    downloaded = aria2c_seconds(bench, [bench.hub.cdn_url("bench/gguf", "model.gguf")], keep=target)
+    try:
+        # Right after the download, as a user would: the file is in the page cache then.
+        bench.record(f"{tag} load aria2c", downloaded + probes.llama_style_load_seconds(target / "0"))
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def _four_readers(bench, tag):
+    with bench.mount(fresh=True) as mount:
+        bench.cold()
+        bench.hub.client.reset_in_flight_peak()
+        total, seconds = _parallel_reads(mount.four)
+        bench.record(f"{tag} four mount", total / max(seconds))
+        bench.record(f"{tag} four spread", max(seconds) / min(seconds))
+        bench.record(f"{tag} in flight", bench.hub.client.most_in_flight("cdn"))
+    bench.cold()
+    urls = [bench.hub.cdn_url("bench/four", path.name) for path in bench.four_sources]
+    total = sum(path.stat().st_size for path in bench.four_sources)
+    bench.record(f"{tag} four aria2c", total / aria2c_seconds(bench, urls, jobs=4))
+
+
+def _parallel_reads(paths):
+    seconds = {}
+
+    def read(path):
+        started = time.perf_counter()
+        probes.read_sequential(path)
+        seconds[path] = time.perf_counter() - started
+
+    threads = [threading.Thread(target=read, args=(path,)) for path in paths]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(path.stat().st_size for path in paths), list(seconds.values())
+
+
+def aria2c_seconds(bench, urls, jobs=1, keep=None):
+    """Seconds for aria2c -x16 to download `urls` (`jobs` at once) into a fresh directory.
+
+    The files are deleted after, unless `keep` names the directory (they are named 0, 1...)."""
+    target = keep or bench.work / "aria2c-scratch"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    listing = "".join(f"{url}\n  out={index}\n" for index, url in enumerate(urls))
+    args = ["aria2c", "-q", "-x16", "-s16", "-k1M", f"-j{jobs}", "--file-allocation=none",
+            "--allow-overwrite=true", "--auto-file-renaming=false", "--check-certificate=false",
+            "-d", str(target), "-i", "-"]
+    started = time.perf_counter()
+    subprocess.run(args, input=listing, text=True, check=True, env=_no_proxy_env())
+    seconds = time.perf_counter() - started
+    if keep is None:
+        shutil.rmtree(target, ignore_errors=True)
+    return seconds
+
+
+def _no_proxy_env():
+    return {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
