@@ -1,8 +1,14 @@
 """Fixtures shared by the suite: the Hub simulator, a cache, and real mounts."""
 
+import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -78,3 +84,31 @@ def random_file(tmp_path):
                 remaining -= chunk
         return path
     return make
+
+
+def run_elsewhere(code, *args):
+    """Run `code` in another Python process and return its stdout.
+
+    mmap'd reads through the mount must not happen in this process: a page fault holds
+    the GIL while it waits for the daemon, and the Hub simulator runs on threads here.
+    """
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def call_api(port, method, path):
+    """(status, JSON answer) of one REST API request to a mount's --api port."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as failure:
+        return failure.code, json.loads(failure.read())

@@ -2,13 +2,11 @@
 
 import json
 import os
-import socket
-import urllib.error
-import urllib.request
 
 import pytest
 
-from conftest import eventually, needs_fuse
+from conftest import call_api as call
+from conftest import eventually, free_port, needs_fuse
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
@@ -33,21 +31,6 @@ EXTRA = """  extra:
     hf: org/small
     include: ["*.json"]
 """
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def call(port, method, path):
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as failure:
-        return failure.code, json.loads(failure.read())
 
 
 @pytest.fixture

@@ -4,13 +4,11 @@ import errno
 import os
 import random
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import eventually, needs_fuse, unexpected_log_lines
+from conftest import eventually, needs_fuse, run_elsewhere, unexpected_log_lines
 from vfs.testing.models import write_gguf, write_safetensors_dir
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
@@ -58,18 +56,6 @@ def sources(hub, tmp_path, random_file):
 @pytest.fixture
 def mounted(hub, sources, mount_factory):
     return mount_factory(MANIFEST, hub.endpoint, args=BLOCK)
-
-
-def run_elsewhere(code, *args):
-    """Run `code` in another Python process and return its stdout.
-
-    mmap'd reads through the mount must not happen in this process: a page fault holds
-    the GIL while it waits for the daemon, and the Hub simulator runs on threads here.
-    """
-    result = subprocess.run([sys.executable, "-c", code, *map(str, args)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def expected_bytes(value):

@@ -6,6 +6,7 @@
     GET  /models               every manifest model with size and cache state
     GET  /models/<name>        one model, per file
     POST /download/<org/name>  fetch every model of that Hub repo fully, in the background (202)
+                               (a local model's name: 200, nothing to fetch)
     GET  /download/<org/name>  progress of those pulls
     POST /refresh              reload models.yaml and re-pin revisions; the mount shows the result
 
@@ -98,6 +99,10 @@ class Api:
 
     async def _download(self, method, repo):
         models = [spec.name for spec in self.fs.manifest.models if spec.hf == repo]
+        local = [spec for spec in self.fs.manifest.models if spec.local and spec.name == repo]
+        if local and method in ("GET", "POST"):
+            return 200, {"model": repo, "source": "local", "local": local[0].local, "state": "done",
+                         "message": "nothing to fetch: the model is served from local files"}
         if not models:
             return 404, {"error": f"no model in the manifest uses {repo!r}; add one with `lamina-llm-cache add`"}
         if method == "GET":

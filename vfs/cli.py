@@ -96,7 +96,10 @@ def build_parser():
 
     add = commands.add_parser("add", help="add a model to the manifest")
     add.add_argument("name")
-    add.add_argument("--hf", required=True, help="Hub repo id, e.g. org/name")
+    source = add.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", help="Hub repo id, e.g. org/name")
+    source.add_argument("--local", metavar="PATH",
+                        help="a local directory (a directory model) or file (a single-file model)")
     add.add_argument("--file", help="the repo file for a single-file model (e.g. a .gguf)")
     add.add_argument("--revision", help="branch, tag or commit (default main)")
     add.add_argument("--backend", default="llama.cpp", help="llama.cpp | mlc | vllm | transformers")
@@ -254,8 +257,9 @@ def cmd_list(args):
         return 0
     print(f"{'NAME':24} {'BACKEND':10} {'SIZE':>10} {'CACHED':>7}  PATH")
     for model in reports:
-        size = human(model["size"]) if model["commit"] else "-"
+        size = human(model["size"]) if model["commit"] or model["local"] else "-"
         share = f"{100 * model['cached_bytes'] / model['size']:.0f}%" if model["size"] else "-"
+        share = "local" if model["local"] else share
         print(f"{model['name']:24} {model['backend']:10} {size:>10} {share:>7}  {model['path']}")
     return 0
 
@@ -266,7 +270,9 @@ def cmd_info(args):
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    for key in ("name", "backend", "path", "hf", "revision", "commit"):
+    if data["local"] is not None:
+        return print_local_info(data)
+    for key in ("name", "backend", "path", "source", "hf", "revision", "commit"):
         print(f"{key:9} {data[key] if data[key] is not None else '-'}")
     print(f"{'size':9} {human(data['size'])}, {human(data['cached_bytes'])} cached")
     lines = []          # written at once: a repo may have 100k files
@@ -277,11 +283,25 @@ def cmd_info(args):
     return 0
 
 
+def print_local_info(data):
+    for key in ("name", "backend", "path", "source", "local"):
+        print(f"{key:9} {data[key]}")
+    print(f"{'size':9} {human(data['size'])} in {len(data['files'])} files, read from local disk")
+    for f in data["files"]:
+        state = "" if f["readable"] else "  (the daemon cannot read it: EACCES)"
+        print(f"  {f['path']}  {human(f['size'])}{state}")
+    return 0
+
+
 def cmd_add(args):
     from .manifest import add_model
-    spec = add_model(args.manifest, args.name, hf=args.hf, backend=args.backend, file=args.file,
-                     revision=args.revision, include=tuple(args.include))
-    print(f"added {spec.name}: {spec.path} ({spec.hf})")
+    local = None
+    if args.local is not None:
+        # The manifest wants an absolute path; a directory keeps a trailing '/' to read as one.
+        local = os.path.abspath(args.local) + ("/" if os.path.isdir(args.local) else "")
+    spec = add_model(args.manifest, args.name, hf=args.hf, local=local, backend=args.backend,
+                     file=args.file, revision=args.revision, include=tuple(args.include))
+    print(f"added {spec.name}: {spec.path} ({spec.hf or spec.local})")
     return 0
 
 

@@ -79,6 +79,16 @@ class CacheError(LaminaError):
     """The cache directory is unusable (unknown format version, unwritable)."""
 
 
+class LocalFileChanged(LaminaError):
+    """A local model's file is no longer what the mount scanned (until /refresh)."""
+
+
+class LocalUnreadable(LaminaError):
+    """A local model's file the daemon is not allowed to read."""
+
+    errno = errno.EACCES
+
+
 class NotFound(LaminaError):
     """A name that is not in the tree."""
 

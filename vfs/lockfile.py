@@ -167,7 +167,8 @@ def _file(raw) -> RemoteFile:
 def render_lock(manifest, snapshots) -> str:
     """The lock's text for `manifest` pinned to `snapshots`: the same bytes for the same pins."""
     lines = ["{", f'  {json.dumps(LOCK_KEY)}: {LOCK_VERSION},', '  "models": {']
-    specs = sorted((spec for spec in manifest.models if snapshots.get(spec.name)), key=lambda s: s.name)
+    specs = sorted((spec for spec in manifest.models if spec.hf and snapshots.get(spec.name)),
+                   key=lambda s: s.name)
     for number, spec in enumerate(specs):
         lines += _model_lines(spec, snapshots[spec.name], last=number == len(specs) - 1)
     lines += ["  }", "}"]

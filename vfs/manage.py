@@ -12,28 +12,49 @@ import trio
 
 from . import errors, mount
 from .progress import PullProgress
+from .localsource import LocalFile, sha256_of
 
 log = logging.getLogger(__name__)
 
 
-def selected_files(fs, manifest, names, everything=False):
-    """File refs of the named models (all models when `everything`), one per content id."""
+def selected_models(manifest, names, everything=False):
+    """The specs of the named models (all of them when `everything` or no names)."""
     known = {spec.name for spec in manifest.models}
     unknown = [name for name in names if name not in known]
     if unknown:
         raise errors.UsageError(f"no model named {unknown[0]!r} in {manifest.source}")
     wanted = known if everything or not names else set(names)
+    return [spec for spec in manifest.models if spec.name in wanted]
+
+
+def selected_files(fs, manifest, names, everything=False):
+    """Hub file refs of the named models (all models when `everything`), one per content id."""
+    wanted = {spec.name for spec in selected_models(manifest, names, everything)}
     unique = {}
-    for node in fs.tree.files():
+    for node in fs.tree.hub_files():
         if node.model in wanted:
             unique.setdefault(node.file.content_id, node.file)
     return list(unique.values())
 
 
+def local_models(manifest, names, everything=False):
+    return [spec for spec in selected_models(manifest, names, everything) if spec.local is not None]
+
+
+def local_files(fs, specs):
+    wanted = {spec.name for spec in specs}
+    return [node.file for node in fs.tree.files() if isinstance(node.file, LocalFile) and node.model in wanted]
+
+
 def pull(settings, manifest, names, everything=False):
     fs = mount.build(settings, manifest)
     fs.cache.defer_discards = True          # a mount beside us may be serving these blobs
+    local = local_models(manifest, names, everything)
+    for spec in local:
+        print(f"pull: {spec.name}: nothing to fetch; served from local files at {spec.local}")
     refs = selected_files(fs, manifest, names, everything)
+    if local and not refs:
+        return 0
     missing = {}
     for ref in refs:
         missing[ref.model] = missing.get(ref.model, 0) + ref.size - fs.cache.peek(ref.content_id, ref.size).cached_bytes
@@ -73,14 +94,32 @@ async def _pull_one(fs, ref, progress):
 
 
 def verify(settings, manifest, names):
+    """Re-hash cached blobs against their content ids; hash local files and report their sha256."""
     fs = mount.build(settings, manifest, stored_first=True)
     fs.cache.defer_discards = True          # a mount beside us may be serving these blobs
+    local = local_files(fs, local_models(manifest, names))
+    local_bad = _hash_local(local)
     refs = selected_files(fs, manifest, names)
     outcomes = trio.run(_verify_all, fs, refs)
     counts = {outcome: outcomes.count(outcome) for outcome in ("ok", "discarded", "kept", "incomplete")}
     kept = f", {counts['kept']} mismatched but held by another process (not discarded)" if counts["kept"] else ""
-    print(f"verify: {counts['ok']} ok, {counts['discarded']} discarded{kept}, {counts['incomplete']} incomplete")
-    return 1 if counts["discarded"] or counts["kept"] else 0
+    if local:
+        print(f"verify: {len(local) - local_bad} local files hashed, {local_bad} unreadable or changed")
+    if refs or not local:
+        print(f"verify: {counts['ok']} ok, {counts['discarded']} discarded{kept}, {counts['incomplete']} incomplete")
+    return 1 if counts["discarded"] or counts["kept"] or local_bad else 0
+
+
+def _hash_local(files):
+    """Print each local file's sha256 (read-only: nothing under `local` is touched); failures."""
+    failed = 0
+    for local in files:
+        try:
+            print(f"{local.describe}: local {sha256_of(local)}  {local.size} bytes  {local.source}")
+        except errors.LaminaError as exc:
+            print(f"{local.describe}: cannot hash: {exc}")
+            failed += 1
+    return failed
 
 
 async def _verify_all(fs, refs):
@@ -109,7 +148,7 @@ def gc(settings, manifest, max_size):
     Blobs a running mount (or a pull) has open or is filling are skipped, whatever the size."""
     fs = mount.build(settings, manifest, stored_first=True)
     directory = fs.cache.directory
-    named = {node.file.content_id for node in fs.tree.files()}
+    named = {node.file.content_id for node in fs.tree.hub_files()}
     if max_size is None:
         eviction = directory.evict(float("inf"), protected=named | fs.cache.pinned)
     else:
@@ -120,6 +159,9 @@ def gc(settings, manifest, max_size):
 
 
 def pin(settings, manifest, name, pinned=True):
+    if manifest.get(name).local is not None:
+        print(f"{name} is served from local files: nothing of it is cached, nothing to pin")
+        return 0
     fs = mount.build(settings, manifest, stored_first=True)
     refs = selected_files(fs, manifest, [name])
     if pinned:

@@ -8,15 +8,17 @@ The manifest says which models the mount shows, where, and where their bytes com
         path: /models/name/...     # inside <root>/<name>/; a trailing '/' makes a directory model
         backend: llama.cpp         # llama.cpp | mlc | vllm | transformers
         hf: org/repo               # optional: no hf = the seed's "populate manually" (no source)
+        local: /srv/finetunes/x/   # or: an absolute local directory (or file) served instead
         file: x.Q4_K_M.gguf        # single-file models with hf: the repo file shown at path
         revision: main             # branch, tag or 40-hex commit (lowercased)
-        include: ["*.safetensors"] # directory models with hf: fnmatch filters on repo paths
+        include: ["*.safetensors"] # directory models with hf or local: fnmatch filters on paths
         exclude: ["original/*"]
         pin: false                 # keep out of cache eviction
 
 Validation is strict and stops at the first problem: every bad input becomes exactly one
 `ManifestError` naming the file, the model and the field, so nothing starts half-configured.
-`parse_manifest` is pure (text in, frozen specs out); `load_manifest` adds the file read;
+`parse_manifest` is pure (text in, frozen specs out); `load_manifest` adds the file read
+and checks that every `local` path exists and is of the model's kind (file or directory);
 `add_model` is the CLI's `add`, which edits the file as text so the user's comments survive.
 """
 
@@ -39,7 +41,7 @@ DEFAULT_ROOT = "/models"
 DEFAULT_REVISION = "main"
 BACKENDS = ("llama.cpp", "mlc", "vllm", "transformers")
 TOP_LEVEL_KEYS = ("models", "root")
-MODEL_KEYS = ("path", "backend", "hf", "file", "revision", "include", "exclude", "pin")
+MODEL_KEYS = ("path", "backend", "hf", "local", "file", "revision", "include", "exclude", "pin")
 NAME_MAX_BYTES = 255  # a model name is a directory name: NAME_MAX on Linux
 COMPONENT_MAX_BYTES = 255
 REPO_ID_MAX = 96
@@ -63,14 +65,20 @@ class ModelSpec:
     parts: tuple[str, ...]  # path components relative to root, e.g. ("x", "model.gguf")
     is_dir: bool
     hf: str | None = None
+    local: str | None = None  # an absolute local directory or file, as written
     file: str | None = None
     revision: str = DEFAULT_REVISION
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     pin: bool = False
 
+    @property
+    def source_kind(self):
+        """Where the bytes come from: "hf", "local", or None (the seed's hand-populated form)."""
+        return "hf" if self.hf else "local" if self.local else None
+
     def wants(self, repo_path):
-        """Whether the repo file `repo_path` is shown for this model.
+        """Whether the repo (or local directory) file `repo_path` is shown for this model.
 
         A single-file model shows only its `file`. A directory model shows everything its
         include patterns match (no include: everything) unless an exclude pattern matches.
@@ -200,7 +208,43 @@ def load_manifest(path):
         raise _not_utf8(source, exc) from None
     except OSError as exc:
         raise _unreadable(source, exc) from None
-    return parse_manifest(text, source)
+    manifest = parse_manifest(text, source)
+    for spec in manifest.models:
+        check_local_path(manifest.source, spec)
+    return manifest
+
+
+def check_local_path(source, spec):
+    """Refuse a `local` path that is missing or of the wrong kind for its model (reads the disk)."""
+    if spec.local is None:
+        return
+    problem = _local_path_problem(spec)
+    if problem:
+        raise ManifestError(source, problem, model=spec.name, field="local")
+
+
+def _local_path_problem(spec):
+    try:
+        info = os.stat(spec.local)
+    except FileNotFoundError:
+        return f"{spec.local!r} does not exist"
+    except OSError as exc:
+        return f"{spec.local!r} cannot be used: {exc.strerror}"
+    if spec.is_dir and not stat.S_ISDIR(info.st_mode):
+        return (f"{spec.local!r} is {_file_kind(info)}; a directory model (a path ending in '/') "
+                "needs a directory")
+    if not spec.is_dir and not stat.S_ISREG(info.st_mode):
+        return (f"{spec.local!r} is {_file_kind(info)}; a single-file model needs a regular file "
+                "(end path with '/' for a directory model)")
+    return None
+
+
+def _file_kind(info):
+    for test, words in ((stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a file"),
+                        (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(info.st_mode):
+            return words
+    return "a device"
 
 
 def _not_utf8(source, exc):
@@ -355,12 +399,13 @@ def _model(source, root, name, entry):
     path = _required_str(fail, entry, "path", f"e.g. {_join(root, name, '')!r}")
     parts, is_dir = _model_path(lambda message: fail(message, "path"), root, name, path)
     backend, hf = _backend(fail, entry), _hf(fail, entry)
+    local = _local(fail, entry, hf)
     spec = ModelSpec(
-        name=name, backend=backend, path=path, parts=parts, is_dir=is_dir, hf=hf,
-        file=_file(fail, entry, hf, is_dir),
-        revision=_revision(fail, entry, hf),
-        include=_patterns(fail, entry, "include", hf, is_dir),
-        exclude=_patterns(fail, entry, "exclude", hf, is_dir),
+        name=name, backend=backend, path=path, parts=parts, is_dir=is_dir, hf=hf, local=local,
+        file=_file(fail, entry, hf, local, is_dir),
+        revision=_revision(fail, entry, hf, local),
+        include=_patterns(fail, entry, "include", hf or local, is_dir),
+        exclude=_patterns(fail, entry, "exclude", hf or local, is_dir),
         pin=_pin(fail, entry),
     )
     _check_gguf(fail, spec)
@@ -427,7 +472,19 @@ def _hf(fail, entry):
     return hf
 
 
-def _file(fail, entry, hf, is_dir):
+def _local(fail, entry, hf):
+    local = _str(fail, entry, "local")
+    if local is None:
+        return None
+    if hf is not None:
+        raise fail("give hf or local, not both: a model's bytes come from one source", "local")
+    _check_absolute(local, lambda message: fail(message, "local"), "such as '/srv/finetunes/x/'")
+    if local == "/":
+        raise fail("'/' is the whole filesystem; name the model's own directory or file", "local")
+    return local
+
+
+def _file(fail, entry, hf, local, is_dir):
     file = _str(fail, entry, "file")
     if file is None:
         if hf is not None and not is_dir:
@@ -438,6 +495,9 @@ def _file(fail, entry, hf, is_dir):
         return None
     if is_dir:
         raise fail("file is for single-file models; use include on a directory model", "file")
+    if local is not None:
+        raise fail("file is for hf models; a local single-file model shows the file local names",
+                   "file")
     if hf is None:
         raise fail("file needs hf: without hf there is no repo to take it from", "file")
     problem = _repo_path_problem(file)
@@ -446,10 +506,12 @@ def _file(fail, entry, hf, is_dir):
     return file
 
 
-def _revision(fail, entry, hf):
+def _revision(fail, entry, hf, local):
     revision = _str(fail, entry, "revision")
     if revision is None:
         return DEFAULT_REVISION
+    if local is not None:
+        raise fail("revision is for hf models; local files have no revisions", "revision")
     if hf is None:
         raise fail("revision needs hf: without hf there is no repo to pin", "revision")
     if _COMMIT.fullmatch(revision):
@@ -488,11 +550,11 @@ def _describe_char(char):
     return repr(char)
 
 
-def _patterns(fail, entry, field, hf, is_dir):
+def _patterns(fail, entry, field, source, is_dir):
     if field not in entry:
         return ()
-    if hf is None:
-        raise fail(f"{field} needs hf: without hf there is no repo to filter", field)
+    if source is None:
+        raise fail(f"{field} needs hf or local: without a source there is nothing to filter", field)
     if not is_dir:
         raise fail(f"{field} is for directory models (a path ending in '/'); use file", field)
     return _pattern_tuple(lambda message: fail(message, field), entry[field])
@@ -525,7 +587,8 @@ def _check_gguf(fail, spec):
     # llama.cpp only reads GGUF; catching a wrong file here beats a load error at run time.
     if spec.backend != "llama.cpp" or spec.is_dir:
         return
-    for field, value in (("file", spec.file), ("path", spec.parts[-1])):
+    local_name = spec.local.rstrip("/").rsplit("/", 1)[-1] if spec.local else None
+    for field, value in (("file", spec.file), ("local", local_name), ("path", spec.parts[-1])):
         if value is not None and not value.lower().endswith(".gguf"):
             raise fail(f"a single-file llama.cpp model must be a .gguf file, not {value!r}", field)
 
@@ -533,12 +596,14 @@ def _check_gguf(fail, spec):
 # ---------------------------------------------------------------- adding a model
 
 
-def add_model(path, name, *, hf, backend, file=None, revision=None, include=(), dir_model=None):
+def add_model(path, name, *, hf=None, local=None, backend, file=None, revision=None, include=(),
+              dir_model=None):
     """Append a model to the manifest at `path` (created if missing) and return its spec.
 
     The entry is inserted as text at the end of the `models:` mapping, so the user's
     comments, order and layout stay as they were. The whole result is validated before
-    the file is replaced atomically. `dir_model` defaults to "no `file` given".
+    the file is replaced atomically. `dir_model` defaults to "no `file` given" for `hf`,
+    and to "`local` is a directory" for `local`.
     """
     source = os.fspath(path)
     with _editing(source):
@@ -568,28 +633,35 @@ def _add_model(source, name, *, hf, backend, file, revision, include, dir_model)
     if any(spec.name == name for spec in manifest.models):
         raise ManifestError(source, "already in the manifest", model=name)
     if dir_model is None:
-        dir_model = file is None
-    fields = _new_fields(source, manifest.root, name, hf=hf, backend=backend, file=file,
-                         revision=revision, include=include, dir_model=dir_model)
+        dir_model = os.path.isdir(local) if local is not None else file is None
+    shown = file if local is None else local.rstrip("/")
+    fields = _new_fields(source, manifest.root, name, shown=shown, dir_model=dir_model,
+                         backend=backend, hf=hf, local=local, file=file, revision=revision,
+                         include=include)
     new_text = _insert_entry(source, text, name, fields)
     spec = parse_manifest(new_text, source).get(name)
+    check_local_path(source, spec)
     _write_atomically(source, new_text)
     return spec
 
 
-def _new_fields(source, root, name, *, hf, backend, file, revision, include, dir_model):
-    """The new entry's fields in the order a person would write them."""
+def _new_fields(source, root, name, *, shown, dir_model, backend, **given):
+    """The new entry's fields in the order a person would write them.
+
+    `shown` is the repo file or local file whose name a single-file model takes.
+    """
     if dir_model:
         model_path = _join(root, name, "")
-    elif file is None:
+    elif shown is None:
         raise ManifestError(
             source, "missing; a single-file model needs the repo file", model=name, field="file"
         )
     else:
-        # llama.cpp users point at /models/<name>/model.gguf whatever the repo calls it.
-        shown = "model.gguf" if file.lower().endswith(".gguf") else file.rsplit("/", 1)[-1]
-        model_path = _join(root, name, shown)
-    fields = {"path": model_path, "backend": backend, "hf": hf, "file": file, "revision": revision}
+        # llama.cpp users point at /models/<name>/model.gguf whatever the file is called.
+        leaf = "model.gguf" if shown.lower().endswith(".gguf") else shown.rsplit("/", 1)[-1]
+        model_path = _join(root, name, leaf)
+    include = given.pop("include")
+    fields = {"path": model_path, "backend": backend, **given}
     if isinstance(include, str):
         include = (include,)
     fields["include"] = list(include) or None

@@ -26,6 +26,7 @@ from .blockcache import BlockCache
 from .cachedir import CacheDir
 from .fetch import RangeFetcher
 from .hub import resolve_url
+from .localsource import LocalFile, LocalSnapshot, open_local
 from .manifest import load_manifest
 from .notify import Notifier, keep_informed, status_of
 from .ops import Operations
@@ -59,6 +60,8 @@ class Filesystem:
 
     def open_file(self, node):
         ref = node.file
+        if isinstance(ref, LocalFile):
+            return open_local(ref)      # no block cache: the bytes already are on a local disk
         blob = self.cache.open(ref.content_id, ref.size)
         try:
             handle = OpenFile(blob, self.source_for(ref, blob), ref.size)
@@ -89,7 +92,7 @@ class Filesystem:
 
     async def forget_content(self, content_id):
         """Make the kernel drop pages it cached from bytes that failed verification."""
-        inodes = [node.inode for node in self.tree.files() if node.file.content_id == content_id]
+        inodes = [node.inode for node in self.tree.hub_files() if node.file.content_id == content_id]
         if self.ops is not None and inodes:
             await trio.to_thread.run_sync(_invalidate_data, inodes)
 
@@ -111,6 +114,9 @@ class Filesystem:
         manifest, current, lock = self.manifest, self.snapshots, self.lock
         pinned = await trio.to_thread.run_sync(
             lambda: pin_all(self.settings, manifest, SnapshotStore(self.settings.cache_dir), lock=lock))
+        # Local models keep the scan they were served with: only /refresh scans them again.
+        pinned.snapshots.update((name, snapshot) for name, snapshot in current.items()
+                                if isinstance(snapshot, LocalSnapshot) and name in pinned.snapshots)
         changed = moved(current, pinned.snapshots)
         if not pinned.hub_reachable:
             log.warning("branches not re-checked: the Hub is unreachable; serving the stored commits")
@@ -162,7 +168,7 @@ def build(settings, manifest, stored_first=False):
         tree = Tree.build(manifest, snapshots)
     cache = BlockCache(directory, settings.fetch_workers, settings.max_size, settings.min_free_fraction,
                        pinned=pinned_content(manifest, snapshots, directory), memory=settings.memory)
-    directory.make_blob_directories(node.file.content_id for node in tree.files())
+    directory.make_blob_directories(node.file.content_id for node in tree.hub_files())
     fs = Filesystem(settings, manifest, snapshots, tree, cache, RangeFetcher(settings), Reader(cache),
                     to_recheck=pinned.to_recheck, lock=pinned.lock, hub_status=HubStatus(asked=settings.offline))
     if not pinned.hub_reachable:
@@ -175,7 +181,7 @@ def pinned_content(manifest, snapshots, directory):
     """Content ids eviction must keep: `pin: true` models and models pinned with `pin`."""
     pinned = set().union(*directory.pinned().values())
     for spec in manifest.models:
-        if spec.pin and snapshots.get(spec.name):
+        if spec.pin and spec.hf and snapshots.get(spec.name):
             pinned |= {f.content_id for f in snapshots[spec.name].files}
     return pinned
 
@@ -313,7 +319,7 @@ async def _serve(fs, mountpoint, on_ready, api_address, notifier):
         await trio.to_thread.run_sync(os.stat, mountpoint)
         set_read_ahead(mountpoint, fs.settings.read_ahead_kb)
         api.serving = True
-        if not fs.settings.offline:
+        if not fs.settings.offline and any(spec.hf for spec in fs.manifest.models):
             nursery.start_soon(_connect_to_hub, fs.fetcher)
             nursery.start_soon(_recheck_quietly, fs)
             nursery.start_soon(_watch_hub, fs)

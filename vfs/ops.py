@@ -15,9 +15,10 @@ from time import perf_counter
 
 import pyfuse3
 
-from . import errors
+from . import errors, localsource
 from .logs import where
 from .metrics import STATS
+from .localsource import LocalFile, LocalHandle
 from .reader import OpenFile
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def handler(function):
             _count_error(name, exc.errno)
             raise
         except errors.LaminaError as exc:
-            if exc.errno not in (errno.ENOENT, errno.EROFS):
+            if exc.errno not in (errno.ENOENT, errno.EROFS) and not getattr(exc, "logged", False):
                 log.error("%s: %s", name, exc)
             _count_error(name, errors.errno_for(exc))
             raise pyfuse3.FUSEError(errors.errno_for(exc)) from None
@@ -165,9 +166,11 @@ class Operations(pyfuse3.Operations):
         started = perf_counter()
         handle = self._handles[fh]
         try:
+            if isinstance(handle, LocalHandle):
+                return await localsource.read(handle, off, size)
             return await self.reader.read(handle, off, size)
         except errors.LaminaError as exc:
-            log_read_failure_once(handle.source.describe, off, exc)
+            log_read_failure_once(handle.describe, off, exc)
             raise pyfuse3.FUSEError(errors.errno_for(exc)) from None
         finally:
             STATS.read_seconds.observe(perf_counter() - started)
@@ -176,7 +179,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh):
         handle = self._handles.pop(fh, None)
         if handle is not None:
-            handle.blob.close()
+            handle.close()
 
     @handler
     async def access(self, inode, mode, ctx):
@@ -212,6 +215,9 @@ class Operations(pyfuse3.Operations):
         ref = node.file
         if ref is None:
             return {"model": node.model} if node.model else {}
+        if isinstance(ref, LocalFile):
+            return {"model": ref.model, "source": "local", "path": ref.path, "local": ref.source,
+                    "size": str(ref.size)}
         state = self.cache.peek(ref.content_id, ref.size)
         return {"model": ref.model, "repo": ref.repo, "revision": ref.revision, "commit": ref.commit,
                 "path": ref.repo_path, "content_id": ref.content_id, "size": str(ref.size),

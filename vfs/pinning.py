@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from .cachedir import CacheDir
 from .errors import ManifestError, UsageError
+from .localsource import scan as scan_local
 from .lockfile import Lock, load_lock, lock_path_for, write_lock
 from .snapshots import COMMIT_RE, Snapshot, SnapshotStore, path_index, select_files
 
@@ -106,10 +107,14 @@ def update_lock(settings, manifest, upgrade=None) -> tuple:
 
 def pin_all(settings, manifest, store: SnapshotStore, *, lock=None, stored_first=False,
             hub=None) -> Pinned:
-    """Snapshots for every model of `manifest` (see the module docstring for the order)."""
+    """Snapshots for every model of `manifest` (see the module docstring for the order);
+    a local model's is a LocalSnapshot, scanned now."""
     snapshots = {spec.name: None for spec in manifest.models}
     groups = {}
     for spec in manifest.models:
+        if spec.local is not None:
+            snapshots[spec.name] = scan_local(spec)     # local disk: never the Hub, never the lock
+            continue
         if spec.hf is None:
             continue
         locked = lock.snapshot_for(spec) if lock is not None else None

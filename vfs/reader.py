@@ -54,6 +54,14 @@ class OpenFile:
     window: int = 0                 # blocks to keep fetched ahead of the reader
     reads: int = 0
 
+    @property
+    def describe(self):
+        return self.source.describe
+
+    def close(self):
+        """The handle was released: its blob may be evicted again once no other handle holds it."""
+        self.blob.open_count -= 1
+
 
 class Reader:
     def __init__(self, cache: BlockCache, max_ahead=64 * MIB, direct_reads=4, warmup_parallel=4):

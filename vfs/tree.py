@@ -10,6 +10,8 @@ import stat
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from .localsource import LocalFile, LocalSnapshot
+
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
@@ -31,6 +33,11 @@ class FileRef(NamedTuple):
     def describe(self):
         return f"{self.model}/{self.repo_path}"
 
+    @property
+    def identity(self):
+        """Equal for the same bytes: a refresh keeps the inode of an unchanged file."""
+        return (self.content_id, self.size)
+
 
 @dataclass(slots=True)
 class Node:
@@ -40,7 +47,7 @@ class Node:
     is_dir: bool
     size: int = 0
     children: dict | None = field(default_factory=dict)   # name -> inode (directories; None for files)
-    file: FileRef | None = None
+    file: FileRef | LocalFile | None = None
     model: str | None = None
 
     @property
@@ -51,7 +58,16 @@ class Node:
 def _same_content(a, b):
     if a is None or b is None:
         return a is b
-    return (a.content_id, a.size) == (b.content_id, b.size)
+    return a.identity == b.identity
+
+
+def _shown_files(model, snapshot):
+    """(path under the model, ref) of each file of a Hub or local snapshot."""
+    if isinstance(snapshot, LocalSnapshot):
+        return ((local.path, local) for local in snapshot.files)
+    return ((remote.path, FileRef(model, snapshot.repo, snapshot.revision, snapshot.commit,
+                                  remote.path, remote.size, remote.content_id))
+            for remote in snapshot.files)
 
 
 class Tree:
@@ -108,26 +124,28 @@ class Tree:
     def files(self):
         return [node for node in self.nodes.values() if node.file is not None]
 
+    def hub_files(self):
+        """The files whose bytes come from the Hub through the block cache (not local ones)."""
+        return [node for node in self.files() if isinstance(node.file, FileRef)]
+
     def _add_model(self, spec, snapshot):
         folders = spec.parts if spec.is_dir else spec.parts[:-1]
         top = self._make_dirs(ROOT_INODE, folders, spec.name)
         if snapshot is None:
             return
         folders_made = {"": top}       # repo folder -> inode: a 100k-file repo has few folders
-        for remote in snapshot.files:
-            ref = FileRef(spec.name, snapshot.repo, snapshot.revision, snapshot.commit,
-                          remote.path, remote.size, remote.content_id)
+        for path, ref in _shown_files(spec.name, snapshot):
             if not spec.is_dir:
                 self._add_file(top, spec.parts[-1], ref)
                 continue
-            folder, _, leaf = remote.path.rpartition("/")
+            folder, _, leaf = path.rpartition("/")
             try:
                 parent = folders_made.get(folder)
                 if parent is None:
                     parent = folders_made[folder] = self._make_dirs(top, folder.split("/"), spec.name)
                 self._add_file(parent, leaf, ref)
             except ValueError as exc:
-                log.warning("%s; skipping %r", exc, remote.path)
+                log.warning("%s; skipping %r", exc, path)
 
     def _make_dirs(self, parent, names, model):
         for name in names:
@@ -141,7 +159,7 @@ class Tree:
 
     def _add_file(self, parent, name, ref):
         if name in self.nodes[parent].children:
-            log.warning("model %r: %r appears twice; keeping the first", ref.model, ref.repo_path)
+            log.warning("%s appears twice; keeping the first", ref.describe)
             return
         node = self._new_node(parent, name, is_dir=False, model=ref.model, ref=ref)
         node.size, node.file = ref.size, ref
