@@ -60,7 +60,7 @@ class OpenFile:
 
     def close(self):
         """The handle was released: its blob may be evicted again once no other handle holds it."""
-        self.blob.open_count -= 1
+        self.blob.close()
 
 
 class Reader:
