@@ -607,8 +607,8 @@ def add_model(path, name, *, hf=None, local=None, backend, file=None, revision=N
     """
     source = os.fspath(path)
     with _editing(source):
-        return _add_model(source, name, hf=hf, backend=backend, file=file, revision=revision,
-                          include=include, dir_model=dir_model)
+        return _add_model(source, name, hf=hf, local=local, backend=backend, file=file,
+                          revision=revision, include=include, dir_model=dir_model)
 
 
 @contextlib.contextmanager
@@ -625,7 +625,7 @@ def _editing(source):
         os.close(fd)
 
 
-def _add_model(source, name, *, hf, backend, file, revision, include, dir_model):
+def _add_model(source, name, *, hf, local, backend, file, revision, include, dir_model):
     text = _read_for_update(source)
     if _is_blank(text):
         text += ("\n" if text and not text.endswith("\n") else "") + "models:\n"
