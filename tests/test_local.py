@@ -489,3 +489,21 @@ def test_a_bad_local_entry_stops_the_mount_with_exit_2(tmp_path, entry, message)
     assert result.returncode == 2
     assert f"model 'x': {message.format(**paths)}" in result.stderr
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_a_local_directory_that_holds_the_mountpoint_is_refused(tmp_path):
+    write_bytes(tmp_path / "model" / "w.bin", 10, 1)
+    manifest = f"models:\n  x:\n    path: /models/x/\n    backend: vllm\n    local: {tmp_path / 'model'}/\n"
+    result = lamina(tmp_path, manifest, "mount", str(tmp_path / "model" / "mnt"), check=False)
+    assert result.returncode == 2
+    assert "model 'x': field 'local'" in result.stderr and "overlap" in result.stderr
+    assert not os.path.ismount(tmp_path / "model" / "mnt")
+
+
+def test_a_refresh_to_a_local_path_under_the_mountpoint_is_refused(served, local_models):
+    mount, port = served
+    inside = f"  x:\n    path: /models/x/\n    backend: vllm\n    local: {mount.mountpoint}/my-finetune/\n"
+    mount.manifest.write_text(manifest_for(*local_models) + inside)
+    status, answer = call_api(port, "POST", "/refresh")
+    assert status == 400 and "model 'x': field 'local'" in answer["error"] and "overlap" in answer["error"]
+    assert sorted(os.listdir(mount.mountpoint)) == ["my-finetune", "tiny-q4"]

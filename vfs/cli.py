@@ -167,6 +167,8 @@ def cmd_mount(args):
     from . import mount
     manifest = load(args)
     mountpoint = Path(args.mountpoint or Path(args.manifest).resolve().parent / "models")
+    from .manifest import refuse_overlap
+    refuse_overlap(manifest, mountpoint)
     from .api import parse_address
     api_address = parse_address(args.api) if args.api else None
     settings = settings_for(args)

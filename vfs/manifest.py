@@ -223,6 +223,20 @@ def check_local_path(source, spec):
         raise ManifestError(source, problem, model=spec.name, field="local")
 
 
+def refuse_overlap(manifest, mountpoint):
+    """Refuse a `local` path that contains the mountpoint or lies under it: the mount would
+    serve (and, at a /refresh, scan) its own files."""
+    mounted = os.path.realpath(mountpoint)
+    for spec in manifest.models:
+        if spec.local is None:
+            continue
+        local = os.path.realpath(spec.local)
+        if any(inner == outer or inner.startswith(outer.rstrip("/") + "/")
+               for inner, outer in ((mounted, local), (local, mounted))):
+            raise ManifestError(manifest.source, f"{spec.local!r} and the mountpoint {str(mountpoint)!r} "
+                                "overlap; the mount would serve its own files", model=spec.name, field="local")
+
+
 def _local_path_problem(spec):
     try:
         info = os.stat(spec.local)

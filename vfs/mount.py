@@ -27,7 +27,7 @@ from .cachedir import CacheDir
 from .fetch import RangeFetcher
 from .hub import resolve_url
 from .localsource import LocalFile, LocalSnapshot, open_local
-from .manifest import load_manifest
+from .manifest import load_manifest, refuse_overlap
 from .notify import Notifier, keep_informed, status_of
 from .ops import Operations
 from .offline import PROBE_SECONDS, HubStatus, hub_answers
@@ -57,6 +57,7 @@ class Filesystem:
     to_recheck: list = field(default_factory=list)    # branches served from the store at start
     lock: object = None                                # the models.lock pinned from, if any
     hub_status: HubStatus = field(default_factory=HubStatus)   # offline: asked, or found at start
+    mountpoint: Path | None = None                     # set by run(): local paths must stay apart from it
 
     def open_file(self, node):
         ref = node.file
@@ -99,6 +100,8 @@ class Filesystem:
     async def refresh(self):
         """Reload the manifest and re-pin; the mount shows the new tree. Returns entries changed."""
         manifest = await trio.to_thread.run_sync(load_manifest, self.manifest.source)
+        if self.mountpoint is not None:
+            refuse_overlap(manifest, self.mountpoint)
         # The lock is read again too: a locked commit moves only when the lock file says so.
         pinned = await trio.to_thread.run_sync(lambda: pin_manifest(self.settings, manifest))
         self.lock = pinned.lock
@@ -284,7 +287,7 @@ def limit_malloc_arenas(arenas=2):
 
 def run(fs: Filesystem, mountpoint, on_ready=lambda: None, api_address=None):
     """Mount `fs` at `mountpoint` and serve until unmounted or signalled (blocking)."""
-    mountpoint = Path(mountpoint)
+    mountpoint = fs.mountpoint = Path(mountpoint)
     prepare_mountpoint(mountpoint)
     limit_malloc_arenas()
     try:
