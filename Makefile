@@ -7,7 +7,7 @@ MOUNTPOINT ?= models
 # yes: pyfuse3 with FUSE passthrough (contrib/build-passthrough.sh); no: the stock pyfuse3
 PASSTHROUGH ?= yes
 
-.PHONY: install test mount demo bench bench-smoke bench-scale clean
+.PHONY: install test-tools test mount demo bench bench-smoke bench-scale clean
 
 install: $(STAMP)
 
@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml contrib/build-passthrough.sh contrib/pyfuse3-passthroug
 	if [ "$(PASSTHROUGH)" = yes ]; then ./contrib/build-passthrough.sh $(VENV); fi
 	touch $(STAMP)
 
+# What the tests compare against (test_bench_smoke runs the benchmark harness): fio, rclone, curl.
+test-tools:
+	./bench/install-deps.sh
+
 # The container tests start their own Docker engine; they need these (root installs them).
-test: install
+test: install test-tools
 	./contrib/install-system-deps.sh dockerd=docker.io debootstrap docker-compose || true
 	$(PY) -m pytest -q
 
@@ -43,7 +47,7 @@ bench-scale: install
 	$(PY) -m bench.scale --out docs
 
 # The same harness on a small file with one repeat: checks it works, measures nothing.
-bench-smoke: install
+bench-smoke: install test-tools
 	$(PY) -m bench --smoke --out build/bench-smoke
 
 clean:

@@ -1,4 +1,15 @@
-"""Fixtures shared by the suite: the Hub simulator, a cache, and real mounts."""
+"""Fixtures shared by the suite: the Hub simulator, a cache, and real mounts; the suite's own rules.
+
+Rules every test is held to:
+- Under `CI=true` (set by .ci/run) a skipped test is a failure: a CI run that cannot mount,
+  or lacks a tool a test needs, must not go green. A test that can never run on the CI
+  machine says so with `@pytest.mark.may_skip_in_ci(reason=...)`.
+- Every mount started through `mount_factory` has its daemon log checked when the test
+  ends: a traceback or an ERROR line the test did not declare (`mount.expect_log_errors`)
+  fails it. `mount_factory(..., check_log=False)` opts out, for tests that read the log
+  themselves.
+- pytest-timeout (pyproject.toml) fails a test that hangs.
+"""
 
 import json
 import os
@@ -15,6 +26,24 @@ import pytest
 
 from vfs.testing.hubsim import HubSimulator
 from vfs.testing.mounts import MountProcess, isolated_environment
+
+
+def in_ci():
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI, a skip is a failure unless the test is marked may_skip_in_ci."""
+    outcome = yield
+    report = outcome.get_result()
+    if not (in_ci() and report.skipped and not hasattr(report, "wasxfail")):
+        return
+    if item.get_closest_marker("may_skip_in_ci") is not None:
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"skipped under CI=true, which does not allow skips: {reason}"
 
 
 def fuse_available():
@@ -35,7 +64,8 @@ def mount_factory(tmp_path):
     """Builds MountProcess objects for a manifest text; stops them all at the end."""
     mounts = []
 
-    def make(manifest_text, endpoint, *, cache_dir=None, mountpoint=None, env=None, args=(), start=True):
+    def make(manifest_text, endpoint, *, cache_dir=None, mountpoint=None, env=None, args=(), start=True,
+             check_log=True):
         index = len(mounts)
         manifest = tmp_path / f"models-{index}.yaml"
         manifest.write_text(manifest_text)
@@ -43,12 +73,18 @@ def mount_factory(tmp_path):
             manifest, mountpoint or tmp_path / f"mnt-{index}", cache_dir or tmp_path / "cache",
             endpoint, tmp_path / f"mount-{index}.log",
             env=isolated_environment(tmp_path, env), extra_args=args)
+        mount.check_log = check_log
         mounts.append(mount)
         return mount.start() if start else mount
 
     yield make
     for mount in mounts:
         mount.stop()
+    problems = [f"{mount.log_path.name}: {line}" for mount in mounts if mount.check_log
+                for line in mount.log_problems()]
+    if problems:
+        pytest.fail("the daemon logged what the test did not expect (mount.expect_log_errors declares "
+                    "provoked errors):\n" + "\n".join(problems), pytrace=False)
 
 
 def eventually(condition, timeout=10.0):

@@ -26,6 +26,27 @@ SHORT_BOUNDS = ("--read-timeout", str(READ_TIMEOUT), "--read-deadline", str(READ
 READ_BOUND = 2 * (READ_DEADLINE + READ_TIMEOUT)
 SLACK = 3.0                          # scheduling on a loaded two-CPU test machine
 
+
+def give_up_after(attempt_seconds=0.0):
+    """When a fetch whose every attempt fails after `attempt_seconds` gives up under SHORT_BOUNDS:
+    attempts and backoff waits (vfs.retry) until the next wait would pass the deadline.
+
+    The figures docs/RELIABILITY.md states: a persistent 503 (attempts fail at once) gives
+    EIO after 1.75 s, a stall that never ends (each attempt waits out the read timeout)
+    after 3.75 s. A reader that waited twice (the failure memory not working) would wait
+    at least double, so `give_up_after() <= waited < 2 * give_up_after()` tells them apart.
+    """
+    from vfs.retry import backoff
+    from vfs.settings import Settings
+
+    elapsed, attempt = 0.0, 0
+    while True:
+        elapsed += attempt_seconds
+        wait = backoff(attempt)
+        if attempt >= Settings.max_retries or elapsed + wait > READ_DEADLINE:
+            return elapsed
+        elapsed, attempt = elapsed + wait, attempt + 1
+
 MANIFEST = """
 models:
   weights:

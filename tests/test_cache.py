@@ -90,6 +90,7 @@ def test_sigkill_mid_download_keeps_every_block_it_reported(hub, big_source, mou
 
 def test_wrong_bytes_from_the_hub_are_caught_logged_and_fetched_again(hub, big_source, mount_factory):
     mount = mount_factory(MANIFEST, hub.endpoint, args=BLOCK)
+    mount.expect_log_errors("does not match its content id")
     path = mount.mountpoint / "big" / "model.gguf"
     hub.add_fault(Fault("wrong_bytes", origin="cdn", times=1))
     with open(path, "rb") as handle:
@@ -105,6 +106,7 @@ def test_wrong_bytes_from_the_hub_are_caught_logged_and_fetched_again(hub, big_s
 
 def test_a_small_file_with_wrong_bytes_is_never_served(hub, big_source, mount_factory):
     mount = mount_factory(MANIFEST, hub.endpoint, args=BLOCK)
+    mount.expect_log_errors("bytes from the Hub do not match")
     path = mount.mountpoint / "small" / "config.json"
     hub.add_fault(Fault("wrong_bytes", path="config.json", times=None))
     with pytest.raises(OSError) as failure:
@@ -125,6 +127,7 @@ def test_a_block_corrupted_on_disk_is_caught_and_fetched_again(hub, big_source, 
         blob.seek(5 * MiB + 10)
         blob.write(b"\xffrot\xff")
     again = mount_factory(MANIFEST, hub.endpoint, cache_dir=tmp_path / "cache", args=BLOCK)
+    again.expect_log_errors("is corrupt on disk; fetching it again")
     hub.clear_log()
     assert sha256_of(again.mountpoint / "big" / "model.gguf") == sha256_of(big_source)
     assert "corrupt on disk" in again.log_text()
@@ -163,6 +166,7 @@ def test_offline_mount_lists_serves_cached_bytes_and_fails_uncached_reads_fast(
 
     offline = mount_factory(MANIFEST, hub.endpoint, cache_dir=tmp_path / "cache",
                             args=BLOCK + ("--read-deadline", "5"))
+    offline.expect_log_errors("request failed: ConnectionRefusedError")      # the uncached read, Hub gone
     root = offline.mountpoint
     assert sorted(os.listdir(root)) == ["big", "small"]
     assert os.stat(root / "big" / "model.gguf").st_size == big_source.stat().st_size
@@ -253,6 +257,7 @@ def test_a_cache_on_a_filesystem_without_o_direct_or_nowait_reads_still_works(
 
 def test_a_full_disk_never_corrupts_the_cache_and_reads_stay_exact(hub, big_source, mount_factory, tiny_tmpfs):
     mount = mount_factory(MANIFEST, hub.endpoint, cache_dir=tiny_tmpfs / "cache", args=BLOCK)
+    mount.expect_log_errors("not cached (disk full); served from memory")
     path = mount.mountpoint / "big" / "model.gguf"
     assert sha256_of(path) == sha256_of(big_source)
     drop_page_cache()
@@ -281,6 +286,7 @@ def test_a_wrong_blob_in_the_hugging_face_cache_is_not_trusted(hub, big_source, 
     planted.parent.mkdir(parents=True)
     planted.write_bytes(random_file("impostor", big_source.stat().st_size, seed=99).read_bytes())
     mount = mount_factory(MANIFEST, hub.endpoint, args=BLOCK, env={"HF_HUB_CACHE": str(hf_cache)})
+    mount.expect_log_errors("does not match its content id")
     path = mount.mountpoint / "big" / "model.gguf"
     sha256_of(path)
     assert eventually(lambda: "does not match its content id" in mount.log_text())

@@ -138,6 +138,7 @@ def test_a_hub_that_cannot_be_reached_and_was_never_pinned_exits_1(tmp_path):
 @needs_fuse
 def test_a_gated_repo_without_a_token_mounts_but_reads_fail_with_eacces(refusing_hub, mount_factory):
     mount = mount_factory(single("org/gated"), refusing_hub.endpoint, args=BLOCK + SHORT_BOUNDS)
+    mount.expect_log_errors("the repository is gated")
     path = mount.mountpoint / "m" / "model.gguf"
     assert os.stat(path).st_size == 64                   # the listing is public; the bytes are not
     reading = report("read of a gated file without a token", timed_pread(path, 0, 64))
@@ -227,6 +228,7 @@ def test_a_listing_that_claims_a_bigger_size_gives_eio_past_the_real_end(hub, ra
     hub.add_fault(Fault("claim_size", size=5 * MiB, file="real.bin"))
     mount = mount_factory("models:\n  l:\n    path: /models/l/\n    backend: vllm\n    hf: org/lies\n",
                           hub.endpoint, args=BLOCK + SHORT_BOUNDS)
+    mount.expect_log_errors("range not satisfiable")
     path = mount.mountpoint / "l" / "real.bin"
     assert os.stat(path).st_size == 5 * MiB
     head = report("read inside the real bytes", timed_pread(path, 100, 4096))
@@ -244,6 +246,7 @@ def test_a_listing_that_claims_a_smaller_size_is_never_verified(hub, random_file
     hub.add_fault(Fault("claim_size", size=2 * MiB + 5, file="real.bin"))
     mount = mount_factory("models:\n  l:\n    path: /models/l/\n    backend: vllm\n    hf: org/lies\n",
                           hub.endpoint, args=BLOCK + SHORT_BOUNDS)
+    mount.expect_log_errors("does not match its content id")
     path = mount.mountpoint / "l" / "real.bin"
     data = path.read_bytes()
     print(f"claimed {2 * MiB + 5} bytes of {len(real)}: reader got {len(data)} bytes, a prefix: {real.startswith(data)}")

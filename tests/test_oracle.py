@@ -14,6 +14,8 @@ import pytest
 from conftest import needs_fuse
 from vfs.testing import fsx
 
+MiB = 1024 * 1024
+
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
 
@@ -61,3 +63,22 @@ def test_random_reads_stay_exact_when_block_memory_is_scarce(hub, mount_factory,
     assert summary.ops == 3000
     assert not summary.mismatches, replay_hint(summary, f"python -m vfs.testing.fsx --seed {seed} --ops 3000")
     assert "Traceback" not in mount.log_text()
+
+
+# The sizes users get: 16 MiB blocks, 128 MiB of block buffers (no flags), files that cross
+# 16 MiB block edges, reads biased to those edges.
+DEFAULT_SIZES = {"empty.json": 0, "one.json": 1, "page.json": 4095, "block.bin": 16 * MiB,
+                 "block-plus-one.bin": 16 * MiB + 1, "odd.safetensors": 40 * MiB + 12345}
+
+
+@pytest.mark.slow
+def test_random_reads_at_the_default_block_size_and_memory_match_the_source(hub, mount_factory, tmp_path, seed):
+    sources = fsx.write_sources(tmp_path / "sources", DEFAULT_SIZES)
+    hub.add_repo("fsx/files", files=sources)
+    mount = mount_factory("models:\n  fsx:\n    path: /models/fsx/\n    backend: vllm\n    hf: fsx/files\n",
+                          hub.endpoint)
+    pairs = [(mount.mountpoint / "fsx" / name, path) for name, path in sources.items()]
+    summary = fsx.run(pairs, seed, ops=3000, processes=3, block_size=16 * MiB)
+    print(summary)
+    assert summary.ops == 3000 and set(summary.kinds) == set(fsx.KINDS)
+    assert not summary.mismatches, replay_hint(summary, f"FSX_SEED={seed} pytest {__file__}")

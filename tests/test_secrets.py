@@ -77,6 +77,7 @@ def test_list_and_info_never_show_the_token(private_hub, secret_mount, tmp_path)
 
 def test_failures_with_a_token_never_print_it(private_hub, secret_mount, tmp_path):
     path = secret_mount.mountpoint / "private" / "model.safetensors"
+    secret_mount.expect_log_errors("HTTP 503 (gave up after", "the Hub refused access (HTTP 401)")
     private_hub.add_fault(Fault("status", code=503, origin="cdn", method="GET"))
     assert report("a failing read with the token set", timed_pread(path, MiB, 4096)).error == 5
     private_hub.clear_faults()

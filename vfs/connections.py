@@ -13,6 +13,8 @@ one exchange and takes it back after:
   to repeat). A timeout is not retried here: a silent server is the caller's business.
 - `connect_timeout` covers the TCP connect, a proxy's CONNECT and the TLS handshake;
   `read_timeout` is then the socket's timeout for every send and receive.
+- TLS trusts what tls.py says (`ca_bundle`, else the system's CAs) and always checks the
+  certificate and the name; through a proxy, the name checked is the origin's, not the proxy's.
 
 Proxies are the ones Settings found in the environment (HTTP_PROXY, HTTPS_PROXY,
 ALL_PROXY, NO_PROXY: what requests and curl read). An https origin is reached through a
@@ -33,7 +35,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 
-from . import errors
+from . import errors, tls
 from .metrics import STATS
 
 MAX_IDLE = 16           # per origin: the fetch workers plus the direct first-touch reads
@@ -71,8 +73,9 @@ class _Proxy:
 
 
 class Pool:
-    def __init__(self, connect_timeout, read_timeout, proxies=None, max_idle=MAX_IDLE):
+    def __init__(self, connect_timeout, read_timeout, proxies=None, max_idle=MAX_IDLE, ca_bundle=None):
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.ca_bundle = ca_bundle
         self.proxies = dict(proxies or {})
         self.max_idle = max_idle
         self._idle = {}                 # origin -> [connection], the last one returned at the end
@@ -181,7 +184,7 @@ class Pool:
         # Built on first use: loading the CA store costs milliseconds an http-only mount never pays.
         with self._ssl_lock:
             if self._ssl is None:
-                self._ssl = ssl.create_default_context()
+                self._ssl = tls.client_context(self.ca_bundle)
             return self._ssl
 
 

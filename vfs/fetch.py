@@ -33,6 +33,12 @@ how many are worth having. A range bigger than a part is fetched as parts side b
 the server asks and tried again within the read's deadline, without counting against
 `max_retries`: a rate-limited origin slows reads down, it does not fail them.
 
+The token is the one of the moment (tokens.py: a rotated token file is used by the next
+request). When the Hub refuses it (401/403), requests for that token and repository fail
+at once for a wait that doubles with each refusal (1 s up to 30 s), so many readers of a
+repository the token cannot read never become a storm of refused requests; a new token
+is tried at once.
+
 A read that failed (retries exhausted, or refused) makes reads in the same block of the
 same file fail at once, with the same error object, for RECENT_FAILURE seconds: the
 kernel asks again for the first page right after a failed read-ahead, and a reader must
@@ -49,11 +55,12 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-from . import concurrency, connections, errors, parts, signedurl
+from . import concurrency, connections, errors, parts, signedurl, tls, tokens
 from .connections import TRANSPORT_ERRORS, origin
 from .logs import where
 from .metrics import STATS
 from .retry import RETRY_STATUSES, backoff, server_hint
+from .settings import token_source
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +112,7 @@ class RangeFetcher:
         # Idle connections for every request that may be in flight, plus first-touch reads:
         # each part reuses one (keep-alive), none pays a new handshake.
         self.pool = connections.Pool(settings.connect_timeout, settings.read_timeout, dict(settings.proxies),
-                                     max_idle=settings.max_in_flight + 4)
+                                     max_idle=settings.max_in_flight + 4, ca_bundle=settings.ca_bundle)
         self.link = concurrency.Controller(settings.max_in_flight)
         self._parts = parts.PartReader(2 * settings.max_in_flight)
         self._range_ignored = {}    # origin -> time.monotonic() it last answered a Range with 200
@@ -114,12 +121,37 @@ class RangeFetcher:
         self._resolving = {}        # resolve URL -> Event set when the resolve under way ends
         self._failures = {}         # (url, block index) -> (when, error) of recent failures
         self._lock = threading.Lock()
+        self.tokens = token_source(settings)
+        self.refusals = tokens.RefusalBackoff()
 
     def _headers_for(self, url, extra=None):
+        """The headers of a request to `url`: the token of the moment, to the Hub's own origin only.
+
+        AccessDenied at once, without a request, while the Hub's last refusal of that token for
+        this repository is being backed off."""
         headers = dict(extra or {})
-        if self.settings.token and origin(url) == origin(self.settings.endpoint):
-            headers["Authorization"] = f"Bearer {self.settings.token}"
+        if origin(url) != origin(self.settings.endpoint):
+            return headers
+        token = self.tokens.current()
+        refusal = self.refusals.refusal(token, _repo_of(url))
+        if refusal is not None:
+            raise refusal.with_traceback(None)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         return headers
+
+    def _hub_answered(self, url, headers, response):
+        """Keep the refusal backoff of the token `headers` carried to the Hub up to date; raise
+        the Hub's refusal (401/403) here, so the backoff holds the very error readers get."""
+        if origin(url) != origin(self.settings.endpoint):
+            return
+        sent = headers.get("Authorization", "").removeprefix("Bearer ") or None
+        if response.status in (401, 403):
+            refusal = _hub_refusal(response)
+            self.refusals.refused(sent, _repo_of(url), refusal)
+            raise refusal
+        if response.status < 400:
+            self.refusals.accepted(sent, _repo_of(url))
 
     def read_range(self, url, start, length, what="", skip_whole=True):
         """Exactly `length` bytes of `url` from `start`, or a LaminaError within the deadline.
@@ -353,6 +385,7 @@ class RangeFetcher:
             try:
                 response = exchange.enter_context(self.pool.request("GET", target.url, headers))
                 try:
+                    self._hub_answered(target.url, headers, response)
                     skip = self._check_response(url, target, response, start, end, asked_at)
                 except errors.RangeIgnored:
                     # The whole file is on its way: keep it for the one-pass read to come.
@@ -366,7 +399,7 @@ class RangeFetcher:
             except TRANSPORT_ERRORS as exc:
                 # Only the request and the answer's head get here: _read_body turns its own.
                 slot.failed(timed_out=isinstance(exc, TimeoutError))
-                raise _Retry(f"request failed: {type(exc).__name__}") from None
+                raise _transport_failure(target.url, exc) from None
             except _Retry as problem:
                 _report(slot, problem)
                 raise
@@ -409,9 +442,7 @@ class RangeFetcher:
     def _raise_for_status(self, url, response):
         status = response.status
         if status in (401, 403):
-            gated = response.headers.get("x-error-code") == "GatedRepo"
-            hint = "the repository is gated: accept its terms on the Hub and set HF_TOKEN" if gated else "check HF_TOKEN"
-            raise errors.AccessDenied(f"the Hub refused access (HTTP {status}); {hint}")
+            raise _hub_refusal(response)
         if status == 404:
             raise errors.EntryNotFound("the file is gone from the Hub (HTTP 404)")
         if status == 416:
@@ -503,17 +534,40 @@ class RangeFetcher:
     def _head(self, url):
         """The answer to a HEAD of `url` (status and headers; its connection is back in the pool)."""
         deadline = time.monotonic() + self.settings.connect_timeout + self.settings.read_timeout
+        headers = self._headers_for(url)
         with self.link.slot(origin(url), url, deadline, urgent=True) as slot:
             try:
-                with self.pool.request("HEAD", url, self._headers_for(url)) as response:
+                with self.pool.request("HEAD", url, headers) as response:
                     if response.status in THROTTLED:
                         slot.refused(server_hint(response.headers))
                     else:
                         slot.finished(0, response.headers)
+                    self._hub_answered(url, headers, response)
                     return response
             except TRANSPORT_ERRORS as exc:
                 slot.failed(timed_out=isinstance(exc, TimeoutError))
-                raise _Retry(f"request failed: {type(exc).__name__}") from None
+                raise _transport_failure(url, exc) from None
+
+
+def _hub_refusal(response):
+    gated = response.headers.get("x-error-code") == "GatedRepo"
+    hint = "the repository is gated: accept its terms on the Hub and set HF_TOKEN" if gated else "check HF_TOKEN"
+    return errors.AccessDenied(f"the Hub refused access (HTTP {response.status}); {hint}")
+
+
+def _transport_failure(url, exc):
+    """What a failed request becomes: a refused TLS certificate is final (another try meets the
+    same certificate) and says so; anything else is worth another try."""
+    refusal = tls.refused_certificate(exc)
+    if refusal is not None:
+        return errors.FetchError(tls.describe(refusal, urllib.parse.urlsplit(url).netloc))
+    return _Retry(f"request failed: {type(exc).__name__}")
+
+
+def _repo_of(url):
+    """The repository part of a Hub URL (`/org/name` of `/org/name/resolve/...`): refusals are per repository."""
+    path = urllib.parse.urlsplit(url).path
+    return path.split("/resolve/", 1)[0]
 
 
 class WholeBody:

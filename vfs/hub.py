@@ -14,12 +14,14 @@ import re
 import time
 import urllib.parse
 
+import huggingface_hub
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-from . import errors
+from . import errors, tls
 from .ratelimit import RateGate
 from .retry import RETRY_STATUSES, backoff, server_hint
+from .settings import token_source
 from .snapshots import (COMMIT_RE, RemoteFile, Snapshot, SnapshotStore, is_safe_repo_path,  # noqa: F401
                         path_index, select_files)
 
@@ -38,6 +40,9 @@ class Hub:
     def __init__(self, settings, store: SnapshotStore):
         self.settings = settings
         self.store = store
+        self.tokens = token_source(settings)     # each call sends the token of the moment (rotation)
+        if settings.ca_bundle is not None:
+            _trust_in_huggingface_hub(settings.ca_bundle)
         self.reachable = True       # False once a call found the Hub unreachable
         self.gate = RateGate()      # shared by every thread pinning through this Hub
 
@@ -120,7 +125,7 @@ class Hub:
 
     def _get(self, url):
         """One GET at the Hub, its status checked and its RateLimit budget noted."""
-        headers = build_hf_headers(token=self.settings.token or False)
+        headers = build_hf_headers(token=self.tokens.current() or False)
         response = get_session().get(url, headers=headers, timeout=self.settings.read_timeout)
         hf_raise_for_status(response)
         self.gate.observe(response.headers)
@@ -164,6 +169,20 @@ def _is_rate_limited(exc):
     return response is not None and getattr(response, "status_code", None) == 429
 
 
+def _trust_in_huggingface_hub(ca_bundle):
+    """Make huggingface_hub's shared client trust `ca_bundle`, as the range reader does (tls.py).
+
+    Its default client reads SSL_CERT_FILE only; REQUESTS_CA_BUNDLE, which its users set
+    from the requests era, would be ignored by metadata calls while byte reads honoured it."""
+    context = tls.client_context(ca_bundle)
+    httpx = huggingface_hub.utils.httpx        # the HTTP library of this huggingface_hub release
+    # Its request hook (offline mode, request ids) is kept when this release has it where we look.
+    hook = getattr(huggingface_hub.utils._http, "hf_request_event_hook", None)
+    hooks = {"request": [hook]} if hook else {}
+    huggingface_hub.set_client_factory(
+        lambda: httpx.Client(event_hooks=hooks, follow_redirects=True, timeout=None, verify=context))
+
+
 def remote_file(entry):
     """A checked RemoteFile from one raw tree entry, or None (a directory, or unsafe/malformed)."""
     if not isinstance(entry, dict) or entry.get("type") != "file" or not is_safe_repo_path(entry.get("path")):
@@ -204,11 +223,22 @@ def classify(spec, exc, attempt):
         return errors.HubUnreachable(f"{where}: HF_HUB_OFFLINE is set"), None
     if isinstance(exc, hf_errors.HfHubHTTPError):
         return _classify_status(where, exc, attempt)
+    if (refusal := tls.refused_certificate(exc)) is not None:
+        host = urllib.parse.urlsplit(spec_endpoint(exc)).netloc or "the Hub"
+        return errors.HubError(f"{where}: {tls.describe(refusal, host)}"), None
     if isinstance(exc, hf_errors.HTTPError) or isinstance(exc, OSError):
         # Two quick retries ride out a blip; past that, a mount starts from its pinned snapshots.
         wait = backoff(attempt) if attempt < 2 else None
         return errors.HubUnreachable(f"{where}: Hub unreachable: {type(exc).__name__}"), wait
     return errors.HubError(f"{where}: unexpected answer from the Hub: {type(exc).__name__}: {exc}"), None
+
+
+def spec_endpoint(exc):
+    """The URL the failed request went to, when the exception knows it."""
+    try:
+        return str(exc.request.url)
+    except (AttributeError, RuntimeError):
+        return ""
 
 
 def spec_has_token(exc):

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .tokens import TokenSource
+
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_BLOCK_SIZE = 16 * 1024 * 1024
 DEFAULT_MEMORY = 128 * 1024 * 1024       # block buffers: downloads, loads, blocks kept for readers
@@ -16,7 +18,8 @@ DEFAULT_MEMORY = 128 * 1024 * 1024       # block buffers: downloads, loads, bloc
 @dataclass(frozen=True)
 class Settings:
     endpoint: str = DEFAULT_ENDPOINT
-    token: str | None = field(default=None, repr=False)  # never printed
+    token: str | None = field(default=None, repr=False)  # never printed; fixed (HF_TOKEN, or given)
+    token_file: Path | None = None       # without a fixed token: read, and re-read when it changes (tokens.py)
     cache_dir: Path = field(default_factory=lambda: _expand("~/.cache/lamina-llm-cache"))
     hf_hub_cache: Path = field(default_factory=lambda: _expand("~/.cache/huggingface/hub"))
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -39,17 +42,20 @@ class Settings:
     watchdog_usec: int | None = None     # systemd's WATCHDOG_USEC (WatchdogSec=)
     watchdog_pid: int | None = None      # systemd's WATCHDOG_PID: the process it watches
     proxies: tuple = field(default=(), repr=False)   # (scheme or "no", value) pairs; may hold credentials
+    ca_bundle: Path | None = None        # the CAs TLS trusts (file or directory); None: the system's (tls.py)
 
 
 def _token_from_env(env):
+    """The fixed token of the environment (huggingface_hub's first choice), or None."""
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         if env.get(name):
             return env[name].strip()
-    token_file = Path(_hf_home(env)) / "token"
-    try:
-        return token_file.read_text().strip() or None
-    except OSError:
-        return None
+    return None
+
+
+def _token_file_from_env(env):
+    """The token file huggingface_hub reads when no token is in the environment."""
+    return Path(env.get("HF_TOKEN_PATH") or Path(_hf_home(env)) / "token").expanduser()
 
 
 def _proxies_from_env(env):
@@ -86,6 +92,14 @@ def _integer(text):
     return int(text) if text and text.strip().isdigit() else None
 
 
+def _ca_bundle_from_env(env):
+    """The CA bundle the environment names, as ssl/httpx (SSL_CERT_FILE), requests and curl read it."""
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_DIR"):
+        if env.get(name):
+            return Path(env[name]).expanduser()
+    return None
+
+
 def _hf_home(env):
     default = _expand(env.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
     return _expand(env.get("HF_HOME", default))
@@ -97,12 +111,18 @@ def default_cache_dir(env=None):
     return base / "lamina-llm-cache"
 
 
+def token_source(settings: Settings) -> TokenSource:
+    """Where requests get the token they send: the fixed one, or the token file as it is now."""
+    return TokenSource(settings.token, settings.token_file)
+
+
 def from_environment(env=None, **overrides):
     """Settings from `env` (default os.environ), with explicit flag values on top."""
     env = os.environ if env is None else env
     values = {
         "endpoint": (env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
         "token": _token_from_env(env),
+        "token_file": _token_file_from_env(env),
         "cache_dir": default_cache_dir(env),
         "hf_hub_cache": _expand(env.get("HF_HUB_CACHE", _hf_home(env) / "hub")),
         "offline": env.get("HF_HUB_OFFLINE", "") in ("1", "true", "yes"),
@@ -111,8 +131,13 @@ def from_environment(env=None, **overrides):
         "notify_socket": env.get("NOTIFY_SOCKET") or None,
         "watchdog_usec": _integer(env.get("WATCHDOG_USEC")),
         "watchdog_pid": _integer(env.get("WATCHDOG_PID")),
+
+
+        "ca_bundle": _ca_bundle_from_env(env),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values["token"] is not None:
+        values["token_file"] = None        # a fixed token (HF_TOKEN, or given) wins over the file
     if isinstance(values["endpoint"], str):
         values["endpoint"] = values["endpoint"].rstrip("/")
     values["cache_dir"] = _expand(values["cache_dir"])

@@ -21,6 +21,10 @@ Design notes
 - A `Link` (vfs/testing/link.py) shapes every response: a rate per body, a delay per reply,
   a cap on requests served at once; each origin counts its requests in flight and the
   most it ever served at once (`most_in_flight`), which tests hold clients to.
+- HTTPS: given server TLS contexts (`tls=`, and `cdn_tls=` for a CDN with another
+  certificate), both origins speak TLS; each connection's handshake runs in its own
+  thread, and bodies are written through the TLS layer (never sendfile, which would put
+  plaintext on the wire).
 - Errors look like the Hub's: JSON `{"error": msg}` and `X-Error-Message`, plus
   `X-Error-Code` where the Hub has a code for the condition. Nothing Xet is ever sent.
 """
@@ -36,6 +40,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -440,6 +445,7 @@ class _Request:
     body: bytes
     route: str = "unknown"  # set by the router: info, tree, paths-info, resolve, cdn
     content_fault: object = None
+    scheme: str = "http"
 
     @property
     def segments(self):
@@ -454,7 +460,7 @@ class _Request:
 
     @property
     def base_url(self):
-        return f"http://{self.headers.get('Host', 'localhost')}"
+        return f"{self.scheme}://{self.headers.get('Host', 'localhost')}"
 
 
 class _BytesBody:
@@ -635,6 +641,18 @@ class _Store:
         with self._lock:
             self.tokens[token] = set(granted)
 
+    def remove_token(self, token):
+        with self._lock:
+            self.tokens.pop(token, None)
+
+    def knows_token(self, token):
+        with self._lock:
+            return token in self.tokens
+
+    def granted(self, token, repo_id):
+        with self._lock:
+            return repo_id in self.tokens.get(token, ())
+
 
 # ---------------------------------------------------------------------------
 # Signed CDN URLs: expiring, and optionally scoped to one range
@@ -788,7 +806,7 @@ class _ApiRouter:
         if header is None:
             return None
         scheme, _, token = header.strip().partition(" ")
-        if scheme.lower() != "bearer" or token.strip() not in self.store.tokens:
+        if scheme.lower() != "bearer" or not self.store.knows_token(token.strip()):
             raise _HubError(401, INVALID_CREDENTIALS)  # no X-Error-Code, like the Hub
         return token.strip()
 
@@ -796,7 +814,7 @@ class _ApiRouter:
         """The repo if this request may see it; the Hub's errors otherwise."""
         token = self._token(request)
         repo = self.store.repo(repo_id)
-        granted = token is not None and repo_id in self.store.tokens[token]
+        granted = token is not None and self.store.granted(token, repo_id)
         if repo is None or (repo.private and not granted):
             # the Hub says 401 to anonymous callers and 404 to authenticated ones
             raise _HubError(401 if token is None else 404, "Repository not found", "RepoNotFound")
@@ -1100,6 +1118,11 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def setup(self):
+        if isinstance(self.request, ssl.SSLSocket):
+            # In this connection's thread, so a client that never completes it holds up no one.
+            self.request.settimeout(10)
+            self.request.do_handshake()
+            self.request.settimeout(None)
         super().setup()
         self.server.track(self.connection)
 
@@ -1142,7 +1165,8 @@ class _Handler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""  # read it all: keep-alive stays in step
-        return _Request(self.server.origin, self.command, split.path or "/", split.query, self.headers, body)
+        return _Request(self.server.origin, self.command, split.path or "/", split.query, self.headers, body,
+                        scheme=self.server.scheme)
 
     def _send(self, request, response, fault, record):
         if fault is not None and fault.kind in _REWRITES:
@@ -1192,7 +1216,8 @@ class _Handler(BaseHTTPRequestHandler):
         # One pacer per response: the link's rate holds for each body on its own.
         chunk = self._link.pace_chunk()
         pacer = Pacer(self._link.rate, self.server.sim._sleep) if chunk else None
-        if not corrupt and isinstance(body, _FileBody) and start + length <= body.size:
+        plain = not isinstance(self.connection, ssl.SSLSocket)     # sendfile would bypass TLS
+        if plain and not corrupt and isinstance(body, _FileBody) and start + length <= body.size:
             return self._sendfile(body.path, start, length, record, pacer, chunk or SENDFILE_CHUNK)
         for piece in _padded_chunks(body, start, start + length, chunk or COPY_CHUNK):
             if pacer is not None:
@@ -1232,17 +1257,28 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, host, port, origin, sim, router):
-        self.origin, self.sim, self.router = origin, sim, router
+    def __init__(self, host, port, origin, sim, router, tls=None):
+        self.origin, self.sim, self.router, self.tls = origin, sim, router, tls
         self._connections_lock = threading.Lock()
         self._connections = set()
         self.accepted = 0
         super().__init__((host, port), _Handler)
 
     @property
+    def scheme(self):
+        return "http" if self.tls is None else "https"
+
+    @property
     def url(self):
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self.scheme}://{host}:{port}"
+
+    def get_request(self):
+        connection, address = super().get_request()
+        if self.tls is None:
+            return connection, address
+        # The handshake waits for the handler's thread (_Handler.setup), not the accept loop.
+        return self.tls.wrap_socket(connection, server_side=True, do_handshake_on_connect=False), address
 
     def track(self, connection):
         with self._connections_lock:
@@ -1264,8 +1300,9 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
-        if isinstance(error, ConnectionError) or (isinstance(error, OSError) and self.sim._stopping.is_set()):
-            return  # a client that went away, or a reset we made on purpose: not news
+        if isinstance(error, (ConnectionError, ssl.SSLError, TimeoutError)) or (
+                isinstance(error, OSError) and self.sim._stopping.is_set()):
+            return  # a client that went away or refused our certificate, a reset we made: not news
         super().handle_error(request, client_address)
 
 
@@ -1281,8 +1318,9 @@ class HubSimulator:
     """
 
     def __init__(self, tokens=None, page_size=DEFAULT_PAGE_SIZE, port=0, cdn_port=0, host="127.0.0.1",
-                 sign_seconds=None, sign_ranges=False, link=None):
+                 sign_seconds=None, sign_ranges=False, link=None, tls=None, cdn_tls=None):
         self._store = _Store(tokens)
+        self._tls = {"api": tls, "cdn": cdn_tls or tls}     # server-side ssl.SSLContext per origin, or None
         self.signer = UrlSigner(sign_seconds, sign_ranges)  # its fields may change while running
         self._faults = _FaultBook()
         self._log = _RequestLog()
@@ -1312,15 +1350,19 @@ class HubSimulator:
     def add_token(self, token, granted=()):
         self._store.add_token(token, granted)
 
+    def remove_token(self, token):
+        """Revoke `token`: from now on a request carrying it is refused (401)."""
+        self._store.remove_token(token)
+
     # -- lifecycle
 
     def start(self):
         if self._servers:
             raise RuntimeError("simulator already started")
         self._stopping.clear()
-        cdn = _Server(self._host, self._ports[1], "cdn", self, _CdnRouter(self._store, self.signer))
+        cdn = _Server(self._host, self._ports[1], "cdn", self, _CdnRouter(self._store, self.signer), self._tls["cdn"])
         router = _ApiRouter(self._store, self._faults, self.page_size, cdn.url, self.signer)
-        api = _Server(self._host, self._ports[0], "api", self, router)
+        api = _Server(self._host, self._ports[0], "api", self, router, self._tls["api"])
         self._servers = {"api": api, "cdn": cdn}
         self._urls = {"api": api.url, "cdn": cdn.url}  # kept after stop(), for messages
         for server in self._servers.values():

@@ -4,9 +4,13 @@ The daemon runs as `python -m vfs mount` with a private ready pipe, so the calle
 the moment the mount serves (or why it failed) and keeps the process handle to signal
 or kill it. Stopping always leaves no mount behind: a clean unmount when the daemon
 answers, a lazy one plus SIGKILL when it does not.
+
+`log_problems()` is what the test fixtures check after every mount stops: tracebacks and
+ERROR lines of the daemon log that the test did not declare with `expect_log_errors`.
 """
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -15,6 +19,8 @@ import time
 from pathlib import Path
 
 BASE_ENV = {"HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+# A log line at ERROR or above, in the text format (`time LEVEL name: message`) or as JSON.
+_ERROR_LINE = re.compile(r' (ERROR|CRITICAL) |"(level|levelname)": ?"(ERROR|CRITICAL)"')
 
 
 def isolated_environment(home, extra=None):
@@ -37,6 +43,24 @@ class MountProcess:
         self.env = env or isolated_environment(self.log_path.parent)
         self.extra_args = list(extra_args)
         self.process = None
+        self.expected_errors = []       # substrings of ERROR lines the test provokes on purpose
+        self.tracebacks_expected = False
+        self.served = False             # the daemon said ready: a mount that failed to start says why in ERROR lines
+
+    def expect_log_errors(self, *patterns, tracebacks=False):
+        """Declare ERROR lines containing one of `patterns` as provoked by the test (and tracebacks,
+        if `tracebacks`); returns self. Everything else at ERROR fails the test at teardown."""
+        if not patterns and not tracebacks:
+            raise ValueError("name the ERROR lines the test expects")
+        self.expected_errors.extend(patterns)
+        self.tracebacks_expected = self.tracebacks_expected or tracebacks
+        return self
+
+    def log_problems(self):
+        """Lines of the daemon log no test asked for: tracebacks and unexpected ERROR/CRITICAL lines
+        (of a mount that never served, only tracebacks: its ERROR line is the failure the test saw)."""
+        expected = self.expected_errors if self.served else [""]
+        return log_problems(self.log_text(), expected, self.tracebacks_expected)
 
     def command(self, ready_fd):
         return [sys.executable, "-m", "vfs", "mount", str(self.mountpoint), "-m", str(self.manifest),
@@ -57,6 +81,7 @@ class MountProcess:
         if not answer.startswith(b"ready"):
             self.kill()
             raise MountFailed(answer.decode(errors="replace").strip() or self.stderr_text())
+        self.served = True
         return self
 
     def stderr_text(self):
@@ -92,6 +117,18 @@ class MountProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def log_problems(text, expected_errors=(), tracebacks_expected=False):
+    """Tracebacks (unless expected) and ERROR/CRITICAL lines matching none of `expected_errors`."""
+    problems = []
+    for line in text.splitlines():
+        if "Traceback (most recent call last)" in line:
+            if not tracebacks_expected:
+                problems.append(line)
+        elif _ERROR_LINE.search(line) and not any(pattern in line for pattern in expected_errors):
+            problems.append(line)
+    return problems
 
 
 def _read_with_deadline(fd, timeout):
