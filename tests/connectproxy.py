@@ -15,6 +15,7 @@ KEEP = 64 * 1024             # bytes of each direction kept for inspection
 @dataclass
 class Tunnel:
     target: str                         # host:port named in the CONNECT line
+    upstream: str                       # the proxy's own host:port towards the origin
     sent_up: bytearray = field(default_factory=bytearray)       # client -> origin, first KEEP bytes
     sent_down: bytearray = field(default_factory=bytearray)     # origin -> client, first KEEP bytes
     bytes_up: int = 0
@@ -56,6 +57,8 @@ class ConnectProxy:
     def _serve(self, client):
         with client:
             head = _read_head(client)
+            if not head:
+                return              # connected and closed without a request (a pool's spare)
             line = head.split(b"\r\n", 1)[0].decode("latin-1")
             method, _, rest = line.partition(" ")
             if method != "CONNECT":
@@ -70,7 +73,7 @@ class ConnectProxy:
             except OSError:
                 client.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
                 return
-            tunnel = Tunnel(target)
+            tunnel = Tunnel(target, "%s:%d" % upstream.getsockname()[:2])
             with self._lock:
                 self.tunnels.append(tunnel)
             client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")

@@ -331,15 +331,14 @@ def test_an_unreachable_hub_starts_from_the_cache_and_serves_again_once_back(hub
 
     started = time.monotonic()
     offline = mount_factory(MANIFEST, hub.endpoint, cache_dir=tmp_path / "cache", args=BLOCK + SHORT_BOUNDS)
-    offline.expect_log_errors("request failed: ConnectionRefusedError")       # the uncached read, Hub down
+    offline.expect_log_errors("not cached, offline (the Hub is unreachable)")     # the uncached read, Hub down
     print(f"Hub down: mount ready from the cache after {time.monotonic() - started:.1f}s")
     # Ready from the stored snapshots at once; the branch's re-check then finds the Hub down.
     assert eventually(lambda: "Hub unreachable" in offline.log_text()
                       and "serving pinned commit" in offline.log_text())
     assert os.listdir(offline.mountpoint / "weights") == sorted(weights)
     read_exact(offline, weights, "Hub down, the cached block", offset=MiB, length=MiB)
-    reading = read_fails(offline, "Hub down, an uncached block (the last)", offset=5 * MiB, length=4096)
-    assert give_up_after() <= reading.seconds < 2 * give_up_after()      # refused at once: 1.75 s of waits
+    read_fails(offline, "Hub down, an uncached block (the last)", offset=5 * MiB, length=4096)
 
     with same_hub_again(*ports, weights):
         assert reads_again(offline, weights, offset=5 * MiB, length=4096)

@@ -386,6 +386,7 @@ class RequestRecord:
     headers: dict = field(default_factory=dict)
     fault: str | None = None
     started: float = field(default_factory=time.monotonic)   # when the request arrived
+    peer: str | None = None     # the client's "host:port": which connection (a proxy's tunnel?) carried it
 
     @property
     def authorization_sent(self):
@@ -410,6 +411,7 @@ class _RequestLog:
         record = RequestRecord(
             request.origin, request.method, request.raw_path, request.query_string,
             request.headers.get("Range"), authorization=request.headers.get("Authorization"), headers=headers,
+            peer=request.peer,
         )
         with self._lock:
             self._records.append(record)
@@ -446,6 +448,7 @@ class _Request:
     route: str = "unknown"  # set by the router: info, tree, paths-info, resolve, cdn
     content_fault: object = None
     scheme: str = "http"
+    peer: str | None = None
 
     @property
     def segments(self):
@@ -1166,7 +1169,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""  # read it all: keep-alive stays in step
         return _Request(self.server.origin, self.command, split.path or "/", split.query, self.headers, body,
-                        scheme=self.server.scheme)
+                        scheme=self.server.scheme, peer="%s:%d" % self.client_address[:2])
 
     def _send(self, request, response, fault, record):
         if fault is not None and fault.kind in _REWRITES:
