@@ -9,10 +9,13 @@ engine, the base image and the build are made on a machine without a registry.
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+import re
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -432,3 +435,135 @@ def test_compose_starts_the_daemon_then_servers_that_read_their_models(engine, i
     standin = b"qwen2.5-0.5b-instruct-hf *.safetensors\n"
     assert logs["vllm"] == [hashlib.sha256(standin).hexdigest(),
                             "/lamina/models/qwen2.5-0.5b-instruct-hf/model.safetensors"]
+
+
+# ---------------------------------------------------------------------------
+# contrib/k8s, its containers run by docker the way a kubelet would run them
+
+K8S = REPO / "contrib" / "k8s"
+
+
+class PodRunner:
+    """Runs a pod spec's containers with docker: hostPaths mapped to test directories,
+    ConfigMaps written to a directory, Bidirectional as rshared and HostToContainer as
+    rslave, $(VAR) expanded from the container's env, the host network (for the simulator)
+    with the API on a free port instead of 8765, privileged as the capabilities a mount
+    needs (see docker_args). Optional secrets are left out."""
+
+    def __init__(self, engine, tmp_path, host_paths, extra_env):
+        self.engine, self.tmp_path, self.host_paths, self.extra_env = engine, tmp_path, host_paths, extra_env
+        self.api_port = dockerkit.free_port()
+        configmaps = [doc for doc in _k8s_documents() if doc["kind"] == "ConfigMap"]
+        self.configmaps = {doc["metadata"]["name"]: self._write_configmap(doc) for doc in configmaps}
+
+    def _write_configmap(self, doc):
+        directory = self.tmp_path / "configmaps" / doc["metadata"]["name"]
+        directory.mkdir(parents=True)
+        for name, text in doc["data"].items():
+            (directory / name).write_text(text)
+        return directory
+
+    def docker_args(self, pod_spec, container):
+        env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+        env = {k: v.replace(":8765", f":{self.api_port}") for k, v in env.items()} | self.extra_env
+        args = ["--network", "host"] + [f"-e{k}={v}" for k, v in env.items()]
+        if container.get("securityContext", {}).get("privileged"):
+            # This machine's runtime cannot grant every capability (`--privileged` fails to
+            # start); a FUSE mount needs only these of what privileged gives.
+            args += ["--cap-add", "SYS_ADMIN", "--device", "/dev/fuse", "--security-opt", "apparmor=unconfined"]
+        for mount in container.get("volumeMounts", []):
+            if mount["mountPath"] != "/dev/fuse":        # a device, not a bind, under docker
+                args += ["-v", self.volume(pod_spec, mount)]
+        command = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], word)
+                   for word in container.get("command", []) + container.get("args", [])]
+        return args, command, env
+
+    def volume(self, pod_spec, mount):
+        [volume] = [v for v in pod_spec["volumes"] if v["name"] == mount["name"]]
+        if "configMap" in volume:
+            source = self.configmaps[volume["configMap"]["name"]]
+        else:
+            source = self.host_paths[volume["hostPath"]["path"]]
+        options = ["ro"] if mount.get("readOnly") else []
+        options += {"Bidirectional": ["rshared"], "HostToContainer": ["rslave"]}.get(
+            mount.get("mountPropagation"), [])
+        return f"{source}:{mount['mountPath']}" + (":" + ",".join(options) if options else "")
+
+    def start(self, name, pod_spec, container):
+        args, command, _ = self.docker_args(pod_spec, container)
+        if container.get("command"):
+            args += ["--entrypoint", command.pop(0)]
+        # A failed container is restarted, as the kubelet would (a failed pull is retried, say).
+        self.engine.docker("run", "-d", "--restart", "on-failure", "--name", name, *args, IMAGE, *command)
+
+    def run_once(self, pod_spec, container, image=IMAGE, entrypoint=None, timeout=120):
+        args, command, _ = self.docker_args(pod_spec, container)
+        if entrypoint:
+            args += ["--entrypoint", entrypoint[0]]
+            command = entrypoint[1:] + command
+        elif container.get("command"):
+            args += ["--entrypoint", command.pop(0)]
+        return self.engine.docker("run", "--rm", *args, image, *command, check=False, timeout=timeout)
+
+    def probe(self, path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.api_port}{path}", timeout=2) as answer:
+                return answer.status
+        except urllib.error.HTTPError as error:
+            return error.code
+        except OSError:
+            return None
+
+
+def _k8s_documents():
+    import yaml
+    return [doc for path in sorted(K8S.glob("*.yaml")) if path.name != "kustomization.yaml"
+            for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _pod_spec(kind):
+    [doc] = [doc for doc in _k8s_documents() if doc["kind"] == kind]
+    return doc["spec"]["template"]["spec"]
+
+
+@pytest.mark.slow
+def test_the_k8s_containers_run_mount_warm_probe_wait_read_and_stop(engine, image, shipped_hub, tmp_path):
+    """What a cluster would run, minus the cluster: the DaemonSet's two containers, its probes
+    and preStop, the consumer's init container and the path its server reads."""
+    daemon, consumer = _pod_spec("DaemonSet"), _pod_spec("Deployment")
+    with dockerkit.shared_directory(tmp_path / "lamina") as parent:
+        runner = PodRunner(engine, tmp_path, {
+            "/var/lib/lamina-llm-cache": parent, "/var/cache/lamina-llm-cache": tmp_path / "cache",
+            "/dev/fuse": "/dev/fuse"}, {"HF_ENDPOINT": shipped_hub.endpoint, "HF_HUB_DISABLE_XET": "1"})
+        try:
+            for container in daemon["containers"]:
+                runner.start(f"ds-{container['name']}", daemon, container)
+            lamina = next(c for c in daemon["containers"] if c["name"] == "lamina")
+            deadline = time.monotonic() + 60
+            while runner.probe(lamina["readinessProbe"]["httpGet"]["path"]) != 200 and time.monotonic() < deadline:
+                time.sleep(0.3)
+            assert runner.probe(lamina["livenessProbe"]["httpGet"]["path"]) == 200
+            assert runner.probe(lamina["readinessProbe"]["httpGet"]["path"]) == 200
+            [init] = consumer["initContainers"]
+            try:
+                waited = runner.run_once(consumer, init, timeout=90)
+            except subprocess.TimeoutExpired:
+                waited = subprocess.CompletedProcess(init["command"], None, "", "timed out")
+            assert waited.returncode == 0, (waited.stderr, engine.docker("logs", "ds-warm").stderr,
+                                            engine.docker("logs", "ds-lamina").stderr,
+                                            engine.docker("ps", "-a").stdout)
+            [server] = consumer["containers"]
+            read = runner.run_once(consumer, server, image=BASE_IMAGE,
+                                   entrypoint=["sh", "-c", READ_THE_NAMED_MODEL, "llama"])
+            assert read.stdout.split()[0] == shipped_hub.gguf_sha256, read.stderr
+            # With no file open, the lazy unmount ends the daemon at once, and with it the
+            # container and the hook's own process (137): the kubelet goes on either way.
+            hook = engine.docker("exec", "ds-lamina", *lamina["lifecycle"]["preStop"]["exec"]["command"],
+                                 check=False)
+            assert hook.returncode in (0, 137), hook.stderr
+            engine.docker("stop", "-t", str(daemon["terminationGracePeriodSeconds"]), "ds-lamina")
+            assert engine.docker("wait", "ds-lamina").stdout.strip() == "0"
+            assert not os.path.ismount(parent / "models") and os.listdir(parent / "models") == []
+            assert " ERROR " not in engine.docker("logs", "ds-lamina").stderr
+        finally:
+            engine.remove_all_containers()
