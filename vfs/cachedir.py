@@ -164,7 +164,8 @@ class CacheDir:
 def hold_shared(data_path) -> int | None:
     """A descriptor holding a shared flock on a blob's data file (None if it is gone).
 
-    Blocks only while an eviction decides on this very blob (a few unlinks)."""
+    Blocks only while another process evicts or discards this very blob (a few unlinks,
+    or a log truncated and synced)."""
     try:
         fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
