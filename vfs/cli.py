@@ -236,7 +236,7 @@ def cmd_unmount(args):
     return 0
 
 
-def model_reports(args, names=None, with_files=True):
+def model_reports(args, names=None, with_files=True, manifest=None):
     """The reports of the models `names` (all for None), pinned from the lock or the stored
     snapshots (the Hub only when never pinned)."""
     from .blockcache import BlockCache
@@ -244,7 +244,7 @@ def model_reports(args, names=None, with_files=True):
     from .pinning import collector_paused, pin_manifest
     from .report import model_report
     settings = settings_for(args)
-    manifest = load(args)
+    manifest = manifest or load(args)
     cache = BlockCache(CacheDir(settings.cache_dir, settings.block_size))
     with collector_paused():
         snapshots = pin_manifest(settings, manifest, stored_first=True).snapshots
@@ -267,8 +267,9 @@ def cmd_list(args):
 
 
 def cmd_info(args):
-    load(args).get(args.name)      # an unknown name is a usage error
-    (data,) = model_reports(args, names={args.name})
+    manifest = load(args)
+    manifest.get(args.name)      # an unknown name is a usage error
+    (data,) = model_reports(args, names={args.name}, manifest=manifest)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
