@@ -58,6 +58,13 @@ def read_all(local):
 def test_reads_give_the_scanned_bytes_and_sha256(model):
     local = scan(spec_for(model)).files[0]
     assert read_all(local) == b"a" * 1000
+    handle = open_local(local)
+    try:
+        cached = handle.read_cached(990, 100, memoryview(bytearray(64)))   # the page was just read
+        assert cached is not None and bytes(cached) == b"a" * 10
+        assert handle.read_cached(0, 100, memoryview(bytearray(64))) is None   # too big for the buffer
+    finally:
+        handle.close()
     assert sha256_of(local) == "sha256:" + hashlib.sha256(b"a" * 1000).hexdigest()
 
 
@@ -75,7 +82,7 @@ def test_an_open_handle_refuses_a_file_changed_under_it(model, change, what):
         with pytest.raises(errors.LocalFileChanged, match=what):
             handle.read(0, 4)
         with pytest.raises(errors.LocalFileChanged):
-            handle.read_cached(0, 4)
+            handle.read_cached(0, 4, memoryview(bytearray(16)))
     finally:
         handle.close()
 

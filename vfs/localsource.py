@@ -229,15 +229,15 @@ class LocalHandle:
             raise self._changed(f"{len(data)} of {want} bytes at offset {offset}")
         return data
 
-    def read_cached(self, offset: int, length: int) -> bytes | None:
-        """The same bytes when they are all in the page cache (no waiting on the disk), else None."""
+    def read_cached(self, offset: int, length: int, into: memoryview) -> memoryview | None:
+        """The same bytes when they are all in the page cache (no waiting on the disk), read
+        into `into` (a view of it is returned, valid until `into` is reused), else None."""
         want = max(0, min(length, self.size - offset))
-        if not self._nowait or want == 0:
+        if not self._nowait or want == 0 or want > len(into):
             return None
         self._check()
-        buffer = bytearray(want)
         try:
-            got = os.preadv(self.fd, [buffer], offset, os.RWF_NOWAIT)
+            got = os.preadv(self.fd, [into[:want]], offset, os.RWF_NOWAIT)
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 self._nowait = False        # this filesystem has no RWF_NOWAIT
@@ -245,7 +245,7 @@ class LocalHandle:
         if got != want:
             return None                     # partly cached: the worker thread reads it all
         self._check()
-        return bytes(buffer)
+        return into[:want]
 
     def _check(self):
         info = os.fstat(self.fd)
@@ -319,10 +319,16 @@ def _once(file, exc):
     return exc
 
 
-async def read(handle: LocalHandle, offset: int, length: int) -> bytes:
-    """A FUSE read of a local file: on the spot from the page cache, else in a worker thread."""
+# Reads answered on the trio thread land here. One buffer serves every handle: the view
+# returned is copied out by pyfuse3 before the next await, so no two reads overlap in it.
+_SCRATCH = memoryview(bytearray(4 * 1024 * 1024))      # above FUSE's largest read (1 MiB)
+
+
+async def read(handle: LocalHandle, offset: int, length: int) -> bytes | memoryview:
+    """A FUSE read of a local file: on the spot from the page cache, else in a worker thread.
+    A view returned is valid until the next await (the caller, pyfuse3, copies it at once)."""
     try:
-        data = handle.read_cached(offset, length)
+        data = handle.read_cached(offset, length, _SCRATCH)
         if data is None:
             data = await trio.to_thread.run_sync(handle.read, offset, length)
     except errors.LocalFileChanged as exc:
