@@ -507,3 +507,22 @@ def test_a_refresh_to_a_local_path_under_the_mountpoint_is_refused(served, local
     status, answer = call_api(port, "POST", "/refresh")
     assert status == 400 and "model 'x': field 'local'" in answer["error"] and "overlap" in answer["error"]
     assert sorted(os.listdir(mount.mountpoint)) == ["my-finetune", "tiny-q4"]
+
+
+def test_the_lock_records_local_files_and_verify_compares_with_it(local_models, tmp_path):
+    finetune, gguf = local_models
+    out = lamina(tmp_path, manifest_for(finetune, gguf), "lock").stdout
+    assert "2 models changed" in out
+    lock = json.loads((tmp_path / "cli-models.lock").read_text())["models"]
+    digest = "sha256:" + hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert lock["tiny-q4"] == {"local": str(gguf), "files": [{"path": "model.gguf", "size": gguf.stat().st_size,
+                                                               "sha256": digest}]}
+    assert len(lock["my-finetune"]["files"]) == 8
+    assert "(matches cli-models.lock)" in lamina(tmp_path, None, "verify", "tiny-q4").stdout
+    assert "0 models changed" in lamina(tmp_path, None, "lock").stdout
+    with open(finetune / "config.json", "a") as config:
+        config.write(" ")
+    result = lamina(tmp_path, None, "verify", "my-finetune", check=False)
+    assert result.returncode == 1
+    assert "my-finetune/config.json: local sha256:" in result.stdout and "DIFFERS from cli-models.lock" in result.stdout
+    assert "1 model changed (my-finetune)" in lamina(tmp_path, None, "lock").stdout

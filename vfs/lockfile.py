@@ -15,6 +15,17 @@ The lock sits beside the manifest (`models.yaml` -> `models.lock`) and is meant 
       }
     }
 
+A `local:` model is recorded by what its files hashed to when the lock was written:
+
+        "<name>": {
+          "local": "/srv/finetunes/x/",
+          "files": [
+            {"path": "model.safetensors", "size": 123, "sha256": "sha256:<hex>"}
+          ]
+        }
+
+`verify NAME` compares a local model's files with it; nothing is pinned from it.
+
 It is JSON (so also YAML), written the same way byte for byte for the same content:
 models sorted by name, files by path, one file per line, so a diff shows exactly which
 model moved and which files changed.
@@ -76,6 +87,26 @@ class LockedModel:
         return None
 
 
+@dataclass(frozen=True)
+class LockedLocal:
+    """A local model as the lock recorded it: its path, and (path, size, 'sha256:<hex>') per file."""
+
+    local: str
+    files: tuple[tuple[str, int, str], ...]
+
+    def disagreement(self, spec) -> str | None:
+        if spec.local is None:
+            return "the lock has it as local files, the manifest does not"
+        if spec.local != self.local:
+            return f"the lock has local {self.local!r}, the manifest {spec.local!r}"
+        return None
+
+
+def identity_of(entry):
+    """What makes a locked (or newly pinned) model the same: its commit, or its local files' hashes."""
+    return entry.files if isinstance(entry, LockedLocal) else entry.commit
+
+
 class Lock:
     def __init__(self, path, models: dict):
         self.path, self.models = Path(path), models
@@ -83,7 +114,7 @@ class Lock:
     def snapshot_for(self, spec) -> Snapshot | None:
         """The locked snapshot of `spec`, or None when the lock does not name it as written."""
         entry = self.models.get(spec.name)
-        if entry is None or entry.disagreement(spec) is not None:
+        if entry is None or isinstance(entry, LockedLocal) or entry.disagreement(spec) is not None:
             return None
         return Snapshot(entry.hf, entry.revision, entry.commit, entry.files)
 
@@ -92,7 +123,7 @@ class Lock:
         found = []
         for spec in manifest.models:
             entry = self.models.get(spec.name)
-            if spec.hf is None:
+            if spec.hf is None and spec.local is None:
                 if entry is not None:
                     found.append((spec.name, "the lock names it, the manifest gives it no hf repo"))
             elif entry is None:
@@ -143,8 +174,10 @@ def parse_lock(text, path) -> Lock:
     return Lock(path, {name: _entry(path, name, entry) for name, entry in models.items()})
 
 
-def _entry(path, name, entry) -> LockedModel:
+def _entry(path, name, entry) -> LockedModel | LockedLocal:
     try:
+        if "local" in entry:
+            return LockedLocal(str(entry["local"]), tuple(_local_file(raw) for raw in entry["files"]))
         commit = entry["commit"]
         if not COMMIT_RE.match(commit):
             raise ValueError(f"commit {commit!r} is not 40 hex digits")
@@ -164,10 +197,19 @@ def _file(raw) -> RemoteFile:
     return RemoteFile(path, size, content_id)
 
 
+def _local_file(raw) -> tuple[str, int, str]:
+    path, size, digest = raw["path"], raw["size"], raw["sha256"]
+    hexdigest = digest.removeprefix("sha256:")
+    if not is_safe_repo_path(path) or not isinstance(size, int) or size < 0 or len(hexdigest) != 64 \
+            or not digest.startswith("sha256:") or not all(c in "0123456789abcdef" for c in hexdigest):
+        raise ValueError(f"bad local file entry {raw!r:.200}")
+    return path, size, digest
+
+
 def render_lock(manifest, snapshots) -> str:
     """The lock's text for `manifest` pinned to `snapshots`: the same bytes for the same pins."""
     lines = ["{", f'  {json.dumps(LOCK_KEY)}: {LOCK_VERSION},', '  "models": {']
-    specs = sorted((spec for spec in manifest.models if spec.hf and snapshots.get(spec.name)),
+    specs = sorted((spec for spec in manifest.models if (spec.hf or spec.local) and snapshots.get(spec.name)),
                    key=lambda s: s.name)
     for number, spec in enumerate(specs):
         lines += _model_lines(spec, snapshots[spec.name], last=number == len(specs) - 1)
@@ -175,7 +217,17 @@ def render_lock(manifest, snapshots) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _local_lines(spec, locked, last):
+    files = sorted(locked.files)
+    head = [f"    {json.dumps(spec.name)}: {{", f'      "local": {json.dumps(locked.local)},', '      "files": [']
+    body = [f'        {{"path": {json.dumps(path)}, "size": {size}, "sha256": {json.dumps(digest)}}}'
+            + ("," if number < len(files) - 1 else "") for number, (path, size, digest) in enumerate(files)]
+    return head + body + ["      ]", "    }" + ("" if last else ",")]
+
+
 def _model_lines(spec, snapshot, last):
+    if isinstance(snapshot, LockedLocal):
+        return _local_lines(spec, snapshot, last)
     files = sorted(snapshot.files, key=lambda f: f.path)
     head = [f"    {json.dumps(spec.name)}: {{",
             f'      "hf": {json.dumps(spec.hf)}, "revision": {json.dumps(spec.revision)}, '

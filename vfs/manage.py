@@ -13,6 +13,7 @@ import trio
 from . import errors, mount
 from .progress import PullProgress
 from .localsource import LocalFile, sha256_of
+from .lockfile import LockedLocal, load_lock
 
 log = logging.getLogger(__name__)
 
@@ -98,28 +99,45 @@ def verify(settings, manifest, names):
     fs = mount.build(settings, manifest, stored_first=True)
     fs.cache.defer_discards = True          # a mount beside us may be serving these blobs
     local = local_files(fs, local_models(manifest, names))
-    local_bad = _hash_local(local)
+    local_bad = _hash_local(local, load_lock(manifest.source))
     refs = selected_files(fs, manifest, names)
     outcomes = trio.run(_verify_all, fs, refs)
     counts = {outcome: outcomes.count(outcome) for outcome in ("ok", "discarded", "kept", "incomplete")}
     kept = f", {counts['kept']} mismatched but held by another process (not discarded)" if counts["kept"] else ""
     if local:
-        print(f"verify: {len(local) - local_bad} local files hashed, {local_bad} unreadable or changed")
+        print(f"verify: {len(local) - local_bad} local files hashed, {local_bad} unreadable, changed or unlike the lock")
     if refs or not local:
         print(f"verify: {counts['ok']} ok, {counts['discarded']} discarded{kept}, {counts['incomplete']} incomplete")
     return 1 if counts["discarded"] or counts["kept"] or local_bad else 0
 
 
-def _hash_local(files):
-    """Print each local file's sha256 (read-only: nothing under `local` is touched); failures."""
+def _hash_local(files, lock=None):
+    """Print each local file's sha256, and whether it matches the lock's (read-only: nothing
+    under `local` is touched); the number of files unreadable, changed or unlike the lock."""
     failed = 0
     for local in files:
         try:
-            print(f"{local.describe}: local {sha256_of(local)}  {local.size} bytes  {local.source}")
+            digest = sha256_of(local)
         except errors.LaminaError as exc:
             print(f"{local.describe}: cannot hash: {exc}")
             failed += 1
+            continue
+        verdict = _against_lock(lock, local, digest)
+        print(f"{local.describe}: local {digest}  {local.size} bytes  {local.source}{verdict or ''}")
+        failed += bool(verdict and "DIFFERS" in verdict)
     return failed
+
+
+def _against_lock(lock, local, digest):
+    """'  (matches models.lock)', '  DIFFERS from models.lock ...', or None without a locked entry."""
+    entry = lock.models.get(local.model) if lock is not None else None
+    if not isinstance(entry, LockedLocal):
+        return None
+    locked = {path: (size, sha) for path, size, sha in entry.files}.get(local.path)
+    if locked == (local.size, digest):
+        return f"  (matches {lock.path.name})"
+    said = f"{locked[1]}, {locked[0]} bytes" if locked else "no such file"
+    return f"  DIFFERS from {lock.path.name} ({said})"
 
 
 async def _verify_all(fs, refs):

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 from .cachedir import CacheDir
 from .errors import ManifestError, UsageError
+from .localsource import LocalSnapshot, sha256_of
 from .localsource import scan as scan_local
-from .lockfile import Lock, load_lock, lock_path_for, write_lock
+from .lockfile import Lock, LockedLocal, identity_of, load_lock, lock_path_for, write_lock
 from .snapshots import COMMIT_RE, Snapshot, SnapshotStore, path_index, select_files
 
 log = logging.getLogger(__name__)
@@ -99,10 +100,17 @@ def update_lock(settings, manifest, upgrade=None) -> tuple:
     if old is not None and upgrade is not None:
         keep = old.without(upgrade or None)
     pinned = pin_all(settings, manifest, SnapshotStore(settings.cache_dir), lock=keep)
-    before = {name: entry.commit for name, entry in (old.models.items() if old else ())}
-    changed = [name for name, snapshot in pinned.snapshots.items()
-               if snapshot is not None and before.get(name) != snapshot.commit]
-    return write_lock(manifest, pinned.snapshots), changed
+    snapshots = {name: hashed_local(manifest.get(name), snapshot) if isinstance(snapshot, LocalSnapshot)
+                 else snapshot for name, snapshot in pinned.snapshots.items()}
+    before = {name: identity_of(entry) for name, entry in (old.models.items() if old else ())}
+    changed = [name for name, snapshot in snapshots.items()
+               if snapshot is not None and before.get(name) != identity_of(snapshot)]
+    return write_lock(manifest, snapshots), changed
+
+
+def hashed_local(spec, snapshot) -> LockedLocal:
+    """A local model's lock entry: every file hashed now (read-only)."""
+    return LockedLocal(spec.local, tuple((f.path, f.size, sha256_of(f)) for f in snapshot.files))
 
 
 def pin_all(settings, manifest, store: SnapshotStore, *, lock=None, stored_first=False,
