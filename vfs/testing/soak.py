@@ -31,6 +31,7 @@ import json
 import mmap
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -149,6 +150,10 @@ class Reader:
                 if size != expected.size:
                     return self.mismatch(path, content_id, "size", 0, size)
                 self.counts["opens"] += 1
+                if self.random.random() < 0.3:
+                    # Drop the kernel's copy: these reads reach the daemon (buffers, disk, network).
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    self.counts["forget"] += 1
                 for _ in range(self.random.randint(1, 6)):
                     self.pread(path, fd, content_id, expected)
                 self.stream(path, fd, content_id, expected)
@@ -305,6 +310,8 @@ class Soak:
                                  "-m", str(self.workdir / "models.yaml"), "--cache-dir", str(self.workdir / "cache")],
                                 env=self.env, capture_output=True, text=True, timeout=300)
         self.events["gc runs"] += 1
+        evicted = re.search(r"evicted (\d+) blob", result.stdout + result.stderr)
+        self.events["blobs evicted by gc"] += int(evicted[1]) if evicted else 0
         if result.returncode != 0:
             self.failures.append(f"gc exited {result.returncode}: {result.stderr.strip()[-500:]}")
 
