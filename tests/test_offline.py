@@ -61,6 +61,7 @@ def test_with_hf_hub_offline_an_uncached_read_fails_at_once_with_one_line_per_fi
     cache_the_small_file(hub, weights, mount_factory)
     offline = mount_factory(MANIFEST, hub.endpoint, cache_dir=tmp_path / "cache", args=BLOCK,
                             env={"HF_HUB_OFFLINE": "1"})
+    offline.expect_log_errors("read: big/big.gguf: not cached, offline")
     path = offline.mountpoint / "big" / "model.gguf"
     hub.clear_log()
     results = [timed_uncached_read(path, offset) for offset in (3 * MiB, 4 * MiB, 5 * MiB)]
@@ -78,6 +79,7 @@ def test_a_hub_unreachable_at_start_fails_uncached_reads_at_once_and_recovers_wh
     ports = [int(url.rsplit(":", 1)[1]) for url in (hub.endpoint, hub.cdn_endpoint)]
     hub.stop()
     mount = mount_factory(MANIFEST, hub.endpoint, cache_dir=tmp_path / "cache", args=BLOCK)
+    mount.expect_log_errors("read: big/big.gguf: not cached, offline")
     path = mount.mountpoint / "big" / "model.gguf"
     assert eventually(lambda: "the Hub is unreachable" in mount.log_text())
     error, seconds = timed_uncached_read(path, 4 * MiB)
