@@ -209,6 +209,7 @@ def test_writes_to_a_local_model_fail_with_erofs(served, local_models, attempt):
 
 def test_a_file_truncated_under_the_mount_gives_eio_until_refresh(served, local_models):
     mount, port = served
+    mount.expect_log_errors("changed since it was scanned")
     source = local_models[0] / "big.bin"
     original = source.read_bytes()
     path = mount.mountpoint / "my-finetune" / "big.bin"
@@ -235,6 +236,7 @@ def test_a_file_truncated_under_the_mount_gives_eio_until_refresh(served, local_
 
 def test_a_file_replaced_under_the_mount_gives_eio_then_the_new_bytes_after_refresh(served, local_models):
     mount, port = served
+    mount.expect_log_errors("changed since it was scanned")
     source = local_models[0] / "config.json"
     path = mount.mountpoint / "my-finetune" / "config.json"
     inode = path.stat().st_ino
@@ -264,6 +266,7 @@ def test_a_file_rewritten_while_it_is_read_never_gives_mixed_bytes(served, local
     several requests may end early, with the bytes it got before the change: read(2)
     returns what it transferred before an error, and the next read gets the EIO."""
     mount, port = served
+    mount.expect_log_errors("changed since it was scanned")
     source = local_models[0] / "big.bin"
     size = source.stat().st_size
     path = mount.mountpoint / "my-finetune" / "big.bin"
@@ -372,6 +375,7 @@ def test_files_the_daemon_cannot_read_are_listed_and_give_eacces(hub, tmp_path):
     manifest.write_text(f"models:\n  m:\n    path: /models/m/\n    backend: vllm\n    local: {model}\n")
     mount = MountWithoutDacOverride(manifest, tmp_path / "mnt", tmp_path / "cache", hub.endpoint,
                                     tmp_path / "mount.log", env=isolated_environment(tmp_path))
+    mount.expect_log_errors("secret.bin: Permission denied")
     with mount:
         root = mount.mountpoint / "m"
         assert sorted(os.listdir(root)) == ["secret.bin", "weights.bin"]
