@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import stat
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -530,3 +532,12 @@ def test_the_lock_records_local_files_and_verify_compares_with_it(local_models, 
     assert result.returncode == 1
     assert "my-finetune/config.json: local sha256:" in result.stdout and "DIFFERS from cli-models.lock" in result.stdout
     assert "1 model changed (my-finetune)" in lamina(tmp_path, None, "lock").stdout
+
+
+def test_metrics_count_the_bytes_read_from_local_files(served, local_models):
+    mount, port = served
+    size = len((mount.mountpoint / "tiny-q4" / "model.gguf").read_bytes())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    counted = re.search(r'^lamina_read_bytes_total\{source="local_files"\} (\S+)$', text, re.M)
+    assert counted and float(counted.group(1)) >= size
