@@ -401,6 +401,7 @@ def test_a_mount_of_only_local_models_never_asks_the_hub(hub, served, local_mode
     assert call_api(port, "GET", "/models")[0] == 200
     mount.stop()
     assert hub.log == []
+    assert hub.connections() == 0     # not even a connection opened ahead
     assert unexpected_log_lines(mount.log_text()) == []
 
 
