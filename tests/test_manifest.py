@@ -345,3 +345,23 @@ def test_add_refuses_to_extend_a_broken_manifest(tmp_path):
     path = write(tmp_path, "models:\n  x: [\n")
     with pytest.raises(ManifestError, match="invalid YAML"):
         add_model(path, "b", hf="org/b", backend="vllm")
+
+
+def test_add_local_writes_the_path_and_takes_the_kind_from_the_disk(tmp_path):
+    path = write(tmp_path, COMMENTED)
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    gguf = tmp_path / "x-q4.gguf"
+    gguf.write_bytes(b"GGUF")
+    directory_model = add_model(path, "ft", local=f"{folder}/", backend="vllm")
+    file_model = add_model(path, "q4", local=str(gguf), backend="llama.cpp")
+    assert (directory_model.is_dir, directory_model.local, directory_model.path) == (True, f"{folder}/", "/models/ft/")
+    assert (file_model.is_dir, file_model.path, file_model.source_kind) == (False, "/models/q4/model.gguf", "local")
+    assert load_manifest(path).models[1:] == (directory_model, file_model)
+
+
+def test_a_local_model_accepts_include_and_exclude_like_a_repo(tmp_path):
+    spec = parse_manifest(model("x", f"path: /models/x/\nbackend: vllm\nlocal: {tmp_path}/\n"
+                                     "include: ['*.safetensors']\nexclude: ['old/']")).models[0]
+    assert spec.wants("model.safetensors") and not spec.wants("old/model.safetensors")
+    assert not spec.wants("notes.md")
