@@ -72,8 +72,9 @@ Machine: {machine}
 {analysis()}
 ## How to rerun
 
-    make bench          # full run: installs the bench extras, fio, rclone and curl first
+    make bench          # full run: installs the bench extras, fio, rclone, curl and aria2 first
     make bench-smoke    # a small file and one repeat: only checks the harness works
+    sudo .venv/bin/python -m bench --only link --out docs   # only the shaped-link section
 
 Running it by hand: `sudo .venv/bin/python -m bench --help` (root: it drops the page
 cache and mounts).
