@@ -216,7 +216,7 @@ def test_hostile_names_in_a_listing_are_dropped_and_nothing_lands_outside(lying_
     assert not [p for p in written if "escape" in p.name or "\n" in p.name or "\x07" in p.name]
     assert not any(Path(where, "escape.bin").exists() for where in ("/tmp", tmp_path.parent, tmp_path))
     assert {p.relative_to(tmp_path / "cache").parts[0] for p in written if tmp_path / "cache" in p.parents} <= {
-        "format", "CACHEDIR.TAG", "blobs", "snapshots", "pins", "mount.lock"}
+        "format", "CACHEDIR.TAG", "blobs", "snapshots", "pins", "mount.lock", "passthrough.json"}
     (tree,) = [p for p in written if p.suffix == ".json" and "trees" in p.parts]
     assert sorted(path for path, _, _ in json.loads(tree.read_text())) == shown
 

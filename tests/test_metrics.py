@@ -84,7 +84,8 @@ def drop_pages(path):
 
 
 def test_a_cold_then_warm_read_shows_in_every_family(hub, sources, mount_factory):
-    mount, port = mount_with_api(hub, mount_factory)
+    # The daemon's path: with passthrough the warm read would not reach the daemon at all.
+    mount, port = mount_with_api(hub, mount_factory, "--no-passthrough")
     path = mount.mountpoint / "big" / "model.gguf"
     assert path.read_bytes() == sources["big"]
     assert eventually(lambda: scrape(port).value("lamina_model_verified", model="big") == 1, timeout=30)

@@ -42,9 +42,11 @@ Concurrency rules:
   with O_DIRECT; a cached block a stream reads is loaded into one (buffered: the kernel's
   read-ahead on the data file). Readers are served from them; after a block leaves
   memory, readers pread it from disk.
+- One copy in memory: the data file's pages a load or a pread brought in are dropped
+  (posix_fadvise DONTNEED) once read, since the bytes go on to the FUSE page cache.
 - A big read never waits on the disk on the trio thread: a pread that might goes to a
-  worker thread; the trio thread tries RWF_NOWAIT reads (pages already in the page
-  cache), and waits itself only for small reads (SMALL_READ), where a hand-off costs more.
+  worker thread; the trio thread waits itself only for small reads (SMALL_READ), where a
+  hand-off costs more.
 - Other processes (`pull`) append to the same logs. Before fetching a block that looks
   absent, the log's new records are read in, so their work is reused.
 
@@ -63,6 +65,7 @@ the next one.
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import struct
 import time
@@ -370,8 +373,20 @@ class BlobHandle:
 
     def verified_data_fd(self) -> int | None:
         """The data file's descriptor once the whole blob is verified (its bytes can no longer
-        change while the handle is open), else None. For serving it without the daemon."""
-        return self._blob.data_fd if self._blob.verified else None
+        change while the handle is open) and every block's crc was checked in this process,
+        else None. For serving it without the daemon: the kernel reading the file directly
+        would not notice bytes that rotted on disk since the blob was verified."""
+        blob = self._blob
+        return blob.data_fd if blob.verified and blob.checked.count(0) == 0 else None
+
+    def needs_check(self) -> bool:
+        """Verified, but some block's crc not yet checked in this process (see `check_blocks`)."""
+        return self._blob.verified and self._blob.checked.count(0) > 0
+
+    async def check_blocks(self) -> bool:
+        """Check every unchecked block's crc (O_DIRECT: no page cache); a bad block is dropped
+        and fetched again later, as on a read. True if every block checked out."""
+        return await self._cache._check_blocks(self._blob)
 
     def read_now(self, index: int, start: int, length: int, into: memoryview) -> memoryview | bytes | None:
         """Block `index`'s bytes [start, start+length) if they can be had without waiting, else None.
@@ -442,7 +457,6 @@ class BlockCache:
         self._fetch_limiter = trio.CapacityLimiter(fetch_workers)
         self._memory = BlockMemory(self.block_size, memory // self.block_size)
         self._loads: dict[tuple[str, int], trio.Event] = {}     # blocks being read into memory
-        self._nowait_reads = True       # the cache's filesystem answers RWF_NOWAIT reads
         self._disk_limiter = trio.CapacityLimiter(4)
         self._sync_limiter = trio.CapacityLimiter(2)
         self._usage: int | None = None  # bytes on disk, kept current between scans
@@ -521,30 +535,16 @@ class BlockCache:
     def _read_now(self, blob, index, start, length, into):
         """The bytes if they can be had without waiting, else None; valid until the next await.
 
-        That is a block in memory, or a checked block whose pages the page cache holds
-        (read into `into`). The trio thread must never wait on the disk: one stalled
-        pread stalls every reader of the mount.
+        That is a block in memory. The trio thread must never wait on the disk: one stalled
+        pread stalls every reader of the mount. (Reads of the data file with RWF_NOWAIT
+        were tried here too: a miss still starts the kernel's read-ahead, whose pages then
+        stay behind as a second copy of the model beside the FUSE page cache.)
         """
         buffer = self._memory.get((blob.content_id, index))
-        if buffer is not None:
-            STATS.served["block_buffers"] += length
-            return buffer.bytes_of(start, length)
-        if not (blob.present[index] and blob.checked[index] and self._nowait_reads):
+        if buffer is None:
             return None
-        view = into[:length]
-        try:
-            got = os.preadv(blob.data_fd, [view], blob.block_range(index)[0] + start, os.RWF_NOWAIT)
-        except BlockingIOError:
-            return None                 # not all of it in the page cache
-        except OSError as exc:
-            # ramfs and overlayfs (a container's root) have no RWF_NOWAIT: stop asking.
-            # Any other error is the ordinary path's to meet and report.
-            self._nowait_reads = exc.errno != errno.EOPNOTSUPP
-            return None
-        if got != length:
-            return None
-        STATS.served["cache_disk"] += length
-        return view
+        STATS.served["block_buffers"] += length
+        return buffer.bytes_of(start, length)
 
     async def _read(self, blob, index, start, length, source, served=None):
         """`length` bytes at `start` inside block `index` of `blob` (a copy of its own).
@@ -581,9 +581,9 @@ class BlockCache:
         if length <= SMALL_READ:
             # One disk read of a few pages costs about what a hand-off to a worker thread
             # does: a random reader waits half as long (fio 4 KiB: 5.5k -> 11k IOPS here).
-            return os.pread(blob.data_fd, length, offset)
+            return blockio.pread_once(blob.data_fd, length, offset)
         # In a worker thread: pages not in the page cache mean waiting on the disk.
-        return await trio.to_thread.run_sync(os.pread, blob.data_fd, length, offset)
+        return await trio.to_thread.run_sync(blockio.pread_once, blob.data_fd, length, offset)
 
     def _load_ahead(self, blob, index):
         key = (blob.content_id, index)
@@ -627,9 +627,10 @@ class BlockCache:
             check = not blob.checked[index]
             # Buffered, not O_DIRECT: the kernel's read-ahead on the data file measured faster
             # here for a stream's loads (whole blocks, in order) than direct 8-16 MiB reads.
+            # Its pages are dropped once read: the bytes go on to the FUSE page cache.
             async with self._disk_limiter:
                 got, crc = await trio.to_thread.run_sync(
-                    blockio.read_block, blob.data_fd, None, block_start, buffer.view, block_len, check)
+                    blockio.load_block, blob.data_fd, block_start, buffer.view, block_len, check)
         finally:
             self._memory.unpin(buffer)
         if buffer.key != key or not blob.present[index]:
@@ -641,6 +642,23 @@ class BlockCache:
         blob.checked[index] = 1
         buffer.ready = True
         return buffer
+
+    async def _check_blocks(self, blob):
+        view = memoryview(mmap.mmap(-1, self.block_size))     # page-aligned, for O_DIRECT
+        for index in range(blob.blocks):
+            if blob.checked[index] or not blob.present[index]:
+                continue
+            block_start, block_len = blob.block_range(index)
+            async with self._disk_limiter:
+                got, crc = await trio.to_thread.run_sync(
+                    blockio.read_block, blob.data_fd, blob.direct_fd, block_start, view, block_len, True)
+            if not blob.present[index] or blob.checked[index]:
+                continue                    # discarded or checked by a reader meanwhile
+            if got != block_len or crc != blob.crcs[index]:
+                self._corrupt_on_disk(blob, index, block_start)
+                return False
+            blob.checked[index] = 1
+        return blob.checked.count(0) == 0
 
     def _corrupt_on_disk(self, blob, index, block_start):
         log.error("%s: block %d (offset %d) is corrupt on disk; fetching it again",

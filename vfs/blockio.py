@@ -61,6 +61,31 @@ def read_block(data_fd, direct_fd, offset, view, length, with_crc):
     return got, (crc32(view[:got]) if with_crc else None)
 
 
+def load_block(data_fd, offset, view, length, with_crc):
+    """`read_block` through the page cache (its read-ahead), then drop the pages it used.
+
+    The caller keeps the bytes (a block buffer, then the FUSE page cache under keep_cache):
+    pages of the data file left behind would be a second copy of the model in memory."""
+    got, crc = read_block(data_fd, None, offset, view, length, with_crc)
+    drop_cached(data_fd, offset, length)
+    return got, crc
+
+
+def pread_once(fd, length, offset):
+    """os.pread, leaving no page of the range in the page cache (see `load_block`)."""
+    data = os.pread(fd, length, offset)
+    drop_cached(fd, offset, length)
+    return data
+
+
+def drop_cached(fd, offset, length):
+    """Ask the kernel to drop the file's cached pages of [offset, offset+length)."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass                    # advice only: a file system without it keeps its pages
+
+
 def file_chunks(data_fd, direct_fd, size, chunk=8 * 1024 * 1024):
     """The file's bytes in order, as views of one private buffer (each valid until the next).
 

@@ -66,6 +66,8 @@ def build_parser():
                        help="HTTP requests in flight per origin, at most (default 32; fewer when the link says so)")
     mount.add_argument("--read-deadline", type=float,
                        help="seconds within which a read gets its bytes or EIO (default 60)")
+    mount.add_argument("--no-passthrough", dest="passthrough", action="store_false", default=None,
+                       help="serve every read through the daemon, never by FUSE passthrough")
     mount.add_argument("--api", metavar="HOST:PORT", help="serve the REST API here (e.g. 127.0.0.1:8765)")
     mount.add_argument("--background", action="store_true", help="return once the mount is ready")
     mount.add_argument("--log-file", help="write the log here (default: stderr)")
@@ -153,7 +155,7 @@ def settings_for(args):
         allow_other=getattr(args, "allow_other", None), block_size=getattr(args, "block_size", None),
         memory=getattr(args, "memory", None), max_in_flight=getattr(args, "max_in_flight", None),
         read_timeout=getattr(args, "read_timeout", None), read_deadline=getattr(args, "read_deadline", None),
-        frozen=getattr(args, "frozen", None) or None)
+        frozen=getattr(args, "frozen", None) or None, passthrough=getattr(args, "passthrough", None))
 
 
 def load(args):
@@ -267,9 +269,14 @@ def cmd_list(args):
 
 
 def cmd_info(args):
+    from .passthrough import file_passthrough, mount_status
     manifest = load(args)
     manifest.get(args.name)      # an unknown name is a usage error
     (data,) = model_reports(args, names={args.name}, manifest=manifest)
+    status = mount_status(settings_for(args).cache_dir)     # the mount on this cache, if any
+    for f in data["files"]:
+        if "verified" in f:         # a local model's files are read (and checked) by the daemon
+            f["passthrough"] = file_passthrough(status, f["verified"])
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -281,7 +288,8 @@ def cmd_info(args):
     lines = []          # written at once: a repo may have 100k files
     for f in data["files"]:
         state = "verified" if f["verified"] else f"{human(f['cached_bytes'])} cached"
-        lines.append(f"  {f['path']}  {human(f['size'])}  {f['content_id'][:19]}…  {state}\n")
+        lines.append(f"  {f['path']}  {human(f['size'])}  {f['content_id'][:19]}…  {state}"
+                     f"  passthrough: {f['passthrough']}\n")
     sys.stdout.write("".join(lines))
     return 0
 

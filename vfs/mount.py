@@ -30,6 +30,7 @@ from .localsource import LocalFile, LocalSnapshot, open_local
 from .manifest import load_manifest, refuse_overlap
 from .notify import Notifier, keep_informed, status_of
 from .ops import Operations
+from .passthrough import Passthrough
 from .offline import PROBE_SECONDS, HubStatus, hub_answers
 from .pinning import collector_paused, moved, pin_all, pin_manifest
 from .reader import OpenFile, Reader
@@ -80,7 +81,8 @@ class Filesystem:
 
     def operations(self):
         if self.ops is None:
-            self.ops = Operations(self.tree, self.reader, self.cache, self.open_file)
+            passthrough = Passthrough(self.cache, self.settings.passthrough)
+            self.ops = Operations(self.tree, self.reader, self.cache, self.open_file, passthrough)
         return self.ops
 
     def reports(self):
@@ -301,6 +303,7 @@ def run(fs: Filesystem, mountpoint, on_ready=lambda: None, api_address=None):
         trio.run(_serve, fs, mountpoint, on_ready, api_address, notifier)
     finally:
         notifier.stopping()
+        fs.ops.passthrough.clear_status()
         pyfuse3.close(unmount=True)
         notifier.close()
         fs.fetcher.close()
@@ -321,6 +324,9 @@ async def _serve(fs, mountpoint, on_ready, api_address, notifier):
         # A first request through the mount proves the handshake is done.
         await trio.to_thread.run_sync(os.stat, mountpoint)
         set_read_ahead(mountpoint, fs.settings.read_ahead_kb)
+        fs.ops.passthrough.after_init()
+        fs.ops.passthrough.start(nursery)
+        await trio.to_thread.run_sync(fs.ops.passthrough.write_status)
         api.serving = True
         if not fs.settings.offline and any(spec.hf for spec in fs.manifest.models):
             nursery.start_soon(_connect_to_hub, fs.fetcher)

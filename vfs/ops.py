@@ -83,11 +83,15 @@ def read_only(function):
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
 
-    def __init__(self, tree, reader, cache, open_file):
-        """`open_file(node) -> OpenFile` builds a handle's read state (wired in mount.py)."""
+    def __init__(self, tree, reader, cache, open_file, passthrough=None):
+        """`open_file(node) -> OpenFile` builds a handle's read state (wired in mount.py);
+        `passthrough` (a passthrough.Passthrough) decides which opens the kernel serves itself."""
         super().__init__()
         self.tree, self.reader, self.cache = tree, reader, cache
         self._open_file = open_file
+        self.passthrough = passthrough
+        if passthrough is not None:
+            passthrough.configure(self)
         self._handles: dict[int, OpenFile] = {}
         self._next_handle = 1
         self._mtime_ns = time.time_ns()
@@ -158,7 +162,27 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         handle = self._next_handle
         self._next_handle += 1
-        self._handles[handle] = self._open_file(node)
+        if self.passthrough is None or isinstance(node.file, LocalFile):
+            # A local model's file is not passed through: the daemon checks it against the
+            # scan around every read (a file changed under the mount is EIO, never new bytes).
+            self._handles[handle] = self._open_file(node)
+            return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+        if flags & os.O_DIRECT and not self.passthrough.passing(inode):
+            # Passed through, O_DIRECT would meet the blob file's alignment rules. Served with
+            # direct_io (no page cache, as asked) it stays out of the inode's io mode, so it
+            # does not hold later opens off passthrough. (Once the inode has a backing id, the
+            # kernel refuses any open that is not passthrough: then O_DIRECT passes through.)
+            self._handles[handle] = self._open_file(node)
+            return pyfuse3.FileInfo(fh=handle, keep_cache=False, direct_io=True)
+        ref = node.file
+        backing_id = self.passthrough.open(handle, inode, ref.content_id, ref.size, ref.describe)
+        if backing_id:      # the kernel reads the blob file itself: no read reaches us
+            return pyfuse3.FileInfo(fh=handle, keep_cache=False, backing_id=backing_id)
+        try:
+            self._handles[handle] = self._open_file(node)
+        except BaseException:
+            self.passthrough.release(handle)
+            raise
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @handler
@@ -180,6 +204,8 @@ class Operations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is not None:
             handle.close()
+        if self.passthrough is not None:
+            self.passthrough.release(fh)
 
     @handler
     async def access(self, inode, mode, ctx):
@@ -219,9 +245,12 @@ class Operations(pyfuse3.Operations):
             return {"model": ref.model, "source": "local", "path": ref.path, "local": ref.source,
                     "size": str(ref.size)}
         state = self.cache.peek(ref.content_id, ref.size)
+        passthrough = ("no: turned off" if self.passthrough is None
+                       else self.passthrough.describe(node.inode, ref.content_id, ref.size))
         return {"model": ref.model, "repo": ref.repo, "revision": ref.revision, "commit": ref.commit,
                 "path": ref.repo_path, "content_id": ref.content_id, "size": str(ref.size),
-                "cached_bytes": str(state.cached_bytes), "verified": "yes" if state.verified else "no"}
+                "cached_bytes": str(state.cached_bytes), "verified": "yes" if state.verified else "no",
+                "passthrough": passthrough}
 
     # Everything that would change the filesystem: EROFS, always.
     setattr = read_only(pyfuse3.Operations.setattr)

@@ -36,6 +36,7 @@ class Settings:
     max_in_flight: int = 32              # HTTP requests in flight per origin, at most (concurrency.py)
     part_size: int = 2 * 1024 * 1024     # the smallest part a block is split into (parts.py)
     offline: bool = False
+    passthrough: bool = True             # serve complete, verified files by FUSE passthrough
     frozen: bool = False                 # refuse to start when models.lock and models.yaml disagree
     progress_bars: bool = True           # HF_HUB_DISABLE_PROGRESS_BARS turns pull's progress off
     notify_socket: str | None = None     # systemd's NOTIFY_SOCKET (Type=notify)

@@ -8,7 +8,9 @@ operations `random.Random(seed)` draws and compares every byte with the source f
     pread    a random offset and length, biased to block edges and the end of the file
     stream   sequential reads from a random offset, in a random chunk size
     mmap     a slice of a read-only mmap of the whole file
-    direct   a pread through an O_DIRECT descriptor (no page cache: it reaches the daemon)
+    direct   a pread through an O_DIRECT descriptor (no page cache: it reaches the daemon;
+             on a passthrough open it reaches the cache's file, whose O_DIRECT rules hold:
+             then offset, length and buffer are aligned to 4 KiB)
     forget   posix_fadvise(DONTNEED): drop the file's cached pages, so later reads reach
              the daemon again (served from the block cache, not the kernel's)
     reopen   close the file's descriptors and maps and open it again
@@ -18,7 +20,11 @@ The first mismatch (or error) stops that worker and is reported with its seed: a
 replayed with `--seed`. Counts are kept per operation kind.
 
 The soak runs `--rounds` rounds, each on a fresh cache and mount, so every round starts
-cold. With `--chaos`, a thread keeps one transient fault pending in the simulator (5xx,
+cold. Each round has two halves: the first on the cold mount (the daemon serves every
+open), then every file is read whole and verified, and the second half's opens are
+served by FUSE passthrough where the mount has it, beside O_DIRECT opens the daemon
+serves. Workers count their opens by who served them (the `user.lamina.passthrough`
+xattr right after the open). With `--chaos`, a thread keeps one transient fault pending in the simulator (5xx,
 429, reset, short body, stall, ignored Range, delay), a new one at most every `SPACING`
 requests so that no range can meet more faults than its retries: each must be ridden out
 with exact bytes and no error in the daemon's log.
@@ -43,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MiB = 1024 * 1024
+PAGE = 4096
 KINDS = {"pread": 40, "stream": 10, "mmap": 20, "direct": 15, "forget": 5, "reopen": 6, "stat": 4}
 # Sizes that cross many 1 MiB block edges, sit exactly on them, or are smaller than a page.
 SOURCE_SIZES = {"empty.json": 0, "one.json": 1, "page.json": 4095, "block.bin": MiB,
@@ -68,16 +75,23 @@ class CheckedFile:
     fd: int = -1
     direct_fd: int = -1
     view: mmap.mmap | None = None
+    passed: bool = False            # its open is served by FUSE passthrough
 
     def open(self):
         self.source_fd = os.open(self.source, os.O_RDONLY)
-        self.reopen()
+        return self.reopen()
 
     def reopen(self):
+        """Open the file again; True if passthrough serves the new open."""
         self.close_mount_handles()
         self.fd = os.open(self.mounted, os.O_RDONLY)
         self.direct_fd = os.open(self.mounted, os.O_RDONLY | os.O_DIRECT)
         self.view = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ) if self.size else None
+        try:
+            self.passed = os.getxattr(self.mounted, "user.lamina.passthrough") == b"yes"
+        except OSError:
+            self.passed = False     # not a lamina mount (check mode on any file system)
+        return self.passed
 
     def close_mount_handles(self):
         if self.view is not None:
@@ -101,6 +115,7 @@ class Tally:
     ops: Counter = field(default_factory=Counter)
     reads: int = 0
     bytes: int = 0
+    opens: Counter = field(default_factory=Counter)     # "passthrough" / "daemon"
 
 
 class Worker:
@@ -112,7 +127,7 @@ class Worker:
     def run(self, count):
         """Run `count` operations; a dict report (with the first mismatch, if any)."""
         for checked in self.files:
-            checked.open()
+            self.count_open(checked.open())
         problem, index = None, 0
         try:
             for index in range(count):
@@ -123,7 +138,11 @@ class Worker:
             for checked in self.files:
                 checked.close()
         return {"seed": self.seed, "ops": sum(self.tally.ops.values()), "kinds": dict(self.tally.ops),
-                "reads": self.tally.reads, "bytes": self.tally.bytes, "mismatch": problem}
+                "reads": self.tally.reads, "bytes": self.tally.bytes, "opens": dict(self.tally.opens),
+                "mismatch": problem}
+
+    def count_open(self, passed_through):
+        self.tally.opens["passthrough" if passed_through else "daemon"] += 1
 
     def step(self, index):
         kind = self.random.choices(list(KINDS), weights=list(KINDS.values()))[0]
@@ -163,7 +182,14 @@ class Worker:
 
     def do_direct(self, checked, index):
         offset, length = self.offset(checked.size), self.length()
-        self.check(checked, index, "direct", offset, length, os.pread(checked.direct_fd, length, offset))
+        if checked.passed:
+            offset, length = offset // PAGE * PAGE, -(-length // PAGE) * PAGE
+            buffer = mmap.mmap(-1, length)              # page-aligned, as O_DIRECT wants
+            got = os.preadv(checked.direct_fd, [buffer], offset)
+            data, _ = buffer[:got], buffer.close()
+        else:
+            data = os.pread(checked.direct_fd, length, offset)
+        self.check(checked, index, "direct", offset, length, data)
 
     def do_stream(self, checked, index):
         offset, chunk = self.offset(checked.size), self.random.choice((4096, 65536, 131072, MiB))
@@ -181,7 +207,7 @@ class Worker:
         os.posix_fadvise(checked.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def do_reopen(self, checked, index):
-        checked.reopen()
+        self.count_open(checked.reopen())
 
     def do_stat(self, checked, index):
         info = os.stat(checked.mounted)
@@ -205,6 +231,7 @@ class Summary:
     reads: int = 0
     bytes: int = 0
     kinds: Counter = field(default_factory=Counter)
+    opens: Counter = field(default_factory=Counter)      # by who served them
     faults: Counter = field(default_factory=Counter)     # chaos: injected faults that hit a request
     mismatches: list = field(default_factory=list)
     seconds: float = 0.0
@@ -214,6 +241,7 @@ class Summary:
         self.reads += report["reads"]
         self.bytes += report["bytes"]
         self.kinds.update(report["kinds"])
+        self.opens.update(report.get("opens", {}))
         if report["mismatch"]:
             self.mismatches.append(report["mismatch"])
 
@@ -221,7 +249,9 @@ class Summary:
         kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(self.kinds.items()))
         faults = ", ".join(f"{kind} {count}" for kind, count in sorted(self.faults.items()))
         return (f"fsx seed {self.seed}: {self.ops} ops ({kinds}) in {self.processes} processes, "
-                f"{self.reads} reads, {self.bytes / MiB:.0f} MiB checked, {len(self.mismatches)} mismatches, "
+                f"{self.reads} reads, {self.bytes / MiB:.0f} MiB checked, opens: "
+                f"{self.opens['passthrough']} passthrough, {self.opens['daemon']} daemon (+ O_DIRECT), "
+                f"{len(self.mismatches)} mismatches, "
                 f"{self.seconds:.1f}s" + (f"; faults ridden out: {sum(self.faults.values())} ({faults})" if faults else ""))
 
 
@@ -289,11 +319,25 @@ def soak_round(sim, directory, root, sources, summary, ops, chaos):
                          extra_args=["--block-size", "1M", *bounds])
     with mount, Chaos(sim, summary.seed + summary.ops, active=chaos):
         pairs = [(mount.mountpoint / "fsx" / name, path) for name, path in sources.items()]
-        run(pairs, summary.seed + summary.ops, ops, summary.processes, summary=summary)
+        run(pairs, summary.seed + summary.ops, ops // 2, summary.processes, summary=summary)
+        complete_and_verify(pairs, summary)
+        run(pairs, summary.seed + summary.ops, ops - ops // 2, summary.processes, summary=summary)
     for fault in sim.faults:
         summary.faults[fault.kind] += fault.hits
     sim.clear_faults()
     return [line for line in mount.log_text().splitlines() if " ERROR " in line or "Traceback" in line]
+
+
+def complete_and_verify(pairs, summary, timeout=120):
+    """Read every file whole (checking it) and wait until each is verified: opens after this
+    are passthrough's where the mount has it."""
+    deadline = time.monotonic() + timeout
+    for mounted, source in pairs:
+        with open(mounted, "rb") as got, open(source, "rb") as want:
+            if got.read() != want.read():
+                summary.mismatches.append({"seed": summary.seed, "error": f"whole read of {mounted} differs"})
+        while os.getxattr(mounted, "user.lamina.verified") != b"yes" and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 class Chaos:
