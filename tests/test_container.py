@@ -37,6 +37,9 @@ models:
     file: tiny.Q4_K_M.gguf
 """
 ENOTCONN_TEXT = "Transport endpoint is not connected"
+# The first container test also makes the base image and builds the image: from nothing, on
+# a loaded machine, that alone took up to four minutes (debootstrap, apt, pip).
+pytestmark = pytest.mark.timeout(1200)
 
 
 # ---------------------------------------------------------------------------
