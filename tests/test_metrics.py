@@ -122,6 +122,7 @@ def test_a_cold_then_warm_read_shows_in_every_family(hub, sources, mount_factory
 
 def test_failed_requests_count_by_errno_and_status(hub, sources, mount_factory):
     mount, port = mount_with_api(hub, mount_factory, "--read-timeout", "1", "--read-deadline", "2")
+    mount.expect_log_errors("HTTP 503 (gave up after")
     path = mount.mountpoint / "big" / "model.gguf"
     hub.add_fault(Fault("status", code=503, origin="cdn", method="GET"))
     assert timed_pread(path, MiB, 4096).error == errno.EIO
@@ -147,6 +148,7 @@ def test_evictions_under_the_cap_are_counted(hub, sources, mount_factory):
 
 def test_a_blob_that_fails_its_hash_counts_as_a_verification_failure(hub, sources, mount_factory):
     mount, port = mount_with_api(hub, mount_factory)
+    mount.expect_log_errors("does not match its content id")
     assert scrape(port).value("lamina_verification_failures_total") == 0
     hub.add_fault(Fault("wrong_bytes", origin="cdn", method="GET"))
     with open(mount.mountpoint / "other" / "model.gguf", "rb") as reader:

@@ -114,6 +114,7 @@ def json_mount(private_hub, mount_factory):
 
 def test_json_logs_say_where_a_read_failed_and_never_carry_the_token(private_hub, json_mount):
     path = json_mount.mountpoint / "private" / "model.safetensors"
+    json_mount.expect_log_errors("HTTP 503 (gave up after")
     assert (json_mount.mountpoint / "private" / "config.json").read_bytes() == private_hub.sources["config.json"]
     private_hub.add_fault(Fault("status", code=503, origin="cdn", method="GET"))
     assert report("a failing read, JSON logs", timed_pread(path, MiB, 4096)).error == 5

@@ -56,7 +56,7 @@ def _token_from_env(env):
 
 def _token_file_from_env(env):
     """The token file huggingface_hub reads when no token is in the environment."""
-    return Path(env.get("HF_TOKEN_PATH") or Path(_hf_home(env)) / "token").expanduser()
+    return _expand(env.get("HF_TOKEN_PATH") or _hf_home(env) / "token")
 
 
 def _proxies_from_env(env):
@@ -97,7 +97,7 @@ def _ca_bundle_from_env(env):
     """The CA bundle the environment names, as ssl/httpx (SSL_CERT_FILE), requests and curl read it."""
     for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_DIR"):
         if env.get(name):
-            return Path(env[name]).expanduser()
+            return _expand(env[name])
     return None
 
 
