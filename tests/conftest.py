@@ -53,6 +53,16 @@ def fuse_available():
 needs_fuse = pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse, fusermount3 and root")
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that needs a real mount carries the `fuse` marker, however it says so, so
+    `pytest -m "not fuse"` runs exactly what any user can run."""
+    for item in items:
+        skips_without_fuse = any("/dev/fuse" in str(mark.kwargs.get("reason", ""))
+                                 for mark in item.iter_markers("skipif"))
+        if skips_without_fuse or "mount_factory" in item.fixturenames:
+            item.add_marker(pytest.mark.fuse)
+
+
 @pytest.fixture
 def hub():
     with HubSimulator() as simulator:

@@ -459,6 +459,8 @@ class BlockCache:
         self._loads: dict[tuple[str, int], trio.Event] = {}     # blocks being read into memory
         self._disk_limiter = trio.CapacityLimiter(4)
         self._sync_limiter = trio.CapacityLimiter(2)
+        self._evicting = trio.Lock()    # one eviction at a time: each sees the room the last made
+        self._verifying: set[str] = set()   # content ids being hashed in the background
         self._usage: int | None = None  # bytes on disk, kept current between scans
         self._nursery: trio.Nursery | None = None
         # Called (from the trio thread) with a content id whose bytes were discarded, so a
@@ -730,7 +732,10 @@ class BlockCache:
             del self._inflight[(blob.content_id, index)]
             blob.unuse()
             flight.done.set()           # already set, unless the download failed
-        if flight.error is None and blob.complete() and not blob.verified:
+        if (flight.error is None and blob.complete() and not blob.verified
+                and blob.content_id not in self._verifying):
+            # The last blocks of a blob often land together: one of them starts the hash.
+            self._verifying.add(blob.content_id)
             self._nursery.start_soon(self._verify_in_background, blob, source.describe)
 
     async def _download_and_write(self, blob, index, source, flight):
@@ -761,6 +766,8 @@ class BlockCache:
             await self._verify(blob, describe)
         except Exception:  # noqa: BLE001 - a background task must never end the mount
             log.exception("%s: verifying %s failed", describe, blob.content_id)
+        finally:
+            self._verifying.discard(blob.content_id)
 
     async def _receive(self, blob, index, source, flight):
         """A pinned buffer holding block `index`'s bytes, downloaded or from the blob's stream."""
@@ -919,15 +926,18 @@ class BlockCache:
         over_cap = self.max_size is not None and self._usage + incoming > self.max_size
         if not (force or over_cap or await trio.to_thread.run_sync(self._below_free_floor, incoming)):
             return
-        # On ENOSPC (force) free a margin, so the very next block does not hit it again.
-        extra = incoming * (8 if force else 1)
-        amount = await trio.to_thread.run_sync(
-            self.directory.bytes_to_free, self.max_size, self.min_free_fraction, extra)
-        eviction = await trio.to_thread.run_sync(self.directory.evict, amount, self._protected())
-        STATS.evictions += len(eviction.evicted)
-        for content_id in eviction.evicted:
-            self._forget_blob(content_id)
-        self._usage = await trio.to_thread.run_sync(self.directory.usage)
+        # Writers that found the budget broken at the same time evict one after the other;
+        # each measures again first, so the room one made is not made twice.
+        async with self._evicting:
+            # On ENOSPC (force) free a margin, so the very next block does not hit it again.
+            extra = incoming * (8 if force else 1)
+            amount = await trio.to_thread.run_sync(
+                self.directory.bytes_to_free, self.max_size, self.min_free_fraction, extra)
+            eviction = await trio.to_thread.run_sync(self.directory.evict, amount, self._protected())
+            STATS.evictions += len(eviction.evicted)
+            for content_id in eviction.evicted:
+                self._forget_blob(content_id)
+            self._usage = await trio.to_thread.run_sync(self.directory.usage)
 
     def _below_free_floor(self, incoming):
         disk = os.statvfs(self.directory.root)

@@ -228,7 +228,7 @@ class SplicedSource:
         return buffer
 
     def ignores_range(self):
-        return self.source.ignores_range()
+        return ignores_range(self.source)
 
     def open_whole_body(self, start, size):
         return self.source.open_whole_body(start, size)
