@@ -7,6 +7,8 @@ missing=""
 command -v fusermount3 >/dev/null 2>&1 || missing="$missing fuse3"
 pkg-config --exists fuse3 2>/dev/null || missing="$missing libfuse3-dev"
 command -v pkg-config >/dev/null 2>&1 || missing="$missing pkg-config"
+# the README's getfattr examples (how much of a file is cached)
+command -v getfattr >/dev/null 2>&1 || missing="$missing attr"
 # what contrib/build-passthrough.sh builds pyfuse3 and libfuse with
 command -v gcc >/dev/null 2>&1 || missing="$missing gcc"
 command -v patch >/dev/null 2>&1 || missing="$missing patch"
