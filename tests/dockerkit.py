@@ -124,6 +124,9 @@ class Engine:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        # dockerd leaves its default network namespace mounted under the exec root.
+        subprocess.run(["umount", "--lazy", str(self.run_dir / "exec" / "netns" / "default")],
+                       capture_output=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.process = None
 
