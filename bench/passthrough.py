@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import probes, report
 from .daemon import BenchMount
-from .data import MIB, big_file, gguf_file
+from .data import MIB, big_file, four_files, gguf_file
 from .machine import describe, drop_caches
 from .server import HubProcess
 
@@ -201,7 +201,8 @@ def main(argv=None):
     big = big_file(work / "repo-big", args.size_mib * MIB)
     st = safetensors_file(work / "repo-big", args.safetensors_mib)
     gguf = gguf_file(work / "repo-gguf", args.gguf_mib)
-    with HubProcess({"bench/big": big.parent, "bench/gguf": gguf.parent}) as hub:
+    four = four_files(work / "repo-four", 1)     # the bench manifest names it; not read here
+    with HubProcess({"bench/big": big.parent, "bench/gguf": gguf.parent, "bench/four": four[0].parent}) as hub:
         run = Run(args, work, hub, {"big": big, "gguf": gguf, "st": st})
         print("filling the block cache", flush=True)
         run.fill()

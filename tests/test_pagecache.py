@@ -95,10 +95,11 @@ def test_a_hot_read_through_the_daemon_keeps_one_copy_in_memory(filled):
     served, path = filled("--no-passthrough")
     growth = least_growth_of_a_hot_read(path)
     assert growth <= 1.1 * SIZE, f"Cached: grew by {growth / MiB:.0f} MiB for a {SIZE / MiB:.0f} MiB file"
-    # The blob's own pages went: what is left is the FUSE page cache's one copy. At most a
-    # block's worth may stay: the kernel's asynchronous read-ahead from one block's load
-    # can land in the next block's range after that block was loaded and dropped.
-    assert resident_bytes(blob_file(served, path)) <= 16 * MiB
+    # The blob's own pages went: what is left is the FUSE page cache's one copy. A few
+    # blocks' worth may stay (seen: 0-54 MiB of 512 on a loaded machine): the kernel's
+    # asynchronous read-ahead from one block's load can land in the next block's range
+    # after that block was loaded and dropped. Without the drop, all of it stays.
+    assert resident_bytes(blob_file(served, path)) <= 0.15 * SIZE
 
 
 @needs_passthrough
