@@ -344,7 +344,7 @@ class RangeFetcher:
         return error
 
     def _read_with_retries(self, url, start, view, what, deadline, urgent=False):
-        got, attempt, tries, last = 0, 0, 0, None
+        got, attempt, tries, last, fresh_refused = 0, 0, 0, None, False
         while True:
             tries += 1
             try:
@@ -353,6 +353,12 @@ class RangeFetcher:
             except _Retry as problem:
                 got += getattr(problem, "got", 0)
                 last = str(problem)
+                # One fresh URL refused can be a URL signed for a moment that ran out on the
+                # way (a loaded host, a tiny lifetime); two in a row is the CDN saying no.
+                if getattr(problem, "fresh_refusal", None) and fresh_refused:
+                    raise errors.AccessDenied(f"the CDN refused (HTTP {problem.fresh_refusal}) two URLs "
+                                              "the Hub had just signed for this file") from None
+                fresh_refused = bool(getattr(problem, "fresh_refusal", None))
                 self._wait_or_give_up(problem, attempt, tries, deadline, what, start + got)
                 attempt += not problem.throttled    # being asked to slow down is not a failure
             except concurrency.NoSlot as exc:
@@ -422,11 +428,13 @@ class RangeFetcher:
         self._raise_for_status(url, response)
 
     def _cdn_refused(self, url, target, status, asked_at):
-        """The CDN refused its signed URL: resolve again now, unless the Hub signed it just now."""
+        """The CDN refused its signed URL: resolve again now. A URL the Hub signed during this
+        very attempt is marked, so the read gives up (EACCES) when a second one is refused."""
         self._replace_target(url, target, None)
         if target.resolved_at >= asked_at:
-            raise errors.AccessDenied(
-                f"the CDN refused (HTTP {status}) a URL the Hub had just signed for this file")
+            problem = _Retry(f"the CDN refused (HTTP {status}) a URL the Hub had just signed", wait=0.0)
+            problem.fresh_refusal = status
+            raise problem
         raise _Retry(f"the CDN refused its signed URL (HTTP {status}: expired, or signed for another range); "
                      "resolving it again", wait=0.0)
 
