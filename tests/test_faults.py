@@ -19,7 +19,7 @@ from faultkit import (BIG, BLOCK, MANIFEST, READ_BOUND, READ_TIMEOUT, SHORT_BOUN
                       error_lines, file_path, gets, give_up_after, is_mounted, ranges_of, report, run_cli,
                       timed_pread, weights, weights_mount)
 from vfs import errors
-from vfs.ops import handler
+from vfs.ops import handler, read_only
 from vfs.testing.hubsim import Fault, HubSimulator
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
@@ -408,12 +408,19 @@ class _Handlers:
 
     @handler
     async def refuses(self, inode):
-        raise pyfuse3.FUSEError(errno.ENOTDIR)
+        raise errors.NotADirectory("a file")
+
+    write = read_only(pyfuse3.Operations.write)
+
+    @handler
+    async def bypasses_the_table(self, inode):
+        raise pyfuse3.FUSEError(errno.ENOTDIR)      # only the decorator may choose an errno
 
 
 @pytest.mark.parametrize("method, expected, logged", [
     ("crashes", errno.EIO, "traceback"), ("fails", errno.EIO, "line"),
-    ("is_missing", errno.ENOENT, None), ("refuses", errno.ENOTDIR, None)])
+    ("is_missing", errno.ENOENT, None), ("refuses", errno.ENOTDIR, None), ("write", errno.EROFS, None),
+    ("bypasses_the_table", errno.EIO, "traceback")])
 async def test_the_handler_decorator_turns_every_exception_into_an_errno(caplog, method, expected, logged):
     with pytest.raises(pyfuse3.FUSEError) as failure:
         await getattr(_Handlers(), method)(7)
@@ -421,7 +428,21 @@ async def test_the_handler_decorator_turns_every_exception_into_an_errno(caplog,
     records = [r for r in caplog.records if r.name == "vfs.ops"]
     assert len(records) == (0 if logged is None else 1)
     if logged == "traceback":
-        assert records[0].exc_info is not None and "crashes(7,) failed" in records[0].getMessage()
+        assert records[0].exc_info is not None and f"{method}(7,) failed" in records[0].getMessage()
+
+
+async def test_one_failure_reaching_many_readers_is_logged_once(caplog):
+    shared = errors.FetchError("the Hub said no")       # as a flight hands it to every waiter
+
+    class Readers:
+        @handler
+        async def read(self, inode):
+            raise shared
+
+    for _ in range(3):
+        with pytest.raises(pyfuse3.FUSEError):
+            await Readers().read(7)
+    assert [r.getMessage() for r in caplog.records if r.name == "vfs.ops"] == ["read: the Hub said no"]
 
 
 def blob_data_path(cache_dir, content_id):

@@ -161,7 +161,7 @@ HOSTILE_ENTRIES = [
     tree_entry("e//f.bin"), tree_entry("g/"), tree_entry(""), tree_entry("."), tree_entry(".."),
     tree_entry("back\\slash.bin"), tree_entry("nul\x00byte.bin"), tree_entry("bell\x07.bin"),
     tree_entry("new\nline.bin"), tree_entry("tab\t.bin"), tree_entry("del\x7f.bin"),
-    tree_entry("x" * 256), tree_entry("deep/" + "y" * 256 + "/z.bin"),
+    tree_entry("x" * 256), tree_entry("deep/" + "y" * 256 + "/z.bin"), tree_entry("lone\udc80surrogate.bin"),
     tree_entry("size-negative.bin", size=-1), tree_entry("size-string.bin", size="5"),
     tree_entry("size-huge.bin", size=1 << 62), tree_entry("size-bool.bin", size=True),
     tree_entry("oid-short.bin", oid="abc"), tree_entry("oid-not-hex.bin", oid="z" * 40),

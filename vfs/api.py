@@ -24,6 +24,7 @@ from . import errors, metrics
 from .health import MountProbe
 from .httpserver import Response, json_response, serve_connection
 from .report import not_ready
+from .tasks import spawn_guarded
 
 log = logging.getLogger(__name__)
 
@@ -111,22 +112,15 @@ class Api:
             return 405, {"error": f"{method} is not allowed on /download"}
         if self.pulls.get(repo, {}).get("state") != "running":
             refs = [node.file for node in self.fs.tree.files() if node.model in models]
-            self.pulls[repo] = {"total": sum(r.size for r in refs), "done": 0, "state": "running"}
-            self.fs.nursery.start_soon(self._pull, repo, refs)
+            progress = self.pulls[repo] = {"total": sum(r.size for r in refs), "done": 0, "state": "running"}
+            spawn_guarded(self.fs.nursery, f"pull of {repo}", self._pull, progress, refs, level=logging.ERROR,
+                          on_failure=lambda exc: progress.update(state="failed", error=_public(exc)))
         return 202, {"repo": repo, "models": models, **self.pulls[repo]}
 
-    async def _pull(self, repo, refs):
-        progress = self.pulls[repo]
-        try:
-            for ref in {r.content_id: r for r in refs}.values():
-                await self.fs.fill(ref, lambda length: progress.__setitem__("done", progress["done"] + length))
-            progress["state"] = "done"
-        except errors.LaminaError as exc:
-            progress.update(state="failed", error=str(exc))
-            log.error("pull of %s failed: %s", repo, exc)
-        except Exception:  # noqa: BLE001 - a background task must never end the mount
-            progress.update(state="failed", error="internal error (see the log)")
-            log.exception("pull of %s failed", repo)
+    async def _pull(self, progress, refs):
+        for ref in {r.content_id: r for r in refs}.values():
+            await self.fs.fill(ref, lambda length: progress.__setitem__("done", progress["done"] + length))
+        progress["state"] = "done"
 
     async def _refresh(self):
         try:
@@ -136,6 +130,11 @@ class Api:
         except errors.LaminaError as exc:
             return 502, {"error": str(exc)}
         return 200, {"models": [spec.name for spec in self.fs.manifest.models], "changed_entries": changed}
+
+
+def _public(exc):
+    """What a pull's status says of its failure: ours in full, a bug only by reference to the log."""
+    return str(exc) if isinstance(exc, errors.LaminaError) else "internal error (see the log)"
 
 
 def parse_address(text):

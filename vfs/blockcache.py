@@ -84,6 +84,7 @@ from .cachedir import CacheDir
 from .logs import where
 from .metrics import STATS
 from .settings import DEFAULT_MEMORY
+from .tasks import guard, spawn_guarded
 
 log = logging.getLogger(__name__)
 
@@ -591,13 +592,9 @@ class BlockCache:
         key = (blob.content_id, index)
         if (index < blob.blocks and blob.present[index] and key not in self._loads
                 and self._memory.get(key) is None and self._nursery is not None):
-            self._nursery.start_soon(self._load_quietly, blob, index)
-
-    async def _load_quietly(self, blob, index):
-        try:
-            await self._load(blob, index)
-        except Exception as exc:  # noqa: BLE001 - the reader meets the same problem and says so
-            log.debug("%s: loading block %d ahead failed: %s", blob.content_id, index, exc)
+            # Any failure: the reader meets the same problem and says so.
+            spawn_guarded(self._nursery, f"{blob.content_id}: loading block {index} ahead", self._load,
+                          blob, index, expected=(Exception,), level=logging.DEBUG)
 
     async def _loaded(self, key):
         """Wait for a load of `key` in progress, if there is one."""
@@ -716,18 +713,17 @@ class BlockCache:
         flight = Flight(streamed=_ignores_range(source) if streamed is None else streamed)
         self._inflight[(blob.content_id, index)] = flight
         blob.use()                          # a blob being filled is held, open or not
-        self._nursery.start_soon(self._fly, blob, index, source, flight)
+        self._nursery.start_soon(self._fly, blob, index, source, flight)   # guarded inside: it cleans up
         return flight
 
     async def _fly(self, blob, index, source, flight):
         """Fetch, store and record one block; the flight leaves the table only at the end,
         so nobody fetches the block again while its bytes are on their way to the disk."""
         try:
-            crc = await self._download_and_write(blob, index, source, flight)
-            if crc is not None:
-                await self._make_durable(blob, index, crc)
-        except Exception:  # noqa: BLE001 - a background task must never end the mount
-            log.exception("%s: storing block %d failed", source.describe, index)
+            with guard(f"{source.describe}: storing block {index}", expected=()):
+                crc = await self._download_and_write(blob, index, source, flight)
+                if crc is not None:
+                    await self._make_durable(blob, index, crc)
         finally:
             del self._inflight[(blob.content_id, index)]
             blob.unuse()
@@ -736,7 +732,8 @@ class BlockCache:
                 and blob.content_id not in self._verifying):
             # The last blocks of a blob often land together: one of them starts the hash.
             self._verifying.add(blob.content_id)
-            self._nursery.start_soon(self._verify_in_background, blob, source.describe)
+            spawn_guarded(self._nursery, f"{source.describe}: verifying {blob.content_id}", self._verify_in_background,
+                          blob, source.describe, expected=())
 
     async def _download_and_write(self, blob, index, source, flight):
         """Download the block into a buffer, wake its readers, write it (not yet durable).
@@ -764,8 +761,6 @@ class BlockCache:
     async def _verify_in_background(self, blob, describe):
         try:
             await self._verify(blob, describe)
-        except Exception:  # noqa: BLE001 - a background task must never end the mount
-            log.exception("%s: verifying %s failed", describe, blob.content_id)
         finally:
             self._verifying.discard(blob.content_id)
 

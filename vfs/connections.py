@@ -47,7 +47,8 @@ TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
 _STALE = (ConnectionError, http.client.RemoteDisconnected, ssl.SSLEOFError)
 
 
-def origin(url):
+def origin(url: str) -> tuple:
+    """(scheme, host, port) of `url`: what a connection is kept for, and what a token may go to."""
     parts = urllib.parse.urlsplit(url)
     return (parts.scheme, parts.hostname, parts.port)
 

@@ -1,11 +1,15 @@
-"""The exception hierarchy and the one errno table; imports nothing from vfs.
+"""The exception hierarchy, the one errno table, and which failures were logged; imports nothing from vfs.
 
-Every failure the daemon can meet is one of these classes. Handlers turn them into
-errnos through `errno_for`, the CLI turns them into exit codes through `exit_code_for`,
-so there is exactly one place that decides what a user sees.
+Every failure the daemon can meet is one of these classes, and every errno the
+filesystem answers is one of them too (a refusal such as EROFS or ENOTDIR included).
+Handlers turn them into errnos through `errno_for`, the CLI turns them into exit codes
+through `exit_code_for`, so there is exactly one place that decides what a user sees.
+`REPORTED` remembers which failures have had their log line already.
 """
 
 import errno
+import threading
+import weakref
 
 
 class LaminaError(Exception):
@@ -89,16 +93,38 @@ class LocalUnreadable(LaminaError):
     errno = errno.EACCES
 
 
-class NotFound(LaminaError):
+class Refusal(LaminaError):
+    """An answer the filesystem gives by design, not a failure: counted, never logged."""
+
+
+class NotFound(Refusal):
     """A name that is not in the tree."""
 
     errno = errno.ENOENT
 
 
-class ReadOnly(LaminaError):
+class ReadOnly(Refusal):
     """Any attempt to change the filesystem."""
 
     errno = errno.EROFS
+
+
+class NotADirectory(Refusal):
+    """A directory operation on a file."""
+
+    errno = errno.ENOTDIR
+
+
+class IsADirectory(Refusal):
+    """A file operation (open) on a directory."""
+
+    errno = errno.EISDIR
+
+
+class NoSuchAttribute(Refusal):
+    """An extended attribute the node does not have (ENOATTR, which is ENODATA on Linux)."""
+
+    errno = errno.ENODATA
 
 
 def errno_for(exc):
@@ -113,3 +139,33 @@ def errno_for(exc):
 def exit_code_for(exc):
     """The process exit code for `exc`: 2 bad usage or manifest, 1 anything else."""
     return exc.exit_code if isinstance(exc, LaminaError) else 1
+
+
+class ReportedFailures:
+    """The failures whose log line has been written, so that each gets one.
+
+    One failure object reaches many readers: every reader waiting on a block's flight,
+    every read of that block while the fetcher remembers the failure (fetch.RECENT_FAILURE),
+    every request while a token's refusal is backed off. Whoever logs it first says so
+    here; the others stay quiet. Held weakly: a failure is forgotten with its last holder.
+    """
+
+    def __init__(self):
+        self._seen = weakref.WeakSet()
+        self._lock = threading.Lock()       # worker threads and the trio thread both report
+
+    def first(self, exc: BaseException) -> bool:
+        """True the first time it is asked about `exc` (then log it); False after."""
+        with self._lock:
+            if exc in self._seen:
+                return False
+            self._seen.add(exc)
+            return True
+
+    def add(self, exc: BaseException) -> None:
+        """`exc` was logged where it was raised (a per-file line, say): nobody logs it again."""
+        with self._lock:
+            self._seen.add(exc)
+
+
+REPORTED = ReportedFailures()

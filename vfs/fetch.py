@@ -53,6 +53,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import concurrency, connections, errors, parts, signedurl, tls, tokens
@@ -161,19 +162,20 @@ class RangeFetcher:
         # Small reads (a first touch: a reader waits for exactly these bytes) come here, and
         # go before queued read-ahead; a block is received into its own buffer through
         # read_range_into.
-        buffer = bytearray(length)
+        return received(length, lambda view: self._read_first_touch(url, start, view, what, skip_whole))
+
+    def _read_first_touch(self, url, start, view, what, skip_whole):
         try:
-            self.read_range_into(url, start, memoryview(buffer), what, urgent=True)
+            self.read_range_into(url, start, view, what, urgent=True)
         except errors.RangeIgnored:
             body = self._claim(url) if skip_whole and start <= MAX_SKIP else None
             if body is None:
                 raise
             try:
                 body.discard(start - body.position)
-                body.readinto(memoryview(buffer))
+                body.readinto(view)
             finally:
                 body.close()
-        return buffer
 
     def read_range_into(self, url, start, view, what="", urgent=False):
         """Fill the writable buffer `view` with the bytes of `url` from `start`, exactly, or raise
@@ -555,6 +557,14 @@ class RangeFetcher:
             except TRANSPORT_ERRORS as exc:
                 slot.failed(timed_out=isinstance(exc, TimeoutError))
                 raise _transport_failure(url, exc) from None
+
+
+def received(length: int, fill: Callable[[memoryview], object]) -> bytearray:
+    """A new buffer of `length` bytes filled by `fill(view)`: the bytes-returning form of a
+    call that fills a caller's buffer (a source's `fetch` from its `fetch_into`)."""
+    buffer = bytearray(length)
+    fill(memoryview(buffer))
+    return buffer
 
 
 def _hub_refusal(response):

@@ -22,8 +22,9 @@ from . import errors, tls
 from .ratelimit import RateGate
 from .retry import RETRY_STATUSES, backoff, server_hint
 from .settings import token_source
-from .snapshots import (COMMIT_RE, RemoteFile, Snapshot, SnapshotStore, is_safe_repo_path,  # noqa: F401
-                        path_index, select_files)
+from .connections import origin
+from .paths import is_commit, is_safe_repo_path
+from .snapshots import RemoteFile, Snapshot, SnapshotStore, select_files
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class Hub:
 
     def commit_and_tree(self, spec, online):
         """(commit, files) of `spec.hf` at `spec.revision`: stored when known, else online."""
-        known = spec.revision if COMMIT_RE.match(spec.revision) else None
+        known = spec.revision if is_commit(spec.revision) else None
         known = known or (None if online else self.store.commit_for(spec.hf, spec.revision))
         if known and (tree := self.store.load_tree(spec.hf, known)) is not None:
             return known, tree
@@ -81,7 +82,7 @@ class Hub:
 
     def _resolve_online(self, spec):
         # A commit needs no resolve: listing its tree is the one call (and says if it exists).
-        commit = spec.revision if COMMIT_RE.match(spec.revision) else self.resolve_commit(spec)
+        commit = spec.revision if is_commit(spec.revision) else self.resolve_commit(spec)
         tree = self.store.load_tree(spec.hf, commit)
         if tree is None:
             tree = self._list_tree(spec, commit)
@@ -95,7 +96,7 @@ class Hub:
         url = f"{self.settings.endpoint}/api/models/{spec.hf}/revision/{revision}?expand=sha"
         info = self._call(spec, self._get_json, url)
         commit = str(info.get("sha") or "").lower() if isinstance(info, dict) else ""
-        if not COMMIT_RE.match(commit):
+        if not is_commit(commit):
             raise errors.HubError(f"model {spec.name!r}: the Hub gave no commit sha for {spec.hf}@{spec.revision}")
         return commit
 
@@ -141,7 +142,7 @@ class Hub:
         if not isinstance(page, list):
             raise ValueError("a tree listing page is not a JSON list")
         next_url = response.links.get("next", {}).get("url")
-        if next_url and _origin(next_url) != _origin(self.settings.endpoint):
+        if next_url and origin(next_url) != origin(self.settings.endpoint):
             raise ValueError("the listing's next page is on another origin")  # the token would follow it
         return page, next_url
 
@@ -202,11 +203,6 @@ def _is_size(value):
 
 def _is_directory(entry):
     return isinstance(entry, dict) and entry.get("type") == "directory" and is_safe_repo_path(entry.get("path"))
-
-
-def _origin(url):
-    parts = urllib.parse.urlsplit(url)
-    return (parts.scheme, parts.hostname, parts.port)
 
 
 def classify(spec, exc, attempt):

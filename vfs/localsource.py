@@ -312,11 +312,11 @@ def _open_quietly(path):
 
 
 def _once(file, exc):
-    """Log `exc` if it is the first failure of `file` since its scan; mark it logged either way."""
+    """Log `exc` if it is the first failure of `file` since its scan; reported either way."""
     if not file.reported:
         file.reported = True
         log.error("%s", exc)
-    exc.logged = True
+    errors.REPORTED.add(exc)
     return exc
 
 

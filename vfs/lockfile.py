@@ -44,7 +44,8 @@ from pathlib import Path
 
 from .atomic import write_atomically
 from .errors import ManifestError
-from .snapshots import COMMIT_RE, RemoteFile, Snapshot, is_safe_repo_path
+from .paths import is_commit, is_safe_repo_path
+from .snapshots import RemoteFile, Snapshot
 
 LOCK_KEY = "lamina-llm-cache lock"
 LOCK_VERSION = 1
@@ -179,7 +180,7 @@ def _entry(path, name, entry) -> LockedModel | LockedLocal:
         if "local" in entry:
             return LockedLocal(str(entry["local"]), tuple(_local_file(raw) for raw in entry["files"]))
         commit = entry["commit"]
-        if not COMMIT_RE.match(commit):
+        if not is_commit(commit):
             raise ValueError(f"commit {commit!r} is not 40 hex digits")
         files = tuple(_file(raw) for raw in entry["files"])
         return LockedModel(str(entry["hf"]), str(entry["revision"]), dict(entry["select"]), commit, files)

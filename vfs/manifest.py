@@ -36,21 +36,18 @@ import yaml
 
 from .atomic import write_atomically
 from .errors import ManifestError, UsageError
+from .paths import COMPONENT_MAX_BYTES, CONTROL_CHARACTER, absolute_path_problem, is_commit, repo_path_problem
 
 DEFAULT_ROOT = "/models"
 DEFAULT_REVISION = "main"
 BACKENDS = ("llama.cpp", "mlc", "vllm", "transformers")
 TOP_LEVEL_KEYS = ("models", "root")
 MODEL_KEYS = ("path", "backend", "hf", "local", "file", "revision", "include", "exclude", "pin")
-NAME_MAX_BYTES = 255  # a model name is a directory name: NAME_MAX on Linux
-COMPONENT_MAX_BYTES = 255
 REPO_ID_MAX = 96
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 # The Hub's own rule (huggingface_hub.validate_repo_id): starts and ends with a word character.
 _REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?")
-_COMMIT = re.compile(r"[0-9a-fA-F]{40}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Characters git's check-ref-format refuses anywhere in a ref name.
 _REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 
@@ -342,19 +339,10 @@ def _root(source, root):
 
 
 def _check_absolute(path, fail, example):
-    """Raise fail(message) unless `path` is absolute and already normalised."""
-    if _CONTROL.search(path):
-        raise fail(f"{path!r} contains a control character")
-    if not path.startswith("/"):
-        raise fail(f"{path!r} is relative; expected an absolute path {example}")
-    if "//" in path:
-        raise fail(f"{path!r} contains an empty component ('//')")
-    for component in path.strip("/").split("/"):
-        if component in (".", ".."):
-            raise fail(f"{path!r} contains a {component!r} component")
-        size = len(component.encode("utf-8", "surrogatepass"))
-        if size > COMPONENT_MAX_BYTES:
-            raise fail(f"{path!r} has a component of {size} bytes; at most {COMPONENT_MAX_BYTES}")
+    """Raise fail(message) unless `path` is absolute and already normalised (paths.py decides)."""
+    problem = absolute_path_problem(path, example)
+    if problem:
+        raise fail(problem)
 
 
 def _model_path(fail, root, name, path):
@@ -377,24 +365,6 @@ def _model_path(fail, root, name, path):
 
 def _join(root, *parts):
     return root.rstrip("/") + "/" + "/".join(parts)
-
-
-def _repo_path_problem(file):
-    """What is wrong with `file` as a path inside a Hub repo, or None."""
-    if not file:
-        return "is empty"
-    if _CONTROL.search(file):
-        return f"{file!r} contains a control character"
-    if "\\" in file:
-        return f"{file!r} contains a backslash; repo paths use '/'"
-    if file.startswith("/"):
-        return f"{file!r} is absolute; expected a path inside the repo such as 'model.Q4_K_M.gguf'"
-    if file.endswith("/"):
-        return f"{file!r} ends with '/'; expected a file, not a folder"
-    for component in file.split("/"):
-        if component in ("", ".", ".."):
-            return f"{file!r} contains a {component or '//'!r} component"
-    return None
 
 
 # ---------------------------------------------------------------- one model
@@ -437,9 +407,9 @@ def _check_name(source, name):
         raise ManifestError(
             source, "invalid name; use only letters, digits, '.', '_' and '-'", model=name
         )
-    if len(name) > NAME_MAX_BYTES:
+    if len(name) > COMPONENT_MAX_BYTES:     # a model name is a directory name
         raise ManifestError(
-            source, f"the name is {len(name)} bytes long; at most {NAME_MAX_BYTES}", model=name
+            source, f"the name is {len(name)} bytes long; at most {COMPONENT_MAX_BYTES}", model=name
         )
 
 
@@ -514,7 +484,7 @@ def _file(fail, entry, hf, local, is_dir):
                    "file")
     if hf is None:
         raise fail("file needs hf: without hf there is no repo to take it from", "file")
-    problem = _repo_path_problem(file)
+    problem = repo_path_problem(file)
     if problem:
         raise fail(problem, "file")
     return file
@@ -528,7 +498,7 @@ def _revision(fail, entry, hf, local):
         raise fail("revision is for hf models; local files have no revisions", "revision")
     if hf is None:
         raise fail("revision needs hf: without hf there is no repo to pin", "revision")
-    if _COMMIT.fullmatch(revision):
+    if is_commit(revision.lower()):
         return revision.lower()  # one spelling per commit, so cache keys agree
     problem = _ref_problem(revision)
     if problem:
@@ -559,7 +529,7 @@ def _ref_problem(ref):
 def _describe_char(char):
     if char == " ":
         return "a space"
-    if _CONTROL.match(char):
+    if CONTROL_CHARACTER.match(char):
         return "a control character"
     return repr(char)
 

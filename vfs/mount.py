@@ -37,6 +37,7 @@ from .reader import OpenFile, Reader
 from .report import model_report
 from .snapshots import SnapshotStore
 from .sources import HfCacheSource, RemoteSource, hf_cached_blob
+from .tasks import guard
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -365,10 +366,8 @@ async def _watch_hub(fs):
 
 
 async def _recheck_quietly(fs):
-    try:
+    with guard("re-checking branches", expected=(Exception,)):
         await fs.recheck_branches()
-    except Exception as exc:  # noqa: BLE001 - a background task must never end the mount
-        log.warning("branches not re-checked: %s", exc)
 
 
 async def _main_loop(cancel_scope):

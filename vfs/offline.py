@@ -62,7 +62,7 @@ class HubStatus:
         if first:
             log.error("read: %s: not cached, offline (%s)", describe, why)
         error = errors.HubUnreachable(f"{describe}: not cached, offline ({why})")
-        error.logged = True         # the line above is the one line for this file
+        errors.REPORTED.add(error)      # the line above is the one line for this file
         raise error
 
 

@@ -32,6 +32,7 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 def handler(function):
     """Turn every exception into a FUSEError with the one errno table, logging failures.
 
+    The only place a FUSEError is made: every errno a reader sees comes from errors.py.
     Each call is counted by operation, each error by operation and errno (metrics.py)."""
     name, counts = function.__name__, STATS.fuse_ops
 
@@ -40,42 +41,34 @@ def handler(function):
         counts[name] += 1
         try:
             return await function(self, *args)
-        except pyfuse3.FUSEError as exc:
-            _count_error(name, exc.errno)
-            raise
         except errors.LaminaError as exc:
-            if exc.errno not in (errno.ENOENT, errno.EROFS) and not getattr(exc, "logged", False):
+            if not isinstance(exc, errors.Refusal) and errors.REPORTED.first(exc):
                 log.error("%s: %s", name, exc)
-            _count_error(name, errors.errno_for(exc))
-            raise pyfuse3.FUSEError(errors.errno_for(exc)) from None
+            raise _fuse_error(name, errors.errno_for(exc)) from None
         except Exception:  # noqa: BLE001 - a bug must cost one read, not the mount
             log.exception("%s%r failed", name, args[:3])
-            _count_error(name, errno.EIO)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise _fuse_error(name, errno.EIO) from None
 
     return wrapper
 
 
-def _count_error(op, number):
+def _fuse_error(op, number):
     STATS.fuse_errors[op, errno.errorcode.get(number, str(number))] += 1
+    return pyfuse3.FUSEError(number)
 
 
 def log_read_failure_once(describe, offset, exc):
-    """One log line per failure, however many readers and kernel requests it reaches.
-
-    A failed fetch hands the same error object to every reader waiting on it, and the
-    fetcher repeats it for the kernel's immediate re-ask of the same page.
-    """
-    if getattr(exc, "logged", False):
-        return
-    exc.logged = True
-    log.error("read: %s: read at offset %d: %s", describe, offset, exc, extra=where(describe, offset))
+    """One log line per failure, however many readers and kernel requests it reaches
+    (errors.REPORTED: a failed fetch hands the same error object to every reader waiting
+    on it, and the fetcher repeats it for the kernel's immediate re-ask of the same page)."""
+    if errors.REPORTED.first(exc):
+        log.error("read: %s: read at offset %d: %s", describe, offset, exc, extra=where(describe, offset))
 
 
 def read_only(function):
     @functools.wraps(function)
     async def refuse(self, *args):
-        raise pyfuse3.FUSEError(errno.EROFS)
+        raise errors.ReadOnly(f"{function.__name__}: the filesystem is read-only")
 
     return handler(refuse)
 
@@ -138,7 +131,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def opendir(self, inode, ctx):
         if not self._node(inode).is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise errors.NotADirectory(f"inode {inode}")
         return inode
 
     @handler
@@ -156,10 +149,10 @@ class Operations(pyfuse3.Operations):
     @handler
     async def open(self, inode, flags, ctx):
         if flags & WRITE_FLAGS:
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise errors.ReadOnly("open for writing: the filesystem is read-only")
         node = self._node(inode)
         if node.is_dir:
-            raise pyfuse3.FUSEError(errno.EISDIR)
+            raise errors.IsADirectory(f"inode {inode}")
         handle = self._next_handle
         self._next_handle += 1
         if self.passthrough is None or isinstance(node.file, LocalFile):
@@ -194,8 +187,8 @@ class Operations(pyfuse3.Operations):
                 return await localsource.read(handle, off, size)
             return await self.reader.read(handle, off, size)
         except errors.LaminaError as exc:
-            log_read_failure_once(handle.describe, off, exc)
-            raise pyfuse3.FUSEError(errors.errno_for(exc)) from None
+            log_read_failure_once(handle.describe, off, exc)    # the line names the file and offset
+            raise
         finally:
             STATS.read_seconds.observe(perf_counter() - started)
 
@@ -211,7 +204,7 @@ class Operations(pyfuse3.Operations):
     async def access(self, inode, mode, ctx):
         self._node(inode)
         if mode & os.W_OK:
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise errors.ReadOnly("access for writing: the filesystem is read-only")
 
     @handler
     async def statfs(self, ctx):
@@ -234,7 +227,7 @@ class Operations(pyfuse3.Operations):
         values = self._xattrs(self._node(inode))
         key = os.fsdecode(name)
         if not key.startswith(XATTR_PREFIX) or key[len(XATTR_PREFIX):] not in values:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            raise errors.NoSuchAttribute(f"inode {inode}: no attribute {key!r}")
         return values[key[len(XATTR_PREFIX):]].encode()
 
     def _xattrs(self, node):

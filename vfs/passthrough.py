@@ -45,6 +45,7 @@ import pyfuse3
 
 from .atomic import write_atomically
 from .blockcache import BlobHandle, BlockCache
+from .tasks import spawn_guarded
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +214,13 @@ class Passthrough:
         self._checking.add(owner.content_id)
         self._say("check", f"{describe}: served by the daemon while its blocks' crcs are checked once "
                   "in this process, then by passthrough (the first such file; others are not logged)")
-        self._nursery.start_soon(self._check, owner, describe)
+        spawn_guarded(self._nursery, f"{describe}: checking its blocks", self._check, owner,
+                      expected=(Exception,))
 
-    async def _check(self, owner: BlobHandle, describe: str) -> None:
+    async def _check(self, owner: BlobHandle) -> None:
         try:
             with owner:
                 await owner.check_blocks()
-        except Exception as exc:  # noqa: BLE001 - a background task must never end the mount
-            log.warning("%s: checking its blocks failed: %s", describe, exc)
         finally:
             self._checking.discard(owner.content_id)
 

@@ -27,7 +27,8 @@ from .errors import ManifestError, UsageError
 from .localsource import LocalSnapshot, sha256_of
 from .localsource import scan as scan_local
 from .lockfile import Lock, LockedLocal, identity_of, load_lock, lock_path_for, write_lock
-from .snapshots import COMMIT_RE, Snapshot, SnapshotStore, path_index, select_files
+from .paths import is_commit
+from .snapshots import Snapshot, SnapshotStore, path_index, select_files
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def _split_stored(store, groups, stored_first):
     stored, remote = {}, []
     for key in groups:
         repo, revision = key
-        is_branch = not COMMIT_RE.match(revision)
+        is_branch = not is_commit(revision)
         commit = store.commit_for(repo, revision) if is_branch and stored_first else None
         commit = revision if not is_branch else commit
         tree = store.load_tree(repo, commit) if commit else None

@@ -31,7 +31,10 @@ import trio
 
 from . import errors, warmup
 from .blockcache import BlobHandle, BlockCache, BlockSource, fill_from
+from .fetch import received
+from .logs import where
 from .metrics import STATS
+from .tasks import guard, spawn_guarded
 from .workers import Workers
 
 log = logging.getLogger(__name__)
@@ -188,7 +191,9 @@ class Reader:
         if self._nursery is None or blob.content_id in self._warming:
             return
         self._warming.add(blob.content_id)
-        self._nursery.start_soon(warmup.run, self, blob, handle.source, self.warmup_parallel)
+        spawn_guarded(self._nursery, f"{handle.source.describe}: warm-up", warmup.run,
+                      self, blob, handle.source, self.warmup_parallel, level=logging.INFO,
+                      extra=where(handle.source.describe))
 
 
 def ignores_range(source) -> bool:
@@ -198,10 +203,9 @@ def ignores_range(source) -> bool:
 
 
 def _prepare_quietly(source):
-    try:
+    # Any failure: the first read meets the same problem and says so.
+    with guard(f"{source.describe}: resolving ahead of the first read", expected=(Exception,), level=logging.DEBUG):
         source.prepare()
-    except Exception as exc:  # noqa: BLE001 - the first read meets the same problem and says so
-        log.debug("%s: resolving ahead of the first read failed: %s", source.describe, exc)
 
 
 async def _provide(spliced, data):
@@ -223,9 +227,7 @@ class SplicedSource:
         self._ready.set()
 
     def fetch(self, start, length):
-        buffer = bytearray(length)
-        self.fetch_into(start, memoryview(buffer))
-        return buffer
+        return received(length, lambda view: self.fetch_into(start, view))
 
     def ignores_range(self):
         return ignores_range(self.source)

@@ -10,7 +10,6 @@ starts from these files alone.
 """
 
 import json
-import re
 import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,18 +19,6 @@ from pathlib import Path
 from . import errors
 from .atomic import write_atomically
 
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")    # one regex search, not a Python loop per character
-
-
-def is_safe_repo_path(path):
-    """A relative '/'-separated path with no way out of the directory it lands in."""
-    if not isinstance(path, str) or not path or path.startswith("/") or "\\" in path:
-        return False
-    if _CONTROL.search(path):
-        return False
-    parts = path.split("/")
-    return all(p not in ("", ".", "..") and len(p.encode()) <= 255 for p in parts)
 
 
 class RemoteFile(NamedTuple):

@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 
+from .fetch import received
 from .snapshots import repo_slug
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,7 @@ class HfCacheSource:
         return self.remote.open_whole_body(start, size)
 
     def fetch(self, start, length):
-        buffer = bytearray(length)
-        self.fetch_into(start, memoryview(buffer))
-        return buffer
+        return received(length, lambda view: self.fetch_into(start, view))
 
     def fetch_into(self, start, view):
         if self.blob.failed_verifications:

@@ -18,15 +18,9 @@ and a failed fetch stops it quietly: the loader's own read reports the error.
 """
 
 import json
-import logging
 import struct
 
 import trio
-
-from . import errors
-from .logs import where
-
-log = logging.getLogger(__name__)
 
 FIRST_LOOK = 64 * 1024            # a safetensors header's length and usually all of it
 MAX_HEADER = 100 * 1024 * 1024   # safetensors caps its header at 100 MB
@@ -41,16 +35,12 @@ class Truncated(Exception):
 
 
 async def run(reader, blob, source, parallel):
-    """Warm `blob` up if it is a GGUF or safetensors file (a background task: never raises)."""
-    try:
-        ranges = await loader_ranges(lambda start, end: reader.read_blocks(blob, source, start, end), blob.size)
-        if ranges:
-            order = block_order(ranges, reader.cache.block_size, blob.block_count)
-            await fetch_in_order(blob, source, order, parallel)
-    except errors.LaminaError as exc:
-        log.info("%s: warm-up stopped: %s", source.describe, exc, extra=where(source.describe))
-    except Exception:  # noqa: BLE001 - a background task must never end the mount
-        log.exception("%s: warm-up failed", source.describe)
+    """Warm `blob` up if it is a GGUF or safetensors file (a background task: run it under
+    tasks.spawn_guarded, which logs a failed fetch at INFO: the loader's read reports it)."""
+    ranges = await loader_ranges(lambda start, end: reader.read_blocks(blob, source, start, end), blob.size)
+    if ranges:
+        order = block_order(ranges, reader.cache.block_size, blob.block_count)
+        await fetch_in_order(blob, source, order, parallel)
 
 
 async def loader_ranges(read, size):
