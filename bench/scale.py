@@ -154,7 +154,7 @@ def measure_many(sim, args):
         Row(f"{many}: cached remount, to ready", "52.9 s", ready_again - started_again, "s", 1.0),
         Row(f"{many}: Hub requests before the cached remount was ready", "1,000 calls", again_calls, "calls", 0),
         Row(f"{many}: remount under models.lock, to ready", "", ready_locked - started_locked, "s", 1.0),
-        Row(f"{many}: pin requests (resolve, tree) under models.lock", "", locked_calls, "calls", 0,
+        Row(f"{many}: Hub requests to resolve (revision, tree) under models.lock", "", locked_calls, "calls", 0,
             "within 1 s of ready, background re-check included"),
     ]
 

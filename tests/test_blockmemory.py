@@ -13,7 +13,7 @@ async def filled(memory, key, byte):
     buffer = await memory.take(key, BLOCK)
     buffer.view[:BLOCK] = bytes([byte]) * BLOCK
     buffer.ready = True
-    memory.unpin(buffer)
+    memory.release(buffer)
     return buffer
 
 
@@ -42,7 +42,7 @@ async def test_the_least_recently_used_block_is_recycled_first():
     assert bytes(memory.get(("a", 3)).bytes_of(BLOCK - 2, 2)) == b"\3\3"
 
 
-async def test_a_pinned_buffer_is_never_recycled_and_takers_wait_for_one():
+async def test_a_held_buffer_is_never_recycled_and_takers_wait_for_one():
     memory = BlockMemory(BLOCK, 2)
     first = await memory.take(("a", 0), BLOCK)
     second = await memory.take(("a", 1), BLOCK)
@@ -54,10 +54,10 @@ async def test_a_pinned_buffer_is_never_recycled_and_takers_wait_for_one():
     async with trio.open_nursery() as nursery:
         nursery.start_soon(taker)
         await trio.sleep(0.05)
-        assert got == []                    # both pinned: the taker waits
-        memory.unpin(second)
+        assert got == []                    # both held: the taker waits
+        memory.release(second)
     assert got == [second] and got[0].key == ("a", 2)
-    assert first.key == ("a", 0) and first.pins == 1
+    assert first.key == ("a", 0) and first.holds == 1
 
 
 async def test_forgetting_a_blob_drops_its_blocks_only():

@@ -181,14 +181,14 @@ def test_offline_mount_lists_serves_cached_bytes_and_fails_uncached_reads_fast(
     assert failure.value.errno == 5 and waited < 15
 
 
-def test_eviction_under_max_size_keeps_open_and_pinned_files(hub, random_file, mount_factory):
+def test_eviction_under_max_size_keeps_open_and_kept_files(hub, random_file, mount_factory):
     files = {f"m{i}": random_file(f"m{i}.gguf", 4 * MiB, seed=10 + i) for i in range(4)}
     manifest = "models:\n"
     for name, source in files.items():
         hub.add_repo(f"org/{name}", files={"w.gguf": source})
-        pin = "    pin: true\n" if name == "m0" else ""
+        keep = "    keep: true\n" if name == "m0" else ""
         manifest += (f"  {name}:\n    path: /models/{name}/w.gguf\n    backend: llama.cpp\n"
-                     f"    hf: org/{name}\n    file: w.gguf\n{pin}")
+                     f"    hf: org/{name}\n    file: w.gguf\n{keep}")
     mount = mount_factory(manifest, hub.endpoint, args=BLOCK + ("--max-size", "10M"))
     root = mount.mountpoint
     kept_open = open(root / "m1" / "w.gguf", "rb")
@@ -198,7 +198,7 @@ def test_eviction_under_max_size_keeps_open_and_pinned_files(hub, random_file, m
             time.sleep(0.3)      # distinct last-use times
         cached = {name: int(xattr(root / name / "w.gguf", "cached_bytes")) for name in files}
         print("cached after reading all four under a 10 MiB cap:", cached)
-        assert cached["m0"] == 4 * MiB          # pinned
+        assert cached["m0"] == 4 * MiB          # kept
         assert cached["m1"] == 4 * MiB          # open
         assert cached["m2"] == 0                # least recently used, evicted
         assert sum(cached.values()) <= 12 * MiB

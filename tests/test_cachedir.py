@@ -89,7 +89,7 @@ def test_usage_counts_the_blocks_a_sparse_blob_really_occupies(tmp_path):
 
 def test_kept_models_survive_a_restart_and_can_be_let_go(tmp_path):
     directory = CacheDir(tmp_path / "cache", 65536)
-    directory.pin("llama", {SHA})
-    assert CacheDir(tmp_path / "cache", 65536).pinned() == {"llama": {SHA}}
-    assert directory.unpin("llama") and not directory.unpin("llama")
-    assert directory.pinned() == {}
+    directory.keep("llama", {SHA})
+    assert CacheDir(tmp_path / "cache", 65536).kept() == {"llama": {SHA}}
+    assert directory.unkeep("llama") and not directory.unkeep("llama")
+    assert directory.kept() == {}

@@ -1,4 +1,4 @@
-"""The command line as a user meets it: list, info, pull, verify, gc, pin, mount failures, background."""
+"""The command line as a user meets it: list, info, pull, verify, gc, keep, mount failures, background."""
 
 import json
 import os
@@ -113,13 +113,24 @@ def test_verify_finds_a_rotten_blob_and_discards_it(workspace, hub):
     assert "1 of 1" in run_cli(workspace, hub, "pull", "big").stdout
 
 
-def test_gc_evicts_to_a_size_but_keeps_pinned_models(workspace, hub):
+def test_gc_evicts_to_a_size_but_keeps_kept_models(workspace, hub):
     run_cli(workspace, hub, "pull", "--all")
-    run_cli(workspace, hub, "pin", "big")
+    run_cli(workspace, hub, "keep", "big")
     run_cli(workspace, hub, "gc", "--max-size", "1M")
     state = {m["name"]: m["cached_bytes"] for m in json.loads(run_cli(workspace, hub, "list", "--json").stdout)}
     assert state["big"] == 5 * MiB + 3 and state["small"] == 0
-    run_cli(workspace, hub, "unpin", "big")
+    run_cli(workspace, hub, "unkeep", "big")
+    run_cli(workspace, hub, "gc", "--max-size", "0")
+    assert json.loads(run_cli(workspace, hub, "list", "--json").stdout)[0]["cached_bytes"] == 0
+
+
+def test_pin_and_unpin_are_the_old_names_of_keep_and_unkeep(workspace, hub):
+    run_cli(workspace, hub, "pull", "--all")
+    assert "kept big" in run_cli(workspace, hub, "pin", "big").stdout
+    run_cli(workspace, hub, "gc", "--max-size", "0")
+    state = {m["name"]: m for m in json.loads(run_cli(workspace, hub, "list", "--json").stdout)}
+    assert state["big"]["cached_bytes"] == 5 * MiB + 3
+    assert "no longer keeping big" in run_cli(workspace, hub, "unpin", "big").stdout
     run_cli(workspace, hub, "gc", "--max-size", "0")
     assert json.loads(run_cli(workspace, hub, "list", "--json").stdout)[0]["cached_bytes"] == 0
 

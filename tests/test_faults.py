@@ -335,7 +335,7 @@ def test_an_unreachable_hub_starts_from_the_cache_and_serves_again_once_back(hub
     print(f"Hub down: mount ready from the cache after {time.monotonic() - started:.1f}s")
     # Ready from the stored snapshots at once; the branch's re-check then finds the Hub down.
     assert eventually(lambda: "Hub unreachable" in offline.log_text()
-                      and "serving pinned commit" in offline.log_text())
+                      and "serving stored commit" in offline.log_text())
     assert os.listdir(offline.mountpoint / "weights") == sorted(weights)
     read_exact(offline, weights, "Hub down, the cached block", offset=MiB, length=MiB)
     read_fails(offline, "Hub down, an uncached block (the last)", offset=5 * MiB, length=4096)

@@ -174,7 +174,7 @@ class HealthyProbe:
         return Health("ok", "/models")
 
 
-async def test_readyz_waits_for_the_mount_and_lists_each_unpinned_model_with_why(tmp_path):
+async def test_readyz_waits_for_the_mount_and_lists_each_unresolved_model_with_why(tmp_path):
     (tmp_path / "models.yaml").write_text(MANIFEST)
     manifest = load_manifest(tmp_path / "models.yaml")
     api = Api(SimpleNamespace(manifest=manifest, snapshots={"big": None, "by-hand": None}), tmp_path)
@@ -184,7 +184,7 @@ async def test_readyz_waits_for_the_mount_and_lists_each_unpinned_model_with_why
     api.serving = True
     status, answer = await api.route("GET", "/readyz")
     assert status == 503 and [m["name"] for m in answer["models"]] == ["big"]
-    assert "not pinned" in answer["models"][0]["why"]
+    assert "not resolved" in answer["models"][0]["why"]
     api.fs.snapshots["big"] = object()
     assert await api.route("GET", "/readyz") == (200, {"ready": True, "models": []})
 

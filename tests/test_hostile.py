@@ -126,7 +126,7 @@ def test_a_hub_refusal_exits_1_with_a_message_naming_the_model(refusing_hub, tmp
     assert not is_mounted(tmp_path / "mnt")
 
 
-def test_a_hub_that_cannot_be_reached_and_was_never_pinned_exits_1(tmp_path):
+def test_a_hub_that_cannot_be_reached_and_was_never_resolved_exits_1(tmp_path):
     (tmp_path / "models.yaml").write_text(single("org/public"))
     status, _, stderr, seconds = run_cli("list", "-m", tmp_path / "models.yaml", "--cache-dir", tmp_path / "cache",
                                          "--endpoint", NOWHERE, home=tmp_path)
@@ -268,8 +268,8 @@ def test_folders_never_count_against_the_bound_and_too_many_files_are_refused(hu
     monkeypatch.setattr(hub_module, "MAX_FILES", 1000)
     spec = parse_manifest("models:\n  h:\n    path: /models/h/\n    backend: vllm\n    hf: org/huge\n").models[0]
     settings = Settings(endpoint=hub.endpoint, cache_dir=tmp_path / "cache", max_retries=1)
-    assert len(Hub(settings, SnapshotStore(tmp_path / "cache")).pin(spec).files) == 1000    # 3,000 folders free
+    assert len(Hub(settings, SnapshotStore(tmp_path / "cache")).resolve(spec).files) == 1000    # 3,000 folders free
     hub.clear_faults()
     hub.add_fault(Fault("raw_tree", entries=folders + files + [{**files[0], "path": "extra/f"}]))
     with pytest.raises(errors.HubError, match="lists more than 1000 files; refused"):
-        Hub(settings, SnapshotStore(tmp_path / "other-cache")).pin(spec)
+        Hub(settings, SnapshotStore(tmp_path / "other-cache")).resolve(spec)

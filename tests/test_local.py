@@ -423,7 +423,7 @@ def test_no_command_writes_moves_or_deletes_local_files(served, local_models, tm
     manifest = mount.manifest.read_text()
     time.sleep(0.01)                            # a rewrite now would show a later mtime
     for command in (["gc", "--max-size", "0"], ["gc"], ["verify"], ["pull", "--all"],
-                    ["pin", "my-finetune"], ["unpin", "my-finetune"]):
+                    ["keep", "my-finetune"], ["unkeep", "my-finetune"]):
         lamina(tmp_path, manifest, *command)
     assert [fingerprint(folder) for folder in folders] == before
     assert len(before[0]) == 9 and len(before[1]) == 1

@@ -1,4 +1,4 @@
-"""models.lock: deterministic, pinned from with no Hub call, --frozen, --upgrade, /refresh keeps it."""
+"""models.lock: deterministic, resolved from with no Hub call, --frozen, --upgrade, /refresh keeps it."""
 
 import json
 import socket
@@ -56,8 +56,8 @@ def run_cli(workspace, hub, *args, check=True, cache="cache", endpoint=None):
     return result
 
 
-def pin_requests(hub):
-    """Requests that pin (resolve a revision, list a tree): content reads are not counted."""
+def resolve_requests(hub):
+    """Requests that resolve (resolve a revision, list a tree): content reads are not counted."""
     return [r.path for r in hub.log if r.origin == "api" and ("/revision/" in r.path or "/tree/" in r.path)]
 
 
@@ -77,7 +77,7 @@ def test_lock_is_deterministic_sorted_one_file_a_line_and_valid_yaml(workspace, 
     print(text)
 
 
-def test_under_a_lock_list_and_pull_pin_with_no_hub_call_and_keep_the_locked_commit(workspace, hub):
+def test_under_a_lock_list_and_pull_resolve_with_no_hub_call_and_keep_the_locked_commit(workspace, hub):
     run_cli(workspace, hub, "lock")
     locked = json.loads((workspace / "models.lock").read_text())["models"]["tiny"]["commit"]
     hub.add_commit("org/tiny", files={"m.gguf": b"GGUF v2, moved on"})
@@ -85,13 +85,13 @@ def test_under_a_lock_list_and_pull_pin_with_no_hub_call_and_keep_the_locked_com
     listed = {m["name"]: m for m in json.loads(run_cli(workspace, hub, "list", "--json").stdout)}
     assert listed["tiny"]["commit"] == locked and listed["tiny"]["size"] == len(b"GGUF v1")
     run_cli(workspace, hub, "pull", "tiny")
-    assert pin_requests(hub) == []
+    assert resolve_requests(hub) == []
     assert any(locked in r.path for r in hub.log)         # the bytes came from the locked commit
 
 
 def test_wait_judges_a_locked_model_at_its_locked_commit(workspace, hub):
     run_cli(workspace, hub, "lock", cache="cache-of-the-locker")
-    run_cli(workspace, hub, "pull", "tiny", cache="cache")        # pinned from the lock: no ref stored
+    run_cli(workspace, hub, "pull", "tiny", cache="cache")        # resolved from the lock: no ref stored
     no_hub = "http://127.0.0.1:9"
     result = run_cli(workspace, hub, "wait", "tiny", "--cached", "--timeout", "5", endpoint=no_hub)
     assert result.stdout.strip() == "wait: tiny: cached"
@@ -107,7 +107,7 @@ def test_frozen_refuses_with_exit_2_naming_the_model_the_lock_lacks(workspace, h
         assert "model 'late': not in the lock" in result.stderr, result.stderr
     print(result.stderr.strip())
     assert "run `lamina-llm-cache lock`" in result.stderr
-    run_cli(workspace, hub, "list")                       # without --frozen: pinned without the lock
+    run_cli(workspace, hub, "list")                       # without --frozen: resolved without the lock
 
 
 def test_frozen_names_a_changed_revision(workspace, hub):
@@ -141,7 +141,7 @@ def free_port():
 
 @needs_fuse
 @pytest.mark.fuse
-def test_a_mount_under_a_lock_pins_with_no_hub_call_and_refresh_never_moves_a_locked_commit(
+def test_a_mount_under_a_lock_resolves_with_no_hub_call_and_refresh_never_moves_a_locked_commit(
         workspace, hub, mount_factory):
     port = free_port()
     mount = mount_factory(MANIFEST, hub.endpoint, args=("--api", f"127.0.0.1:{port}"), start=False)
@@ -156,8 +156,8 @@ def test_a_mount_under_a_lock_pins_with_no_hub_call_and_refresh_never_moves_a_lo
     with urllib.request.urlopen(request, timeout=30) as answer:
         assert answer.status == 200
     assert path.read_bytes() == b"GGUF v1"
-    assert pin_requests(hub) == []
-    assert "pinned without the lock" not in mount.log_text()
+    assert resolve_requests(hub) == []
+    assert "resolved without the lock" not in mount.log_text()
     upgrade = subprocess.run([sys.executable, "-m", "vfs", "lock", "--upgrade", "tiny", "-m", str(mount.manifest),
                               "--cache-dir", str(workspace / "cache-of-the-locker"), "--endpoint", hub.endpoint],
                              capture_output=True, text=True, timeout=120, env=isolated_environment(workspace))

@@ -54,7 +54,7 @@ def test_the_design_example_loads_with_every_field():
     )
     assert mistral.include == ("*.safetensors", "*.json", "tokenizer*")
     assert (mistral.is_dir, mistral.file, mistral.exclude) == (True, None, ())
-    assert (finetune.hf, finetune.is_dir, finetune.pin) == (None, True, False)
+    assert (finetune.hf, finetune.is_dir, finetune.keep) == (None, True, False)
 
 
 def test_source_is_the_path_as_given():
@@ -107,12 +107,17 @@ def test_branch_and_tag_revisions_are_kept_as_written(revision):
 
 def test_optional_fields_take_their_defaults():
     spec = parse_manifest(model("x", "path: /models/x/\nbackend: vllm\nhf: x")).models[0]
-    assert (spec.revision, spec.include, spec.exclude, spec.pin, spec.file) == ("main", (), (), False, None)
+    assert (spec.revision, spec.include, spec.exclude, spec.keep, spec.file) == ("main", (), (), False, None)
 
 
 def test_a_single_pattern_string_is_a_one_pattern_filter():
-    spec = parse_manifest(model("x", "path: /models/x/\nbackend: vllm\nhf: o/x\ninclude: '*.json'\npin: yes")).models[0]
-    assert (spec.include, spec.pin) == (("*.json",), True)
+    spec = parse_manifest(model("x", "path: /models/x/\nbackend: vllm\nhf: o/x\ninclude: '*.json'\nkeep: yes")).models[0]
+    assert (spec.include, spec.keep) == (("*.json",), True)
+
+
+def test_pin_is_the_old_name_of_keep():
+    spec = parse_manifest(model("x", "path: /models/x/\nbackend: vllm\nhf: o/x\npin: true")).models[0]
+    assert spec.keep is True
 
 
 def test_yaml_anchors_and_merge_keys_work():

@@ -87,7 +87,7 @@ def test_ready_comes_only_once_the_mount_answers_and_stopping_on_sigterm(big, hu
         assert eventually(lambda: listener.lines("READY=1"), timeout=10)
         print(f"at READY=1: mounted, stat answered = {listener.mount_at_ready}; {listener.messages}")
         assert listener.mount_at_ready == (True, True)
-        assert listener.lines("STATUS=") and "1 of 1 models pinned" in listener.lines("STATUS=")[0]
+        assert listener.lines("STATUS=") and "1 of 1 models resolved" in listener.lines("STATUS=")[0]
         assert not listener.lines("STOPPING=1")
         mount.process.send_signal(signal.SIGTERM)
         assert mount.process.wait(15) == 0

@@ -148,7 +148,7 @@ def test_a_rotated_token_is_used_without_a_remount_and_the_old_one_is_never_sent
           f"{sum(r.authorization == bearer(NEW) for r in after)} of them with the new token")
     assert not [r for r in after if r.authorization == bearer(OLD)]
     assert not [r for r in log if r.status == 401]
-    assert any(r.origin == "api" and "/revision/" in r.path for r in after)   # the refresh re-pinned with it
+    assert any(r.origin == "api" and "/revision/" in r.path for r in after)   # the refresh resolved again with it
 
 
 @pytest.mark.slow

@@ -1,14 +1,14 @@
 """The REST API beside a mount: health, readiness, models, a pull, a manifest reload.
 
     GET  /healthz              liveness: the trio loop answers and statvfs of the mount root returns
-    GET  /readyz               readiness: every manifest model pinned and the mount serving
+    GET  /readyz               readiness: every manifest model resolved and the mount serving
     GET  /metrics              Prometheus text format (docs/METRICS.md)
     GET  /models               every manifest model with size and cache state
     GET  /models/<name>        one model, per file
     POST /download/<org/name>  fetch every model of that Hub repo fully, in the background (202)
                                (a local model's name: 200, nothing to fetch)
     GET  /download/<org/name>  progress of those pulls
-    POST /refresh              reload models.yaml and re-pin revisions; the mount shows the result
+    POST /refresh              reload models.yaml and re-resolve revisions; the mount shows the result
 
 HTTP is h11's (httpserver.py), bound to loopback unless told otherwise. It is model-aware
 only: /download never adds a model; the manifest is the one source of truth. Answers

@@ -38,7 +38,7 @@ Concurrency rules:
   first asker starts it, later askers wait for the same Flight and share its bytes. A
   flight stays in the table until its bytes are durable, so nobody fetches it twice.
 - Blocks pass through a fixed set of page-aligned memory buffers (blockmemory.py,
-  `memory` bytes in all): a download lands in one and stays pinned there until written
+  `memory` bytes in all): a download lands in one and is held there until written
   with O_DIRECT; a cached block a stream reads is loaded into one (buffered: the kernel's
   read-ahead on the data file). Readers are served from them; after a block leaves
   memory, readers pread it from disk.
@@ -55,7 +55,7 @@ file): fetching block by block would send the file's prefix again for every bloc
 blob of such a source is filled in one pass instead (`_run_stream`). One GET, asked from
 the first block wanted with an open-ended Range, is read in order into block buffers,
 filling every block that is absent (its prefix too, when the server sends it whole). Each
-block still has its own flight: the stream hands the flight a pinned buffer with the
+block still has its own flight: the stream hands the flight a held buffer with the
 block's bytes, and the flight wakes its readers, writes and records the block as for any
 download, so readers are served as their blocks arrive and verification is unchanged. At
 most one stream per blob; a block behind a running stream waits for it to end and starts
@@ -445,12 +445,12 @@ class BlockCache:
     """The blobs of one cache directory, the block buffers, and every fetch and load of them."""
 
     def __init__(self, directory: CacheDir, fetch_workers: int = 8, max_size: int | None = None,
-                 min_free_fraction: float = 0.05, pinned: Iterable[str] = frozenset(),
+                 min_free_fraction: float = 0.05, kept: Iterable[str] = frozenset(),
                  memory: int = DEFAULT_MEMORY):
         self.directory = directory
         self.block_size = directory.block_size
         self.max_size, self.min_free_fraction = max_size, min_free_fraction
-        self.pinned = set(pinned)       # content ids eviction must not touch
+        self.kept = set(kept)           # content ids eviction must not touch
         self._blobs: dict[str, _Blob] = {}
         self._next_sweep = 0.0          # when idle blobs evicted by another process are next let go of
         self._inflight: dict[tuple[str, int], Flight] = {}
@@ -631,7 +631,7 @@ class BlockCache:
                 got, crc = await trio.to_thread.run_sync(
                     blockio.load_block, blob.data_fd, block_start, buffer.view, block_len, check)
         finally:
-            self._memory.unpin(buffer)
+            self._memory.release(buffer)
         if buffer.key != key or not blob.present[index]:
             return None                     # the blob was discarded meanwhile
         if got != block_len or (check and crc != blob.crcs[index]):
@@ -756,7 +756,7 @@ class BlockCache:
             flight.written = crc is not None
             return crc
         finally:
-            self._memory.unpin(buffer)
+            self._memory.release(buffer)
 
     async def _verify_in_background(self, blob, describe):
         try:
@@ -765,7 +765,7 @@ class BlockCache:
             self._verifying.discard(blob.content_id)
 
     async def _receive(self, blob, index, source, flight):
-        """A pinned buffer holding block `index`'s bytes, downloaded or from the blob's stream."""
+        """A held buffer holding block `index`'s bytes, downloaded or from the blob's stream."""
         key = (blob.content_id, index)
         if not flight.streamed:
             buffer = await self._memory.take(key, blob.block_range(index)[1])
@@ -776,16 +776,16 @@ class BlockCache:
                 flight.streamed = True          # read the blob in one pass instead
             except BaseException:
                 self._memory.forget(key)
-                self._memory.unpin(buffer)
+                self._memory.release(buffer)
                 raise
             self._memory.forget(key)
-            self._memory.unpin(buffer)
+            self._memory.release(buffer)
         buffer = await self._streamed(blob, index, source)
         try:
             await self._check_streamed(blob, index, source, buffer)
         except BaseException:
             self._memory.forget(key)
-            self._memory.unpin(buffer)
+            self._memory.release(buffer)
             raise
         return buffer
 
@@ -868,7 +868,7 @@ class BlockCache:
             await trio.to_thread.run_sync(body.readinto, buffer.view[:block_len])
         except BaseException:
             self._memory.forget(key)
-            self._memory.unpin(buffer)
+            self._memory.release(buffer)
             raise
         delivery.buffer = buffer
         delivery.ready.set()
@@ -941,7 +941,7 @@ class BlockCache:
     def _protected(self):
         busy = {blob.content_id for blob in self._blobs.values() if blob.open_count > 0}
         busy |= {content_id for content_id, _ in self._inflight}
-        return busy | self.pinned
+        return busy | self.kept
 
     def _let_go_of_evicted_blobs(self) -> None:
         """Close the files of idle blobs another process (gc) evicted, at most every SWEEP_EVERY s.

@@ -8,8 +8,8 @@ the same with O_DIRECT from a reused buffer at ~2 GB/s), and each byte would tak
 twice, once for the cache file and once for the mount's own pages. Reused buffers are
 touched once, so memory stays flat however many gigabytes pass through.
 
-A buffer is *pinned* while a download or a load fills it or a write drains it; only
-unpinned buffers are recycled, least recently used first. Trio thread only.
+A buffer is *held* while a download or a load fills it or a write drains it; only
+buffers no one holds are recycled, least recently used first. Trio thread only.
 """
 
 import mmap
@@ -29,7 +29,7 @@ class Buffer:
         self.key = None
         self.length = 0
         self.ready = False          # holds the block's bytes (filled and, if checked, good)
-        self.pins = 0
+        self.holds = 0
 
     def bytes_of(self, start, length):
         return self.view[start:start + length]
@@ -40,7 +40,7 @@ class BlockMemory:
         self.block_size, self.count = block_size, max(2, count)
         self._buffers = []                          # allocated lazily: an idle mount stays small
         self._by_key: OrderedDict = OrderedDict()   # key -> Buffer, least recently used first
-        self._waiting = trio.lowlevel.ParkingLot()     # takers waiting for an unpinned buffer
+        self._waiting = trio.lowlevel.ParkingLot()     # takers waiting for a buffer no one holds
 
     def get(self, key):
         """The ready buffer holding `key`, marked recently used; None if it is not here."""
@@ -54,7 +54,7 @@ class BlockMemory:
         return key in self._by_key
 
     async def take(self, key, length):
-        """A pinned buffer for `key` (not ready until filled), recycling the least recently used."""
+        """A held buffer for `key` (not ready until filled), recycling the least recently used."""
         while True:
             buffer = self._unused()
             if buffer is not None:
@@ -63,7 +63,7 @@ class BlockMemory:
         self.forget(key)
         if buffer.key is not None:
             del self._by_key[buffer.key]
-        buffer.key, buffer.length, buffer.ready, buffer.pins = key, length, False, 1
+        buffer.key, buffer.length, buffer.ready, buffer.holds = key, length, False, 1
         self._by_key[key] = buffer
         return buffer
 
@@ -72,20 +72,21 @@ class BlockMemory:
             self._buffers.append(Buffer(self.block_size))
             return self._buffers[-1]
         for buffer in self._buffers:                # dropped ones first: they hold nothing
-            if buffer.key is None and buffer.pins == 0:
+            if buffer.key is None and buffer.holds == 0:
                 return buffer
         for buffer in self._by_key.values():        # then the least recently used
-            if buffer.pins == 0:
+            if buffer.holds == 0:
                 return buffer
         return None
 
-    def unpin(self, buffer):
-        buffer.pins -= 1
-        if buffer.pins == 0:
+    def release(self, buffer):
+        """Let go of a buffer `take` handed out; the last release makes it recyclable."""
+        buffer.holds -= 1
+        if buffer.holds == 0:
             self._waiting.unpark_all()
 
     def forget(self, key):
-        """Drop `key` (its bytes are wrong or gone); a pinned buffer is dropped when unpinned."""
+        """Drop `key` (its bytes are wrong or gone); a held buffer is dropped when released."""
         buffer = self._by_key.pop(key, None)
         if buffer is not None:
             buffer.key, buffer.ready = None, False

@@ -1,10 +1,11 @@
-"""The cache directory as a whole: format version, blob layout, usage, LRU eviction, pins.
+"""The cache directory as a whole: format version, blob layout, usage, LRU eviction, kept models.
 
 Blob files are named by content id (see blockcache.py for what is inside them). A blob's
 last use is the mtime of its `.data` file: the daemon touches it when a blob is opened,
 and writing blocks moves it too. Eviction removes whole blobs, least recently used first,
-never one that is open in this process or pinned; pins are kept per model name in
-`pins/<name>` (the content ids that model needs), written atomically.
+never one that is open in this process or kept; what `keep` keeps is stored per model
+name in `pins/<name>` (the content ids that model needs), written atomically. The folder
+keeps its old name so that caches written before the rename to "keep" stay valid.
 
 Other processes share the cache (a mount beside `gc`, `verify`, `pull`), so the rules
 between processes are flocks, which the kernel drops when a process dies:
@@ -140,25 +141,27 @@ class CacheDir:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
-    def pin(self, name, content_ids):
+    def keep(self, name, content_ids):
+        """Keep `name`'s blobs (`content_ids`) out of eviction, replacing what it kept before."""
         write_atomically(self.root / "pins" / name, json.dumps(sorted(content_ids)).encode())
 
-    def unpin(self, name):
+    def unkeep(self, name):
+        """Let eviction have `name`'s blobs again; False when it kept nothing."""
         try:
             os.unlink(self.root / "pins" / name)
         except FileNotFoundError:
             return False
         return True
 
-    def pinned(self):
-        """name -> content ids, for every model pinned with `pin`."""
-        pins = {}
+    def kept(self):
+        """name -> content ids, for every model kept with `keep`."""
+        kept = {}
         for path in sorted((self.root / "pins").glob("*")):
             try:
-                pins[path.name] = set(json.loads(path.read_text()))
+                kept[path.name] = set(json.loads(path.read_text()))
             except (OSError, ValueError):
-                log.warning("%s: unreadable pin file, ignored", path)
-        return pins
+                log.warning("%s: unreadable keep file, ignored", path)
+        return kept
 
 
 def hold_shared(data_path) -> int | None:

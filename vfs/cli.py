@@ -121,8 +121,10 @@ def build_parser():
     gc.add_argument("--max-size", type=parse_size, help="target size (without it: drop blobs no model names)")
     add_common(gc)
 
-    for verb, text in (("pin", "keep a model's blobs out of eviction"), ("unpin", "undo pin")):
-        sub = commands.add_parser(verb, help=text)
+    # `pin`/`unpin` are the commands' names before "pin" came to mean only revision -> commit.
+    for verb, alias, text in (("keep", "pin", "keep a model's blobs out of eviction"),
+                              ("unkeep", "unpin", "undo keep")):
+        sub = commands.add_parser(verb, aliases=[alias], help=text)
         sub.add_argument("name")
         add_common(sub)
 
@@ -215,7 +217,7 @@ def spawn_background(args):
 
 
 def cmd_lock(args):
-    from .pinning import update_lock
+    from .resolving import update_lock
     if args.names and not args.upgrade:
         raise errors.UsageError("lock: naming models needs --upgrade (lock alone keeps every locked commit)")
     upgrade = args.names if args.upgrade else None
@@ -239,17 +241,17 @@ def cmd_unmount(args):
 
 
 def model_reports(args, names=None, with_files=True, manifest=None):
-    """The reports of the models `names` (all for None), pinned from the lock or the stored
-    snapshots (the Hub only when never pinned)."""
+    """The reports of the models `names` (all for None), resolved from the lock or the stored
+    snapshots (the Hub only when never resolved)."""
     from .blockcache import BlockCache
     from .cachedir import CacheDir
-    from .pinning import collector_paused, pin_manifest
+    from .resolving import collector_paused, resolve_manifest
     from .report import model_report
     settings = settings_for(args)
     manifest = manifest or load(args)
     cache = BlockCache(CacheDir(settings.cache_dir, settings.block_size))
     with collector_paused():
-        snapshots = pin_manifest(settings, manifest, stored_first=True).snapshots
+        snapshots = resolve_manifest(settings, manifest, stored_first=True).snapshots
         return [model_report(spec, snapshots[spec.name], cache, with_files)
                 for spec in manifest.models if names is None or spec.name in names]
 
@@ -333,9 +335,9 @@ def cmd_gc(args):
     return manage.gc(settings_for(args), load(args), args.max_size)
 
 
-def cmd_pin(args):
+def cmd_keep(args):
     from . import manage
-    return manage.pin(settings_for(args), load(args), args.name, pinned=args.command == "pin")
+    return manage.keep(settings_for(args), load(args), args.name, keep=args.command in ("keep", "pin"))
 
 
 def cmd_wait(args):
@@ -358,8 +360,8 @@ def cmd_demo(args):
 
 COMMANDS = {"mount": cmd_mount, "lock": cmd_lock, "unmount": cmd_unmount, "list": cmd_list, "info": cmd_info,
             "add": cmd_add, "pull": cmd_pull, "verify": cmd_verify, "gc": cmd_gc,
-            "pin": cmd_pin, "unpin": cmd_pin, "wait": cmd_wait, "health": cmd_health,
-            "demo": cmd_demo}
+            "keep": cmd_keep, "unkeep": cmd_keep, "pin": cmd_keep, "unpin": cmd_keep,
+            "wait": cmd_wait, "health": cmd_health, "demo": cmd_demo}
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""Pin a model spec to a snapshot: commit sha, files, sizes, content ids.
+"""Resolve a model spec to a snapshot: commit sha, files, sizes, content ids.
 
 The only importer of huggingface_hub. Every one of its exceptions becomes one of ours
 here, with a message that names the model. Metadata calls are retried on 429/5xx and
@@ -45,9 +45,9 @@ class Hub:
         if settings.ca_bundle is not None:
             _trust_in_huggingface_hub(settings.ca_bundle)
         self.reachable = True       # False once a call found the Hub unreachable
-        self.gate = RateGate()      # shared by every thread pinning through this Hub
+        self.gate = RateGate()      # shared by every thread resolving through this Hub
 
-    def pin(self, spec, online=True):
+    def resolve(self, spec, online=True):
         """The snapshot of `spec`: resolved online when possible, else from the store."""
         commit, tree = self.commit_and_tree(spec, online)
         return self.snapshot(spec, commit, tree)
@@ -64,19 +64,19 @@ class Hub:
             return known, tree
         if not online:
             raise errors.HubUnreachable(
-                f"model {spec.name!r}: {spec.hf}@{spec.revision} was never pinned and the Hub is offline")
+                f"model {spec.name!r}: {spec.hf}@{spec.revision} was never resolved and the Hub is offline")
         try:
             return self._resolve_online(spec)
         except errors.HubUnreachable as exc:
-            return self._pinned_fallback(spec, exc)
+            return self._stored_fallback(spec, exc)
 
-    def _pinned_fallback(self, spec, exc):
+    def _stored_fallback(self, spec, exc):
         commit = self.store.commit_for(spec.hf, spec.revision)
         tree = commit and self.store.load_tree(spec.hf, commit)
         if not tree and tree != ():
             raise exc
         self.reachable = False
-        log.warning("model %r: Hub unreachable (%s); serving pinned commit %s", spec.name, exc, commit,
+        log.warning("model %r: Hub unreachable (%s); serving stored commit %s", spec.name, exc, commit,
                     extra={"model": spec.name})
         return commit, tree
 
@@ -213,23 +213,23 @@ def classify(spec, exc, attempt):
     if isinstance(exc, hf_errors.RevisionNotFoundError):
         return errors.RevisionNotFound(f"{where}: revision {spec.revision!r} not found"), None
     if isinstance(exc, hf_errors.RepositoryNotFoundError):
-        hint = "" if spec_has_token(exc) else " (or it is private: set HF_TOKEN)"
+        hint = "" if request_carried_token(exc) else " (or it is private: set HF_TOKEN)"
         return errors.RepoNotFound(f"{where}: repository not found{hint}"), None
     if isinstance(exc, hf_errors.OfflineModeIsEnabled):
         return errors.HubUnreachable(f"{where}: HF_HUB_OFFLINE is set"), None
     if isinstance(exc, hf_errors.HfHubHTTPError):
         return _classify_status(where, exc, attempt)
     if (refusal := tls.refused_certificate(exc)) is not None:
-        host = urllib.parse.urlsplit(spec_endpoint(exc)).netloc or "the Hub"
+        host = urllib.parse.urlsplit(request_url(exc)).netloc or "the Hub"
         return errors.HubError(f"{where}: {tls.describe(refusal, host)}"), None
     if isinstance(exc, hf_errors.HTTPError) or isinstance(exc, OSError):
-        # Two quick retries ride out a blip; past that, a mount starts from its pinned snapshots.
+        # Two quick retries ride out a blip; past that, a mount starts from its stored snapshots.
         wait = backoff(attempt) if attempt < 2 else None
         return errors.HubUnreachable(f"{where}: Hub unreachable: {type(exc).__name__}"), wait
     return errors.HubError(f"{where}: unexpected answer from the Hub: {type(exc).__name__}: {exc}"), None
 
 
-def spec_endpoint(exc):
+def request_url(exc):
     """The URL the failed request went to, when the exception knows it."""
     try:
         return str(exc.request.url)
@@ -237,7 +237,7 @@ def spec_endpoint(exc):
         return ""
 
 
-def spec_has_token(exc):
+def request_carried_token(exc):
     """Whether the failed request carried a token (httpx raises when no request is attached)."""
     try:
         request = exc.response.request if exc.response is not None else exc.request

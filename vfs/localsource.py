@@ -85,7 +85,7 @@ class LocalSnapshot:
 
     root: str
     files: tuple[LocalFile, ...]
-    commit = None               # what a Hub snapshot pins: a local model has none
+    commit = None               # what a Hub snapshot resolves to: a local model has none
 
 
 # ---------------------------------------------------------------- scanning

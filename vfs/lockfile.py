@@ -24,15 +24,15 @@ A `local:` model is recorded by what its files hashed to when the lock was writt
           ]
         }
 
-`verify NAME` compares a local model's files with it; nothing is pinned from it.
+`verify NAME` compares a local model's files with it; nothing is resolved from it.
 
 It is JSON (so also YAML), written the same way byte for byte for the same content:
 models sorted by name, files by path, one file per line, so a diff shows exactly which
 model moved and which files changed.
 
-A locked model is pinned from the lock alone, with no Hub call. An entry *agrees* with
+A locked model is resolved from the lock alone, with no Hub call. An entry *agrees* with
 the manifest when repo, revision and file selection (file / include / exclude) are the
-same; a model the lock does not name, or names differently, is pinned as if there were
+same; a model the lock does not name, or names differently, is resolved as if there were
 no lock (and `--frozen` refuses to start instead). Only `lamina-llm-cache lock` writes
 the file: a mount, a /refresh or a pull never moves a locked commit by itself.
 """
@@ -104,7 +104,7 @@ class LockedLocal:
 
 
 def identity_of(entry):
-    """What makes a locked (or newly pinned) model the same: its commit, or its local files' hashes."""
+    """What makes a locked (or newly resolved) model the same: its commit, or its local files' hashes."""
     return entry.files if isinstance(entry, LockedLocal) else entry.commit
 
 
@@ -145,7 +145,7 @@ class Lock:
                                 model=name)
 
     def without(self, names) -> "Lock":
-        """This lock minus the entries of `names` (all of them for None): what --upgrade re-pins."""
+        """This lock minus the entries of `names` (all of them for None): what --upgrade resolves again."""
         kept = {} if names is None else {n: e for n, e in self.models.items() if n not in set(names)}
         return Lock(self.path, kept)
 
@@ -208,7 +208,7 @@ def _local_file(raw) -> tuple[str, int, str]:
 
 
 def render_lock(manifest, snapshots) -> str:
-    """The lock's text for `manifest` pinned to `snapshots`: the same bytes for the same pins."""
+    """The lock's text for `manifest` resolved to `snapshots`: the same bytes for the same commits."""
     lines = ["{", f'  {json.dumps(LOCK_KEY)}: {LOCK_VERSION},', '  "models": {']
     specs = sorted((spec for spec in manifest.models if (spec.hf or spec.local) and snapshots.get(spec.name)),
                    key=lambda s: s.name)

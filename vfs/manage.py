@@ -1,4 +1,4 @@
-"""Cache management without a mount: pull, verify, gc, pin. Shares the cache with mounts.
+"""Cache management without a mount: pull, verify, gc, keep. Shares the cache with mounts.
 
 `pull` uses the same block cache code as a mount (same durability and verification
 rules), so a pull interrupted at any point resumes where it stopped, and a running mount
@@ -168,23 +168,23 @@ def gc(settings, manifest, max_size):
     directory = fs.cache.directory
     named = {node.file.content_id for node in fs.tree.hub_files()}
     if max_size is None:
-        eviction = directory.evict(float("inf"), protected=named | fs.cache.pinned)
+        eviction = directory.evict(float("inf"), protected=named | fs.cache.kept)
     else:
-        eviction = directory.evict(max(0, directory.usage() - max_size), protected=fs.cache.pinned)
+        eviction = directory.evict(max(0, directory.usage() - max_size), protected=fs.cache.kept)
     kept = f"; {eviction.in_use} in use by another process, kept" if eviction.in_use else ""
     print(f"gc: evicted {len(eviction.evicted)} blobs{kept}; cache now {directory.usage()} bytes")
     return 0
 
 
-def pin(settings, manifest, name, pinned=True):
+def keep(settings, manifest, name, keep=True):
     if manifest.get(name).local is not None:
-        print(f"{name} is served from local files: nothing of it is cached, nothing to pin")
+        print(f"{name} is served from local files: nothing of it is cached, nothing to keep")
         return 0
     fs = mount.build(settings, manifest, stored_first=True)
     refs = selected_files(fs, manifest, [name])
-    if pinned:
-        fs.cache.directory.pin(name, {ref.content_id for ref in refs})
-        print(f"pinned {name}: {len(refs)} files kept out of eviction")
+    if keep:
+        fs.cache.directory.keep(name, {ref.content_id for ref in refs})
+        print(f"kept {name}: {len(refs)} files kept out of eviction")
     else:
-        print(f"unpinned {name}" if fs.cache.directory.unpin(name) else f"{name} was not pinned")
+        print(f"no longer keeping {name}" if fs.cache.directory.unkeep(name) else f"{name} was not kept")
     return 0

@@ -13,7 +13,7 @@ The manifest says which models the mount shows, where, and where their bytes com
         revision: main             # branch, tag or 40-hex commit (lowercased)
         include: ["*.safetensors"] # directory models with hf or local: fnmatch filters on paths
         exclude: ["original/*"]
-        pin: false                 # keep out of cache eviction
+        keep: false                # keep out of cache eviction (`pin:`, its old name, still works)
 
 Validation is strict and stops at the first problem: every bad input becomes exactly one
 `ManifestError` naming the file, the model and the field, so nothing starts half-configured.
@@ -42,7 +42,8 @@ DEFAULT_ROOT = "/models"
 DEFAULT_REVISION = "main"
 BACKENDS = ("llama.cpp", "mlc", "vllm", "transformers")
 TOP_LEVEL_KEYS = ("models", "root")
-MODEL_KEYS = ("path", "backend", "hf", "local", "file", "revision", "include", "exclude", "pin")
+MODEL_KEYS = ("path", "backend", "hf", "local", "file", "revision", "include", "exclude", "keep")
+OLD_KEYS = {"pin": "keep"}     # accepted under their old names; never both
 REPO_ID_MAX = 96
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -67,7 +68,7 @@ class ModelSpec:
     revision: str = DEFAULT_REVISION
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    pin: bool = False
+    keep: bool = False
 
     @property
     def source_kind(self):
@@ -379,7 +380,7 @@ def _model(source, root, name, entry):
 
     if not isinstance(entry, dict):
         raise fail(f"expected a mapping of fields (path, backend, ...), got {_kind(entry)}")
-    _refuse_unknown_keys(entry, MODEL_KEYS, lambda key, hint: fail(f"unknown field; {hint}", key))
+    _refuse_unknown_keys(_without_old_keys(entry), MODEL_KEYS, lambda key, hint: fail(f"unknown field; {hint}", key))
     path = _required_str(fail, entry, "path", f"e.g. {_join(root, name, '')!r}")
     parts, is_dir = _model_path(lambda message: fail(message, "path"), root, name, path)
     backend, hf = _backend(fail, entry), _hf(fail, entry)
@@ -390,7 +391,7 @@ def _model(source, root, name, entry):
         revision=_revision(fail, entry, hf, local),
         include=_patterns(fail, entry, "include", hf or local, is_dir),
         exclude=_patterns(fail, entry, "exclude", hf or local, is_dir),
-        pin=_pin(fail, entry),
+        keep=_keep(fail, entry),
     )
     _check_gguf(fail, spec)
     return spec
@@ -497,7 +498,7 @@ def _revision(fail, entry, hf, local):
     if local is not None:
         raise fail("revision is for hf models; local files have no revisions", "revision")
     if hf is None:
-        raise fail("revision needs hf: without hf there is no repo to pin", "revision")
+        raise fail("revision needs hf: without hf there is no repo to resolve", "revision")
     if is_commit(revision.lower()):
         return revision.lower()  # one spelling per commit, so cache keys agree
     problem = _ref_problem(revision)
@@ -560,11 +561,18 @@ def _pattern_tuple(fail, value):
     return tuple(value)
 
 
-def _pin(fail, entry):
-    pin = entry.get("pin", False)
-    if not isinstance(pin, bool):
-        raise fail(f"expected true or false, got {_kind(pin)}", "pin")
-    return pin
+def _without_old_keys(entry):
+    return {key: value for key, value in entry.items() if key not in OLD_KEYS}
+
+
+def _keep(fail, entry):
+    key = "pin" if "pin" in entry else "keep"
+    if "pin" in entry and "keep" in entry:
+        raise fail("give keep or its old name pin, not both", "pin")
+    keep = entry.get(key, False)
+    if not isinstance(keep, bool):
+        raise fail(f"expected true or false, got {_kind(keep)}", key)
+    return keep
 
 
 def _check_gguf(fail, spec):

@@ -1,4 +1,4 @@
-"""Wiring and lifecycle of a mount: pin, build, pyfuse3.init/main/close, signals, readiness.
+"""Wiring and lifecycle of a mount: resolve, build, pyfuse3.init/main/close, signals, readiness.
 
 Order matters here. Everything that can fail for a user-visible reason (manifest, Hub,
 cache, mountpoint) fails before pyfuse3.init, with a clear message and nothing mounted.
@@ -32,7 +32,7 @@ from .notify import Notifier, keep_informed, status_of
 from .ops import Operations
 from .passthrough import Passthrough
 from .offline import PROBE_SECONDS, HubStatus, hub_answers
-from .pinning import collector_paused, moved, pin_all, pin_manifest
+from .resolving import collector_paused, moved, resolve_all, resolve_manifest
 from .reader import OpenFile, Reader
 from .report import model_report
 from .snapshots import SnapshotStore
@@ -57,7 +57,7 @@ class Filesystem:
     ops: Operations | None = None
     nursery: object = None
     to_recheck: list = field(default_factory=list)    # branches served from the store at start
-    lock: object = None                                # the models.lock pinned from, if any
+    lock: object = None                                # the models.lock resolved from, if any
     hub_status: HubStatus = field(default_factory=HubStatus)   # offline: asked, or found at start
     mountpoint: Path | None = None                     # set by run(): local paths must stay apart from it
 
@@ -101,14 +101,14 @@ class Filesystem:
             await trio.to_thread.run_sync(_invalidate_data, inodes)
 
     async def refresh(self):
-        """Reload the manifest and re-pin; the mount shows the new tree. Returns entries changed."""
+        """Reload the manifest and re-resolve; the mount shows the new tree. Returns entries changed."""
         manifest = await trio.to_thread.run_sync(load_manifest, self.manifest.source)
         if self.mountpoint is not None:
             refuse_overlap(manifest, self.mountpoint)
         # The lock is read again too: a locked commit moves only when the lock file says so.
-        pinned = await trio.to_thread.run_sync(lambda: pin_manifest(self.settings, manifest))
-        self.lock = pinned.lock
-        return await self.apply(manifest, pinned.snapshots)
+        resolved = await trio.to_thread.run_sync(lambda: resolve_manifest(self.settings, manifest))
+        self.lock = resolved.lock
+        return await self.apply(manifest, resolved.snapshots)
 
     async def recheck_branches(self):
         """Ask the Hub where the branches served from the store point now; apply any move.
@@ -118,28 +118,28 @@ class Filesystem:
         if not self.to_recheck:
             return
         manifest, current, lock = self.manifest, self.snapshots, self.lock
-        pinned = await trio.to_thread.run_sync(
-            lambda: pin_all(self.settings, manifest, SnapshotStore(self.settings.cache_dir), lock=lock))
+        resolved = await trio.to_thread.run_sync(
+            lambda: resolve_all(self.settings, manifest, SnapshotStore(self.settings.cache_dir), lock=lock))
         # Local models keep the scan they were served with: only /refresh scans them again.
-        pinned.snapshots.update((name, snapshot) for name, snapshot in current.items()
-                                if isinstance(snapshot, LocalSnapshot) and name in pinned.snapshots)
-        changed = moved(current, pinned.snapshots)
-        if not pinned.hub_reachable:
+        resolved.snapshots.update((name, snapshot) for name, snapshot in current.items()
+                                if isinstance(snapshot, LocalSnapshot) and name in resolved.snapshots)
+        changed = moved(current, resolved.snapshots)
+        if not resolved.hub_reachable:
             log.warning("branches not re-checked: the Hub is unreachable; serving the stored commits")
             self.hub_status.found_unreachable()
             return                                      # re-checked once the Hub answers again
         if changed and self.manifest is manifest:       # a /refresh meanwhile has the newer answer
             log.info("branches moved for %d models (%s); applying", len(changed), ", ".join(changed[:5]))
-            await self.apply(manifest, pinned.snapshots)
+            await self.apply(manifest, resolved.snapshots)
         self.to_recheck = []
 
     async def apply(self, manifest, snapshots):
-        """Serve `manifest` pinned to `snapshots` from now on. Returns the entries changed."""
+        """Serve `manifest` resolved to `snapshots` from now on. Returns the entries changed."""
         with collector_paused():
             tree = Tree.build(manifest, snapshots, previous=self.tree)
         stale = tree.changed_entries(self.tree)
         self.manifest, self.snapshots, self.tree = manifest, snapshots, tree
-        self.cache.pinned = pinned_content(manifest, snapshots, self.cache.directory)
+        self.cache.kept = kept_content(manifest, snapshots, self.cache.directory)
         if self.ops is not None:
             self.ops.replace_tree(tree)
             # Synchronously, in a worker: when /refresh answers, the kernel has forgotten them.
@@ -169,27 +169,27 @@ def build(settings, manifest, stored_first=False):
     they can be (the mount re-checks them once serving), else resolved at the Hub now."""
     directory = CacheDir(settings.cache_dir, settings.block_size)
     with collector_paused():
-        pinned = pin_manifest(settings, manifest, stored_first=stored_first)
-        snapshots = pinned.snapshots
+        resolved = resolve_manifest(settings, manifest, stored_first=stored_first)
+        snapshots = resolved.snapshots
         tree = Tree.build(manifest, snapshots)
     cache = BlockCache(directory, settings.fetch_workers, settings.max_size, settings.min_free_fraction,
-                       pinned=pinned_content(manifest, snapshots, directory), memory=settings.memory)
+                       kept=kept_content(manifest, snapshots, directory), memory=settings.memory)
     directory.make_blob_directories(node.file.content_id for node in tree.hub_files())
     fs = Filesystem(settings, manifest, snapshots, tree, cache, RangeFetcher(settings), Reader(cache),
-                    to_recheck=pinned.to_recheck, lock=pinned.lock, hub_status=HubStatus(asked=settings.offline))
-    if not pinned.hub_reachable:
+                    to_recheck=resolved.to_recheck, lock=resolved.lock, hub_status=HubStatus(asked=settings.offline))
+    if not resolved.hub_reachable:
         fs.hub_status.found_unreachable()
     cache.on_discard = fs.forget_content
     return fs
 
 
-def pinned_content(manifest, snapshots, directory):
-    """Content ids eviction must keep: `pin: true` models and models pinned with `pin`."""
-    pinned = set().union(*directory.pinned().values())
+def kept_content(manifest, snapshots, directory):
+    """Content ids eviction must keep: `keep: true` models and models kept with `keep`."""
+    kept = set().union(*directory.kept().values())
     for spec in manifest.models:
-        if spec.pin and spec.hf and snapshots.get(spec.name):
-            pinned |= {f.content_id for f in snapshots[spec.name].files}
-    return pinned
+        if spec.keep and spec.hf and snapshots.get(spec.name):
+            kept |= {f.content_id for f in snapshots[spec.name].files}
+    return kept
 
 
 def mount_options(settings):

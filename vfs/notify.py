@@ -74,12 +74,12 @@ STATUS_SECONDS = 15.0
 
 
 def status_of(reports: list[dict]) -> str:
-    """One STATUS= line from the models' reports: what is pinned and how much is cached."""
-    pinned = sum(1 for model in reports if model["commit"])
+    """One STATUS= line from the models' reports: what is resolved and how much is cached."""
+    resolved = sum(1 for model in reports if model["commit"])
     size = sum(model["size"] for model in reports)
     cached = sum(model["cached_bytes"] for model in reports)
     share = f" ({cached / size:.0%})" if size else ""
-    return f"{pinned} of {len(reports)} models pinned; {_size(cached)} of {_size(size)} cached{share}"
+    return f"{resolved} of {len(reports)} models resolved; {_size(cached)} of {_size(size)} cached{share}"
 
 
 def _size(count):

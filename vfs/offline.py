@@ -9,7 +9,7 @@ Found-unreachable is not for ever: the mount probes the Hub every PROBE_SECONDS 
 lets reads through again once it answers. Asked-offline stays offline until remount.
 
 Thread rules: `HubStatus` is read from worker threads (sources) and written from the
-trio thread (the probe) and pinning threads; a lock guards its fields.
+trio thread (the probe) and resolving threads; a lock guards its fields.
 """
 
 import logging

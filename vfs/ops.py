@@ -23,7 +23,7 @@ from .reader import OpenFile
 
 log = logging.getLogger(__name__)
 
-ATTR_TIMEOUT = 3600.0         # content is pinned: attributes cannot change under a mount
+ATTR_TIMEOUT = 3600.0         # content is fixed by commits: attributes cannot change under a mount
 NEGATIVE_TIMEOUT = 60.0       # loaders probe for missing files; let the kernel remember
 XATTR_PREFIX = "user.lamina."
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT

@@ -1,6 +1,6 @@
 """One pause shared by every thread that calls the Hub: a 429 or a spent RateLimit budget holds them all.
 
-Pinning asks the Hub from several threads at once. When one of them is told to slow down
+Resolving asks the Hub from several threads at once. When one of them is told to slow down
 (a 429 with `Retry-After`, or a `RateLimit` header whose remaining budget `r` is 0), the
 others would otherwise keep spending the same budget and earn 429s of their own. So the
 hint is written here, and every thread waits on it before its next request.

@@ -14,9 +14,9 @@ def local_file_report(local):
 
 
 def model_report(spec, snapshot, cache, with_files=True):
-    """Name, backend, source, pinned commit, sizes and cache state of one manifest model.
+    """Name, backend, source, resolved commit, sizes and cache state of one manifest model.
 
-    `ready`: pinned to a commit (or nothing to pin); `verified`: every file hashed against
+    `ready`: resolved to a commit (or nothing to resolve); `verified`: every file hashed against
     its content id (true for a model with no files). Without `with_files` the per-file
     list is left out (totals only: `list` on a repo of 100k files). A local model has
     nothing cached: its files are read from `local` itself."""
@@ -30,7 +30,7 @@ def model_report(spec, snapshot, cache, with_files=True):
         "name": spec.name, "backend": spec.backend, "path": spec.path, "source": spec.source_kind,
         "hf": spec.hf, "local": spec.local,
         "revision": spec.revision if spec.hf else None, "commit": snapshot.commit if snapshot else None,
-        "pinned": spec.pin, "ready": snapshot is not None or spec.hf is None,
+        "kept": spec.keep, "ready": snapshot is not None or spec.hf is None,
         "size": size, "cached_bytes": cached, "cached_fraction": cached / size if size else 1.0,
         "verified": all(state.verified for state in states), "files": files,
     }
@@ -38,7 +38,7 @@ def model_report(spec, snapshot, cache, with_files=True):
 
 def not_ready(manifest, snapshots):
     """[{"name", "why"}] of the manifest's models a mount cannot serve yet."""
-    return [{"name": spec.name, "why": "not pinned to a commit (the Hub was not reached and no pin is stored)"}
+    return [{"name": spec.name, "why": "not resolved to a commit (the Hub was not reached and no resolution is stored)"}
             for spec in manifest.models if spec.hf is not None and snapshots.get(spec.name) is None]
 
 
@@ -47,7 +47,7 @@ def _local_model_report(spec, snapshot, with_files):
     return {
         "name": spec.name, "backend": spec.backend, "path": spec.path, "source": "local",
         "hf": None, "local": spec.local, "revision": None, "commit": None,
-        "pinned": spec.pin, "ready": True, "size": sum(f["size"] for f in files), "cached_bytes": 0,
+        "kept": spec.keep, "ready": True, "size": sum(f["size"] for f in files), "cached_bytes": 0,
         # Nothing to fetch: every byte is as available as it will ever be. Never hashed
         # against a content id (there is none): `verify NAME` reports its sha256.
         "cached_fraction": 1.0, "verified": False, "files": files if with_files else [],

@@ -1,4 +1,4 @@
-"""Pinned snapshots on disk: which commit a revision meant, and each commit's file list.
+"""Resolved snapshots on disk: which commit a revision meant, and each commit's file list.
 
 Layout under `<cache>/snapshots/`:
   refs/<repo-slug>/<quoted revision>   the commit a branch or tag resolved to, last time online

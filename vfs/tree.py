@@ -1,7 +1,7 @@
-"""The immutable namespace built from the manifest and the pinned snapshots.
+"""The immutable namespace built from the manifest and the resolved snapshots.
 
 Inodes, names, attributes and listings. Built once per manifest load and never changed:
-content is pinned to commits, so a refresh builds a new Tree with new inodes rather than
+content is fixed by commits, so a refresh builds a new Tree with new inodes rather than
 invalidating what the kernel caches.
 """
 

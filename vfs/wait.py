@@ -1,11 +1,11 @@
 """`wait`: until named models are listed, fully cached or verified, judged from the cache alone.
 
-It reads what a mount or a pull leaves in the cache directory (stored pins, presence
+It reads what a mount or a pull leaves in the cache directory (stored snapshots, presence
 logs, `.ok` markers) and never calls the Hub or the REST API, so it runs wherever the
 cache directory is visible: as a consumer's ExecStartPre, or as an init container
 beside a daemon in another container or pod.
 
-- listed: the model is pinned to a commit in this cache (a mount has, or will show it);
+- listed: the model is resolved to a commit in this cache (a mount has, or will show it);
 - cached: every byte of its files is in the cache;
 - verified: every file is also hashed against its content id.
 """
@@ -24,7 +24,7 @@ POLL_SECONDS = 0.5
 def wait(settings: Settings, manifest, names: Sequence[str], want: str = "listed",
          timeout: float | None = None) -> int:
     """0 once every named model is `want`; 1 at the timeout, saying what each still lacks."""
-    from .pinning import lock_for
+    from .resolving import lock_for
     specs = [manifest.get(name) for name in names]        # an unknown name: UsageError, exit 2
     lock = lock_for(settings, manifest)                     # --frozen: exit 2 on a disagreement
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -51,7 +51,7 @@ def what_lacks(settings: Settings, spec, want: str, lock=None) -> str | None:
         return None             # nothing to fetch: the model is its (empty) directory
     report = _report(settings, spec, lock)
     if report is None:
-        return f"not pinned: no mount or pull has pinned {spec.hf}@{spec.revision} in this cache yet"
+        return f"not resolved: no mount or pull has resolved {spec.hf}@{spec.revision} in this cache yet"
     if want == "listed":
         return None
     missing = [f for f in report["files"] if f["cached_bytes"] < f["size"]]
@@ -65,8 +65,8 @@ def what_lacks(settings: Settings, spec, want: str, lock=None) -> str | None:
 
 
 def _report(settings, spec, lock=None):
-    """The model's report from the lock or stored pins and the cache, or None when it was
-    never pinned."""
+    """The model's report from the lock or stored snapshots and the cache, or None when it was
+    never resolved."""
     from .blockcache import BlockCache
     from .cachedir import CacheDir
     from .hub import Hub
@@ -74,7 +74,7 @@ def _report(settings, spec, lock=None):
     from .snapshots import SnapshotStore
     snapshot = lock.snapshot_for(spec) if lock is not None else None
     try:
-        snapshot = snapshot or Hub(settings, SnapshotStore(settings.cache_dir)).pin(spec, online=False)
+        snapshot = snapshot or Hub(settings, SnapshotStore(settings.cache_dir)).resolve(spec, online=False)
     except errors.HubError:
         return None
     cache = BlockCache(CacheDir(settings.cache_dir, settings.block_size))

@@ -1,4 +1,4 @@
-"""Start-up that does not grow with the Hub: grouped, parallel, rate-limited, stored-first pinning."""
+"""Start-up that does not grow with the Hub: grouped, parallel, rate-limited, stored-first resolving."""
 
 import threading
 import time
@@ -8,7 +8,7 @@ import pytest
 from conftest import eventually, needs_fuse
 from vfs.hub import Hub
 from vfs.manifest import parse_manifest
-from vfs.pinning import pin_all
+from vfs.resolving import resolve_all
 from vfs.ratelimit import RateGate, budget_spent_for
 from vfs.settings import Settings
 from vfs.snapshots import SnapshotStore
@@ -47,31 +47,31 @@ def hub_requests(hub, kind):
 def test_models_of_one_repo_and_revision_cost_one_resolve_and_one_listing(hub, tmp_path):
     repos = add_repos(hub, 3)
     manifest = manifest_of(repos, per_repo=10)
-    pinned = pin_all(settings_for(hub, tmp_path), manifest, SnapshotStore(tmp_path / "cache"))
+    resolved = resolve_all(settings_for(hub, tmp_path), manifest, SnapshotStore(tmp_path / "cache"))
     assert len(hub_requests(hub, "revision")) == 3 and len(hub_requests(hub, "tree")) == 3
-    assert len(pinned.snapshots) == 33
-    assert [f.path for f in pinned.snapshots["org-r1-4"].files] == ["m1.gguf"]
-    assert len(pinned.snapshots["org-r2-all"].files) == 3
+    assert len(resolved.snapshots) == 33
+    assert [f.path for f in resolved.snapshots["org-r1-4"].files] == ["m1.gguf"]
+    assert len(resolved.snapshots["org-r2-all"].files) == 3
 
 
-def test_groups_are_pinned_in_parallel(hub, tmp_path):
+def test_groups_are_resolved_in_parallel(hub, tmp_path):
     repos = add_repos(hub, 6)
     hub.set_link(delay=0.3)
     started = time.monotonic()
-    pin_all(settings_for(hub, tmp_path), manifest_of(repos, per_repo=2), SnapshotStore(tmp_path / "cache"))
+    resolve_all(settings_for(hub, tmp_path), manifest_of(repos, per_repo=2), SnapshotStore(tmp_path / "cache"))
     took = time.monotonic() - started
     one_at_a_time = 6 * 2 * 0.3
-    print(f"6 repos, 300 ms a reply: pinned in {took:.2f}s (one at a time: {one_at_a_time:.1f}s)")
+    print(f"6 repos, 300 ms a reply: resolved in {took:.2f}s (one at a time: {one_at_a_time:.1f}s)")
     assert took < one_at_a_time / 2
 
 
-def test_stored_first_pins_branches_without_the_hub_and_reports_them_for_a_recheck(hub, tmp_path):
+def test_stored_first_resolves_branches_without_the_hub_and_reports_them_for_a_recheck(hub, tmp_path):
     repos = add_repos(hub, 2)
     manifest = manifest_of(repos, per_repo=2)
     store = SnapshotStore(tmp_path / "cache")
-    first = pin_all(settings_for(hub, tmp_path), manifest, store)
+    first = resolve_all(settings_for(hub, tmp_path), manifest, store)
     hub.clear_log()
-    again = pin_all(settings_for(hub, tmp_path), manifest, store, stored_first=True)
+    again = resolve_all(settings_for(hub, tmp_path), manifest, store, stored_first=True)
     assert hub.log == []
     assert again.snapshots == first.snapshots
     assert sorted(again.to_recheck) == [(repo, "main") for repo in repos]
@@ -83,14 +83,14 @@ def test_a_40_hex_revision_once_listed_makes_no_hub_call_even_online(hub, tmp_pa
         "models:\n  m:\n    path: /models/m/model.gguf\n    backend: llama.cpp\n"
         f"    hf: org/r0\n    file: m0.gguf\n    revision: {commit}\n")
     store = SnapshotStore(tmp_path / "cache")
-    pin_all(settings_for(hub, tmp_path), manifest, store)
+    resolve_all(settings_for(hub, tmp_path), manifest, store)
     assert len(hub_requests(hub, "revision")) == 0 and len(hub_requests(hub, "tree")) == 1
     hub.clear_log()
-    pinned = pin_all(settings_for(hub, tmp_path), manifest, store)
-    assert hub.log == [] and pinned.to_recheck == [] and pinned.snapshots["m"].commit == commit
+    resolved = resolve_all(settings_for(hub, tmp_path), manifest, store)
+    assert hub.log == [] and resolved.to_recheck == [] and resolved.snapshots["m"].commit == commit
 
 
-def test_a_429_pauses_the_other_pinning_threads_too(hub, tmp_path):
+def test_a_429_pauses_the_other_resolving_threads_too(hub, tmp_path):
     add_repos(hub, 2)
     spec_a, spec_b = manifest_of(["org/r0", "org/r1"], per_repo=1).models[::2]
     limited = hub.add_fault(Fault("rate_limit", origin="api", path="/org/r0/revision", times=1,

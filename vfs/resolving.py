@@ -1,15 +1,15 @@
-"""Pin a manifest's models to snapshots: each distinct (repo, revision) once, in parallel, lock first.
+"""Resolve a manifest's models to snapshots: each distinct (repo, revision) once, in parallel, lock first.
 
 Start-up must not grow with the number of models or with the Hub's latency:
 
 - Models are grouped by (repo, revision): a thousand models of one repo and branch cost
   one resolve and one tree listing, not a thousand.
-- A model the lockfile names (and agrees with) is pinned from the lock alone: no Hub call.
+- A model the lockfile names (and agrees with) is resolved from the lock alone: no Hub call.
 - A 40-hex revision needs no resolve; its tree comes from the store when it was ever listed.
 - With `stored_first`, a branch whose last answer is stored is served from the store at
-  once; it is reported in `Pinned.to_recheck`, and the mount re-checks it in the
+  once; it is reported in `Resolved.to_recheck`, and the mount re-checks it in the
   background and applies a move the way /refresh does.
-- What is left goes to the Hub, PIN_PARALLEL groups at a time. The threads share one
+- What is left goes to the Hub, RESOLVE_PARALLEL groups at a time. The threads share one
   RateGate (ratelimit.py), so a 429 or a spent RateLimit budget pauses all of them.
 
 Once one group finds the Hub unreachable, the groups not yet started go straight to the
@@ -32,12 +32,12 @@ from .snapshots import Snapshot, SnapshotStore, path_index, select_files
 
 log = logging.getLogger(__name__)
 
-PIN_PARALLEL = 8        # Hub requests in flight while pinning; the Hub's rate limits are per token
+RESOLVE_PARALLEL = 8        # Hub requests in flight while resolving; the Hub's rate limits are per token
 
 
 @dataclass
-class Pinned:
-    """What pinning found: a snapshot per model (None without a source), and what to re-check."""
+class Resolved:
+    """What resolving found: a snapshot per model (None without a source), and what to re-check."""
 
     snapshots: dict
     to_recheck: list = field(default_factory=list)     # (repo, revision) served from the store
@@ -55,7 +55,7 @@ def lock_for(settings, manifest) -> Lock | None:
         lock.refuse_disagreement(manifest)
     elif lock is not None:
         for name, why in lock.disagreements(manifest):
-            log.warning("model %r: %s: %s; pinned without the lock", name, lock.path.name, why)
+            log.warning("model %r: %s: %s; resolved without the lock", name, lock.path.name, why)
     return lock
 
 
@@ -78,19 +78,19 @@ def collector_paused():
         gc.freeze()
 
 
-def pin_manifest(settings, manifest, *, stored_first=False) -> Pinned:
-    """pin_all with the manifest's lock, if it has one (see lock_for)."""
+def resolve_manifest(settings, manifest, *, stored_first=False) -> Resolved:
+    """resolve_all with the manifest's lock, if it has one (see lock_for)."""
     lock = lock_for(settings, manifest)
-    pinned = pin_all(settings, manifest, SnapshotStore(settings.cache_dir), lock=lock, stored_first=stored_first)
-    pinned.lock = lock
-    return pinned
+    resolved = resolve_all(settings, manifest, SnapshotStore(settings.cache_dir), lock=lock, stored_first=stored_first)
+    resolved.lock = lock
+    return resolved
 
 
 def update_lock(settings, manifest, upgrade=None) -> tuple:
     """Write the manifest's lock: (its path, names whose commit changed).
 
     `upgrade` None keeps every commit the lock already holds for an unchanged model and
-    pins only what is new or changed; a list re-resolves those models (all for [])."""
+    resolves only what is new or changed; a list re-resolves those models (all for [])."""
     CacheDir(settings.cache_dir, settings.block_size)     # the store lives in the cache: make it one
     old = load_lock(manifest.source)
     names = {spec.name for spec in manifest.models}
@@ -100,9 +100,9 @@ def update_lock(settings, manifest, upgrade=None) -> tuple:
     keep = old
     if old is not None and upgrade is not None:
         keep = old.without(upgrade or None)
-    pinned = pin_all(settings, manifest, SnapshotStore(settings.cache_dir), lock=keep)
+    resolved = resolve_all(settings, manifest, SnapshotStore(settings.cache_dir), lock=keep)
     snapshots = {name: hashed_local(manifest.get(name), snapshot) if isinstance(snapshot, LocalSnapshot)
-                 else snapshot for name, snapshot in pinned.snapshots.items()}
+                 else snapshot for name, snapshot in resolved.snapshots.items()}
     before = {name: identity_of(entry) for name, entry in (old.models.items() if old else ())}
     changed = [name for name, snapshot in snapshots.items()
                if snapshot is not None and before.get(name) != identity_of(snapshot)]
@@ -114,8 +114,8 @@ def hashed_local(spec, snapshot) -> LockedLocal:
     return LockedLocal(spec.local, tuple((f.path, f.size, sha256_of(f)) for f in snapshot.files))
 
 
-def pin_all(settings, manifest, store: SnapshotStore, *, lock=None, stored_first=False,
-            hub=None) -> Pinned:
+def resolve_all(settings, manifest, store: SnapshotStore, *, lock=None, stored_first=False,
+            hub=None) -> Resolved:
     """Snapshots for every model of `manifest` (see the module docstring for the order);
     a local model's is a LocalSnapshot, scanned now."""
     snapshots = {spec.name: None for spec in manifest.models}
@@ -131,21 +131,21 @@ def pin_all(settings, manifest, store: SnapshotStore, *, lock=None, stored_first
             snapshots[spec.name] = locked
         else:
             groups.setdefault((spec.hf, spec.revision), []).append(spec)
-    pinned = Pinned(snapshots)
+    resolved = Resolved(snapshots)
     online = not settings.offline
     stored, remote = _split_stored(store, groups, stored_first)
     for key, (commit, tree, is_branch) in stored.items():
         _select_all(groups[key], commit, tree, snapshots)
         if is_branch:           # a commit never moves: nothing to re-check
-            pinned.to_recheck.append(key)
+            resolved.to_recheck.append(key)
     if remote:
         if hub is None:
             from .hub import Hub    # huggingface_hub is slow to import; a start from the store skips it
             hub = Hub(settings, store)
-        for key, (commit, tree) in _pin_remote(hub, groups, remote, online).items():
+        for key, (commit, tree) in _resolve_remote(hub, groups, remote, online).items():
             _select_all(groups[key], commit, tree, snapshots)
-    pinned.hub_reachable = online and (hub is None or hub.reachable)
-    return pinned
+    resolved.hub_reachable = online and (hub is None or hub.reachable)
+    return resolved
 
 
 def _split_stored(store, groups, stored_first):
@@ -164,8 +164,8 @@ def _split_stored(store, groups, stored_first):
     return stored, remote
 
 
-def _pin_remote(hub, groups, keys, online):
-    """key -> (commit, tree) for the groups that need the Hub, PIN_PARALLEL at a time.
+def _resolve_remote(hub, groups, keys, online):
+    """key -> (commit, tree) for the groups that need the Hub, RESOLVE_PARALLEL at a time.
 
     Every group is waited for; the first failure in manifest order is raised, so the
     message a user sees does not depend on thread timing.
@@ -173,11 +173,11 @@ def _pin_remote(hub, groups, keys, online):
     if not keys:
         return {}
 
-    def pin_group(key):
+    def resolve_group(key):
         return hub.commit_and_tree(groups[key][0], online and hub.reachable)
 
-    with concurrent.futures.ThreadPoolExecutor(min(PIN_PARALLEL, len(keys)), "lamina-pin") as pool:
-        futures = {key: pool.submit(pin_group, key) for key in keys}
+    with concurrent.futures.ThreadPoolExecutor(min(RESOLVE_PARALLEL, len(keys)), "lamina-resolve") as pool:
+        futures = {key: pool.submit(resolve_group, key) for key in keys}
         concurrent.futures.wait(futures.values())
     return {key: future.result() for key, future in futures.items()}
 
