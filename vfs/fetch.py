@@ -60,7 +60,7 @@ from . import concurrency, connections, errors, parts, signedurl, tls, tokens
 from .connections import TRANSPORT_ERRORS, origin
 from .logs import where
 from .metrics import STATS
-from .retry import RETRY_STATUSES, backoff, server_hint
+from .retry import RETRY_STATUSES, Attempts, Retryable, server_hint
 from .settings import token_source
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,11 @@ class _Retry(Exception):
     def throttled(self):
         """The origin asked us to slow down (not a failure of this request's own)."""
         return self.status in THROTTLED
+
+    @property
+    def retryable(self):
+        # Being asked to slow down is not held against max_retries: it slows reads, it does not fail them.
+        return Retryable(hint=self.wait, counted=not self.throttled)
 
 
 @dataclass(frozen=True)
@@ -217,14 +222,12 @@ class RangeFetcher:
         parked = self._claim(url)
         if parked is not None:
             return parked
-        deadline = time.monotonic() + self.settings.read_deadline
-        tries = 0
+        attempts = Attempts.within(self.settings.max_retries, self.settings.read_deadline)
         while True:
-            tries += 1
             try:
-                return self._open_whole_body(url, size, start, deadline)
+                return self._open_whole_body(url, size, start, attempts.deadline)
             except _Retry as problem:
-                self._wait_or_give_up(problem, tries - 1, tries, deadline, what, start)
+                self._wait_or_give_up(problem, attempts, what, start)
 
     def _open_whole_body(self, url, size, start, deadline):
         target = self.resolve(url)
@@ -346,9 +349,9 @@ class RangeFetcher:
         return error
 
     def _read_with_retries(self, url, start, view, what, deadline, urgent=False):
-        got, attempt, tries, last, fresh_refused = 0, 0, 0, None, False
+        attempts = Attempts(self.settings.max_retries, deadline)
+        got, last, fresh_refused = 0, None, False
         while True:
-            tries += 1
             try:
                 self._read_into(url, start + got, view[got:], deadline, urgent)
                 return
@@ -361,17 +364,16 @@ class RangeFetcher:
                     raise errors.AccessDenied(f"the CDN refused (HTTP {problem.fresh_refusal}) two URLs "
                                               "the Hub had just signed for this file") from None
                 fresh_refused = bool(getattr(problem, "fresh_refusal", None))
-                self._wait_or_give_up(problem, attempt, tries, deadline, what, start + got)
-                attempt += not problem.throttled    # being asked to slow down is not a failure
+                self._wait_or_give_up(problem, attempts, what, start + got)
             except concurrency.NoSlot as exc:
                 # The origin's pause (Retry-After) outlasted the deadline: say why it paused.
-                cause = f"{last} (gave up after {tries - 1} tries)" if last else str(exc)
+                cause = f"{last} (gave up after {attempts.failed} tries)" if last else str(exc)
                 raise errors.FetchError(f"{what}: offset {start + got}: {cause}") from None
 
-    def _wait_or_give_up(self, problem, attempt, tries, deadline, what, offset):
-        wait = backoff(attempt, problem.wait)
-        if attempt >= self.settings.max_retries or time.monotonic() + wait > deadline:
-            raise errors.FetchError(f"{what}: offset {offset}: {problem} (gave up after {tries} tries)")
+    def _wait_or_give_up(self, problem, attempts, what, offset):
+        wait = attempts.wait_after(problem.retryable)
+        if wait is None:
+            raise errors.FetchError(f"{what}: offset {offset}: {problem} (gave up after {attempts.failed} tries)")
         log.info("%s: offset %d: %s; retry in %.2fs", what, offset, problem, wait, extra=where(what, offset))
         STATS.fetch_retried()
         time.sleep(wait)

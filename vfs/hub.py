@@ -20,7 +20,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 
 from . import errors, tls
 from .ratelimit import RateGate
-from .retry import RETRY_STATUSES, backoff, server_hint
+from .retry import RETRY_STATUSES, Attempts, Retryable, server_hint
 from .settings import token_source
 from .connections import origin
 from .paths import is_commit, is_safe_repo_path
@@ -147,22 +147,22 @@ class Hub:
         return page, next_url
 
     def _call(self, spec, function, *args, **kwargs):
-        """Call huggingface_hub with retries; map its failures to our errors."""
-        deadline = time.monotonic() + self.settings.read_deadline
-        for attempt in range(self.settings.max_retries + 1):
+        """Call the Hub with retries (retry.py's policy); map its failures to our errors."""
+        attempts = Attempts.within(self.settings.max_retries, self.settings.read_deadline)
+        while True:
             self.gate.wait()
             try:
                 return function(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - classified right below
-                mapped, wait = classify(spec, exc, attempt)
-                if wait is None or attempt == self.settings.max_retries or time.monotonic() + wait > deadline:
+                mapped, retryable = classify(spec, exc)
+                wait = attempts.wait_after(retryable) if retryable is not None else None
+                if wait is None:
                     raise mapped from None
                 log.info("%s; retrying in %.1fs", mapped, wait)
                 if _is_rate_limited(exc):
                     self.gate.hold(wait)      # every thread waits, not only this one
                 else:
                     time.sleep(wait)
-        raise AssertionError("unreachable")
 
 
 def _is_rate_limited(exc):
@@ -205,8 +205,8 @@ def _is_directory(entry):
     return isinstance(entry, dict) and entry.get("type") == "directory" and is_safe_repo_path(entry.get("path"))
 
 
-def classify(spec, exc, attempt):
-    """(our exception, seconds to wait before a retry or None when not retryable)."""
+def classify(spec, exc):
+    """(our exception, a retry.Retryable when another try is worth it, else None)."""
     where = f"model {spec.name!r}: {spec.hf}@{spec.revision}"
     if isinstance(exc, hf_errors.GatedRepoError):
         return errors.AccessDenied(f"{where}: the repository is gated; accept its terms and set HF_TOKEN"), None
@@ -218,14 +218,13 @@ def classify(spec, exc, attempt):
     if isinstance(exc, hf_errors.OfflineModeIsEnabled):
         return errors.HubUnreachable(f"{where}: HF_HUB_OFFLINE is set"), None
     if isinstance(exc, hf_errors.HfHubHTTPError):
-        return _classify_status(where, exc, attempt)
+        return _classify_status(where, exc)
     if (refusal := tls.refused_certificate(exc)) is not None:
         host = urllib.parse.urlsplit(request_url(exc)).netloc or "the Hub"
         return errors.HubError(f"{where}: {tls.describe(refusal, host)}"), None
     if isinstance(exc, hf_errors.HTTPError) or isinstance(exc, OSError):
         # Two quick retries ride out a blip; past that, a mount starts from its stored snapshots.
-        wait = backoff(attempt) if attempt < 2 else None
-        return errors.HubUnreachable(f"{where}: Hub unreachable: {type(exc).__name__}"), wait
+        return errors.HubUnreachable(f"{where}: Hub unreachable: {type(exc).__name__}"), Retryable(at_most=2)
     return errors.HubError(f"{where}: unexpected answer from the Hub: {type(exc).__name__}: {exc}"), None
 
 
@@ -246,15 +245,15 @@ def request_carried_token(exc):
     return bool(request.headers.get("authorization"))
 
 
-def _classify_status(where, exc, attempt):
+def _classify_status(where, exc):
     response = exc.response
     status = response.status_code if response is not None else 0
     if status in (401, 403):
         return errors.AccessDenied(f"{where}: access denied (HTTP {status}); check HF_TOKEN"), None
     if status == 404:
         return errors.RepoNotFound(f"{where}: not found (HTTP 404)"), None
-    wait = backoff(attempt, server_hint(response.headers)) if status in RETRY_STATUSES else None
-    return errors.HubError(f"{where}: HTTP {status} from the Hub"), wait
+    retryable = Retryable(hint=server_hint(response.headers)) if status in RETRY_STATUSES else None
+    return errors.HubError(f"{where}: HTTP {status} from the Hub"), retryable
 
 
 def resolve_url(endpoint, repo, commit, path):
