@@ -75,14 +75,14 @@ def mount_factory(tmp_path):
     mounts = []
 
     def make(manifest_text, endpoint, *, cache_dir=None, mountpoint=None, env=None, args=(), start=True,
-             check_log=True):
+             check_log=True, keeper=False):
         index = len(mounts)
         manifest = tmp_path / f"models-{index}.yaml"
         manifest.write_text(manifest_text)
         mount = MountProcess(
             manifest, mountpoint or tmp_path / f"mnt-{index}", cache_dir or tmp_path / "cache",
             endpoint, tmp_path / f"mount-{index}.log",
-            env=isolated_environment(tmp_path, env), extra_args=args)
+            env=isolated_environment(tmp_path, env), extra_args=args, keeper=keeper)
         mount.check_log = check_log
         mounts.append(mount)
         return mount.start() if start else mount

@@ -71,7 +71,11 @@ def build_parser():
     mount.add_argument("--api", metavar="HOST:PORT", help="serve the REST API here (e.g. 127.0.0.1:8765)")
     mount.add_argument("--background", action="store_true", help="return once the mount is ready")
     mount.add_argument("--log-file", help="write the log here (default: stderr)")
+    mount.add_argument("--no-keeper", dest="keeper", action="store_false",
+                       help="serve in this process, with no keeper parent to restart a daemon that dies "
+                            "(docs/DESIGN.md, \"The keeper\")")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.add_argument("--keeper-fd", type=int, help=argparse.SUPPRESS)
 
     lock = commands.add_parser("lock", help="write models.lock: every model's commit and files")
     lock.add_argument("names", nargs="*", metavar="NAME", help="with --upgrade: only these models")
@@ -168,22 +172,29 @@ def load(args):
 def cmd_mount(args):
     if args.background:
         return spawn_background(args)
-    from . import mount
-    manifest = load(args)
     mountpoint = Path(args.mountpoint or Path(args.manifest).resolve().parent / "models")
+    manifest = load(args)
     from .manifest import refuse_overlap
     refuse_overlap(manifest, mountpoint)
+    if args.keeper and args.keeper_fd is None:     # refused manifests are told at once, not by a child
+        from .keeper import keep_mount
+        return keep_mount(args.argv, mountpoint, args.ready_fd, settings_for(args))
+    from . import mount
     from .api import parse_address
     api_address = parse_address(args.api) if args.api else None
     settings = settings_for(args)
     from .cachedir import CacheDir
     claim = CacheDir(settings.cache_dir, settings.block_size).claim_for_mount()  # noqa: F841 - held till exit
     fs = mount.build(settings, manifest, stored_first=True)
-    mount.run(fs, mountpoint, on_ready=lambda: report_ready(args.ready_fd, mountpoint), api_address=api_address)
+    mount.run(fs, mountpoint, on_ready=lambda: report_ready(args, mountpoint), api_address=api_address)
     return 0
 
 
-def report_ready(ready_fd, mountpoint):
+def report_ready(args, mountpoint):
+    if args.keeper_fd is not None:
+        from .keeper import tell_keeper
+        tell_keeper(args.keeper_fd)
+    ready_fd = args.ready_fd
     if ready_fd is None:
         print(f"lamina-llm-cache: serving {mountpoint} (Ctrl-C to unmount)", file=sys.stderr, flush=True)
         return
@@ -366,6 +377,7 @@ COMMANDS = {"mount": cmd_mount, "lock": cmd_lock, "unmount": cmd_unmount, "list"
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)     # the keeper starts its child with them
     logs.setup(getattr(args, "verbose", False), getattr(args, "log_file", None),
                getattr(args, "log_format", "text"), secrets=[from_environment().token])
     try:

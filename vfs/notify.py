@@ -7,15 +7,19 @@ WATCHDOG_USEC and expects WATCHDOG=1 at least that often: the daemon sends it ev
 interval, and only while a statvfs of its mount root answers (health.py), so a wedged
 mount, and not only a dead process, gets restarted.
 
+FDSTORE=1 (`store_fd`) gives systemd a duplicate of a descriptor to keep for the service
+(`FileDescriptorStoreMax=`), sent with SCM_RIGHTS; it comes back at the next start
+(fdstore.py). The keeper stores the FUSE connection this way (keeper.py).
+
 Without NOTIFY_SOCKET (not under systemd) every call does nothing. A datagram that
 cannot be sent is dropped: the daemon must never block or fail on its supervisor.
+The keeper uses the Notifier too, so trio is imported only by the daemon's loops below.
 """
 
+import array
 import logging
 import os
 import socket
-
-import trio
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +52,19 @@ class Notifier:
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
 
-    def send(self, message: str) -> None:
+    def store_fd(self, fd: int, name: str) -> None:
+        """Have systemd keep a duplicate of `fd` under `name` (handed back as LISTEN_FDNAMES)."""
+        self.send(f"FDSTORE=1\nFDNAME={name}", fds=[fd])
+
+    def send(self, message: str, fds: list[int] | tuple = ()) -> None:
         if self.address is None:
             return
         try:
             if self._socket is None:
                 self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                 self._socket.setblocking(False)
-            self._socket.sendto(message.encode(), self.address)
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+            self._socket.sendmsg([message.encode()], rights, 0, self.address)
         except OSError as exc:
             log.debug("could not notify systemd (%s): %s", exc.strerror, message.splitlines()[0])
 
@@ -90,6 +99,8 @@ async def keep_informed(notifier: Notifier, reports, probe) -> None:
     """STATUS= every STATUS_SECONDS, and WATCHDOG=1 every half interval while `probe` says healthy.
 
     `reports()` gives the models' reports; `probe.check()` is a health.MountProbe's."""
+    import trio
+
     if not notifier.enabled:
         return
     async with trio.open_nursery() as nursery:
@@ -101,6 +112,8 @@ async def keep_informed(notifier: Notifier, reports, probe) -> None:
 
 
 async def _pet_watchdog(notifier, probe):
+    import trio
+
     while True:
         health = await probe.check()
         if health.ok:

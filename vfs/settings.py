@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .fdstore import listened_fds
 from .tokens import TokenSource
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -42,6 +43,7 @@ class Settings:
     notify_socket: str | None = None     # systemd's NOTIFY_SOCKET (Type=notify)
     watchdog_usec: int | None = None     # systemd's WATCHDOG_USEC (WatchdogSec=)
     watchdog_pid: int | None = None      # systemd's WATCHDOG_PID: the process it watches
+    stored_fds: dict = field(default_factory=dict)   # systemd's LISTEN_FDS by LISTEN_FDNAMES (fdstore.py)
     proxies: tuple = field(default=(), repr=False)   # (scheme or "no", value) pairs; may hold credentials
     ca_bundle: Path | None = None        # the CAs TLS trusts (file or directory); None: the system's (tls.py)
 
@@ -132,6 +134,7 @@ def from_environment(env=None, **overrides):
         "notify_socket": env.get("NOTIFY_SOCKET") or None,
         "watchdog_usec": _integer(env.get("WATCHDOG_USEC")),
         "watchdog_pid": _integer(env.get("WATCHDOG_PID")),
+        "stored_fds": listened_fds(env.get("LISTEN_FDS"), env.get("LISTEN_PID"), env.get("LISTEN_FDNAMES")),
 
 
         "ca_bundle": _ca_bundle_from_env(env),

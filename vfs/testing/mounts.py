@@ -2,7 +2,8 @@
 
 The daemon runs as `python -m vfs mount` with a private ready pipe, so the caller knows
 the moment the mount serves (or why it failed) and keeps the process handle to signal
-or kill it. Stopping always leaves no mount behind: a clean unmount when the daemon
+or kill it. It runs with `--no-keeper` (the process is the serving daemon) unless
+`keeper=True`: then the process is the keeper and `daemon_pid()` its serving child. Stopping always leaves no mount behind: a clean unmount when the daemon
 answers, a lazy one plus SIGKILL when it does not.
 
 `log_problems()` is what the test fixtures check after every mount stops: tracebacks and
@@ -37,11 +38,12 @@ class MountFailed(RuntimeError):
 
 
 class MountProcess:
-    def __init__(self, manifest, mountpoint, cache_dir, endpoint, log_path, env=None, extra_args=()):
+    def __init__(self, manifest, mountpoint, cache_dir, endpoint, log_path, env=None, extra_args=(), keeper=False):
         self.manifest, self.mountpoint = Path(manifest), Path(mountpoint)
         self.cache_dir, self.endpoint, self.log_path = Path(cache_dir), endpoint, Path(log_path)
         self.env = env or isolated_environment(self.log_path.parent)
         self.extra_args = list(extra_args)
+        self.keeper = keeper
         self.process = None
         self.expected_errors = []       # substrings of ERROR lines the test provokes on purpose
         self.tracebacks_expected = False
@@ -65,7 +67,8 @@ class MountProcess:
     def command(self, ready_fd):
         return [sys.executable, "-m", "vfs", "mount", str(self.mountpoint), "-m", str(self.manifest),
                 "--cache-dir", str(self.cache_dir), "--endpoint", self.endpoint,
-                "--log-file", str(self.log_path), "--ready-fd", str(ready_fd), *self.extra_args]
+                "--log-file", str(self.log_path), "--ready-fd", str(ready_fd),
+                *([] if self.keeper else ["--no-keeper"]), *self.extra_args]
 
     def start(self, timeout=60):
         """Start the daemon and wait until it serves; MountFailed with its message if not."""
@@ -83,6 +86,16 @@ class MountProcess:
             raise MountFailed(answer.decode(errors="replace").strip() or self.stderr_text())
         self.served = True
         return self
+
+    def daemon_pid(self) -> int | None:
+        """The serving daemon's pid: the process itself, or under a keeper its child (None if none)."""
+        if not self.keeper:
+            return self.process.pid
+        try:
+            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
 
     def stderr_text(self):
         if self.process and self.process.poll() is not None:
