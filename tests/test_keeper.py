@@ -116,7 +116,7 @@ def test_the_keeper_puts_the_connection_in_systemds_store(hub, model, mount_fact
                               env={"NOTIFY_SOCKET": systemd.address})
         assert eventually(lambda: FDSTORE_NAME in systemd.store)
         assert os.readlink(f"/proc/self/fd/{systemd.store[FDSTORE_NAME]}") == "/dev/fuse"
-        assert any(m.get("READY") == "1" for m in systemd.messages)
+        assert eventually(lambda: any(m.get("READY") == "1" for m in systemd.messages))
         mount.stop()
     finally:
         systemd.close()
