@@ -7,7 +7,7 @@ MOUNTPOINT ?= models
 # yes: pyfuse3 with FUSE passthrough (contrib/build-passthrough.sh); no: the stock pyfuse3
 PASSTHROUGH ?= yes
 
-.PHONY: install test-tools test mount demo bench bench-smoke bench-scale clean
+.PHONY: install test-tools typecheck test mount demo bench bench-smoke bench-scale clean
 
 install: $(STAMP)
 
@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml contrib/build-passthrough.sh contrib/pyfuse3-passthroug
 test-tools:
 	./bench/install-deps.sh
 
+# mypy over vfs/, configured in pyproject.toml ([tool.mypy]); its cache makes a rerun take seconds.
+typecheck: install
+	$(PY) -m mypy
+
 # The container tests start their own Docker engine; they need these (root installs them).
-test: install test-tools
+test: install test-tools typecheck
 	./contrib/install-system-deps.sh dockerd=docker.io debootstrap docker-compose || true
 	$(PY) -m pytest -q
 
@@ -51,4 +55,4 @@ bench-smoke: install test-tools
 	$(PY) -m bench --smoke --out build/bench-smoke
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache
