@@ -68,6 +68,16 @@ def served(hub, local_models, mount_factory):
     return mount, port
 
 
+@pytest.fixture
+def checked(hub, local_models, mount_factory):
+    """The same, with every read served by the daemon and checked against the scan (a passed-through
+    open reads the local file as it is: test_passthrough_local.py)."""
+    port = free_port()
+    mount = mount_factory(manifest_for(*local_models), hub.endpoint,
+                          args=("--api", f"127.0.0.1:{port}", "--no-local-passthrough"))
+    return mount, port
+
+
 def tree_of(root):
     root = os.fspath(root)
     found = {}
@@ -209,8 +219,8 @@ def test_writes_to_a_local_model_fail_with_erofs(served, local_models, attempt):
 # ---------------------------------------------------------------- changes under the mount
 
 
-def test_a_file_truncated_under_the_mount_gives_eio_until_refresh(served, local_models):
-    mount, port = served
+def test_a_file_truncated_under_the_mount_gives_eio_until_refresh(checked, local_models):
+    mount, port = checked
     mount.expect_log_errors("changed since it was scanned")
     source = local_models[0] / "big.bin"
     original = source.read_bytes()
@@ -261,13 +271,13 @@ def drop_cached_pages(fd):
 
 
 @pytest.mark.slow
-def test_a_file_rewritten_while_it_is_read_never_gives_mixed_bytes(served, local_models):
+def test_a_file_rewritten_while_it_is_read_never_gives_mixed_bytes(checked, local_models):
     """Rounds of: refresh, then a reader (dropping the kernel's cached pages before every
     read, so each read reaches the daemon) against a writer rewriting the file in place.
     Every read gives the bytes of the last refresh, or EIO. A read the kernel splits in
     several requests may end early, with the bytes it got before the change: read(2)
     returns what it transferred before an error, and the next read gets the EIO."""
-    mount, port = served
+    mount, port = checked
     mount.expect_log_errors("changed since it was scanned")
     source = local_models[0] / "big.bin"
     size = source.stat().st_size
@@ -446,7 +456,8 @@ def test_list_and_info_show_local_models_with_size_and_source(local_models, tmp_
     info = lamina(tmp_path, None, "info", "my-finetune").stdout
     assert "source    local" in info and "original/consolidated.safetensors" in info
     files = json.loads(lamina(tmp_path, None, "info", "tiny-q4", "--json").stdout)["files"]
-    assert files == [{"path": "model.gguf", "size": gguf.stat().st_size, "local": str(gguf), "readable": True}]
+    assert files == [{"path": "model.gguf", "size": gguf.stat().st_size, "local": str(gguf), "readable": True,
+                      "passthrough": "no mount"}]
 
 
 def test_verify_reports_the_sha256_of_local_files(local_models, tmp_path):
@@ -535,8 +546,9 @@ def test_the_lock_records_local_files_and_verify_compares_with_it(local_models, 
     assert "1 model changed (my-finetune)" in lamina(tmp_path, None, "lock").stdout
 
 
-def test_metrics_count_the_bytes_read_from_local_files(served, local_models):
-    mount, port = served
+def test_metrics_count_the_bytes_read_from_local_files(checked, local_models):
+    """Bytes the daemon served (a passed-through open's reads never reach it)."""
+    mount, port = checked
     size = len((mount.mountpoint / "tiny-q4" / "model.gguf").read_bytes())
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
         text = answer.read().decode()

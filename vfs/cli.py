@@ -68,6 +68,9 @@ def build_parser():
                        help="seconds within which a read gets its bytes or EIO (default 60)")
     mount.add_argument("--no-passthrough", dest="passthrough", action="store_false", default=None,
                        help="serve every read through the daemon, never by FUSE passthrough")
+    mount.add_argument("--no-local-passthrough", dest="local_passthrough", action="store_false", default=None,
+                       help="serve local models' files through the daemon, which checks every read against "
+                            "the scan (a file changed while open gives EIO, not new bytes)")
     mount.add_argument("--api", metavar="HOST:PORT", help="serve the REST API here (e.g. 127.0.0.1:8765)")
     mount.add_argument("--background", action="store_true", help="return once the mount is ready")
     mount.add_argument("--log-file", help="write the log here (default: stderr)")
@@ -161,7 +164,8 @@ def settings_for(args):
         allow_other=getattr(args, "allow_other", None), block_size=getattr(args, "block_size", None),
         memory=getattr(args, "memory", None), max_in_flight=getattr(args, "max_in_flight", None),
         read_timeout=getattr(args, "read_timeout", None), read_deadline=getattr(args, "read_deadline", None),
-        frozen=getattr(args, "frozen", None) or None, passthrough=getattr(args, "passthrough", None))
+        frozen=getattr(args, "frozen", None) or None, passthrough=getattr(args, "passthrough", None),
+        local_passthrough=getattr(args, "local_passthrough", None))
 
 
 def load(args):
@@ -282,14 +286,14 @@ def cmd_list(args):
 
 
 def cmd_info(args):
-    from .passthrough import file_passthrough, mount_status
+    from .passthrough import file_passthrough, local_passthrough, mount_status
     manifest = load(args)
     manifest.get(args.name)      # an unknown name is a usage error
     (data,) = model_reports(args, names={args.name}, manifest=manifest)
     status = mount_status(settings_for(args).cache_dir)     # the mount on this cache, if any
     for f in data["files"]:
-        if "verified" in f:         # a local model's files are read (and checked) by the daemon
-            f["passthrough"] = file_passthrough(status, f["verified"])
+        f["passthrough"] = (file_passthrough(status, f["verified"]) if "verified" in f
+                            else local_passthrough(status))
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -311,6 +315,8 @@ def print_local_info(data):
     for key in ("name", "backend", "path", "source", "local"):
         print(f"{key:9} {data[key]}")
     print(f"{'size':9} {human(data['size'])} in {len(data['files'])} files, read from local disk")
+    if data["files"]:
+        print(f"{'passthrough':9} {data['files'][0]['passthrough']}")
     for f in data["files"]:
         state = "" if f["readable"] else "  (the daemon cannot read it: EACCES)"
         print(f"  {f['path']}  {human(f['size'])}{state}")

@@ -82,7 +82,8 @@ class Filesystem:
 
     def operations(self):
         if self.ops is None:
-            passthrough = Passthrough(self.cache, self.settings.passthrough)
+            passthrough = Passthrough(self.cache, self.settings.passthrough,
+                                      local=self.settings.local_passthrough)
             self.ops = Operations(self.tree, self.reader, self.cache, self.open_file, passthrough)
         return self.ops
 

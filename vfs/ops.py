@@ -155,9 +155,9 @@ class Operations(pyfuse3.Operations):
             raise errors.IsADirectory(f"inode {inode}")
         handle = self._next_handle
         self._next_handle += 1
-        if self.passthrough is None or isinstance(node.file, LocalFile):
-            # A local model's file is not passed through: the daemon checks it against the
-            # scan around every read (a file changed under the mount is EIO, never new bytes).
+        if isinstance(node.file, LocalFile):
+            return self._open_local(handle, inode, node)
+        if self.passthrough is None:
             self._handles[handle] = self._open_file(node)
             return pyfuse3.FileInfo(fh=handle, keep_cache=True)
         if flags & os.O_DIRECT and not self.passthrough.passing(inode):
@@ -176,6 +176,17 @@ class Operations(pyfuse3.Operations):
         except BaseException:
             self.passthrough.release(handle)
             raise
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    def _open_local(self, handle, inode, node):
+        """A local model's file: checked against the scan now (EIO if it changed), then passed
+        through when safe (passthrough.py), else served by the daemon, which checks it around
+        every read (a file changed under an open is EIO, never new bytes)."""
+        local = self._open_file(node)
+        backing_id = 0 if self.passthrough is None else self.passthrough.open_local(handle, inode, local)
+        if backing_id:
+            return pyfuse3.FileInfo(fh=handle, keep_cache=False, backing_id=backing_id)
+        self._handles[handle] = local
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @handler
@@ -235,8 +246,10 @@ class Operations(pyfuse3.Operations):
         if ref is None:
             return {"model": node.model} if node.model else {}
         if isinstance(ref, LocalFile):
+            passthrough = ("no: turned off" if self.passthrough is None
+                           else self.passthrough.describe_local(node.inode))
             return {"model": ref.model, "source": "local", "path": ref.path, "local": ref.source,
-                    "size": str(ref.size)}
+                    "size": str(ref.size), "passthrough": passthrough}
         state = self.cache.peek(ref.content_id, ref.size)
         passthrough = ("no: turned off" if self.passthrough is None
                        else self.passthrough.describe(node.inode, ref.content_id, ref.size))

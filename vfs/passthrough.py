@@ -30,11 +30,18 @@ Rules, the kernel's and ours:
   the mount asks the kernel for that depth at INIT, and for 0 otherwise, so the mount
   itself may still be stacked under overlayfs (a container's lower layer).
 
+Local files (`local:` models) are backing files too, when safe: the open's own read-only
+descriptor, whose fstat matched the scan (`localsource.open_local`), and nobody has the file
+open for writing at that moment (a read lease can be taken). Once passed through, an open
+reads the local file as a local reader would: a change made while it is open shows through,
+instead of the daemon's EIO (`--no-local-passthrough` keeps the daemon's per-read check).
+
 Whenever passthrough cannot be used the file is served by the daemon as before, and one
 log line says why, once per reason.
 """
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -45,6 +52,7 @@ import pyfuse3
 
 from .atomic import write_atomically
 from .blockcache import BlobHandle, BlockCache
+from .localsource import LocalHandle
 from .tasks import spawn_guarded
 
 log = logging.getLogger(__name__)
@@ -97,6 +105,31 @@ def unavailable_before_mount(wanted: bool, kernel=pyfuse3) -> str | None:
     return None
 
 
+def open_for_writing(fd: int) -> bool:
+    """Whether some process has the file of read-only `fd` open for writing now.
+
+    A read lease is refused (EAGAIN) exactly then; it is taken and dropped at once. Where
+    leases are not supported the answer is False: the open-time check against the scan
+    still holds."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return exc.errno == errno.EAGAIN
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False
+
+
+class LocalBacking:
+    """The registered descriptor of a local file: closing it closes its backing id first."""
+
+    def __init__(self, handle: LocalHandle, close_id):
+        self.handle, self._close_id = handle, close_id
+
+    def close(self) -> None:
+        self._close_id()
+        self.handle.close()
+
+
 @dataclass
 class InodeIO:
     """One inode's open files by mode, and its backing id while it has passthrough opens."""
@@ -104,14 +137,15 @@ class InodeIO:
     served: int = 0                   # open through the daemon (keep_cache page cache)
     passed: int = 0                   # open through passthrough
     backing_id: int = 0
-    owner: BlobHandle | None = None   # keeps the blob, and closes the backing id on close
+    owner: BlobHandle | LocalBacking | None = None   # keeps the file, and closes the backing id on close
 
 
 class Passthrough:
     """The mount's passthrough decisions: per open, per inode, and the reasons it is off."""
 
-    def __init__(self, cache: BlockCache, wanted: bool, kernel=pyfuse3):
-        self.cache, self.kernel = cache, kernel
+    def __init__(self, cache: BlockCache, wanted: bool, kernel=pyfuse3, local: bool = True):
+        """`local`: pass local models' files through too (else the daemon checks each read)."""
+        self.cache, self.kernel, self.local = cache, kernel, local
         self.off_reason = unavailable_before_mount(wanted, kernel)
         self.depth = backing_depth(cache.directory.root) if self.off_reason is None else 0
         self._inodes: dict[int, InodeIO] = {}
@@ -158,6 +192,46 @@ class Passthrough:
         self._opens[fh] = (inode, bool(backing_id))
         return backing_id
 
+    def open_local(self, fh: int, inode: int, handle: LocalHandle) -> int:
+        """Decide how open `fh` of a local file is served: a backing id, or 0 (the daemon
+        serves it through `handle`). `handle` was checked against the scan just now; with a
+        backing id it is kept (the first open of the inode) or closed (a later one)."""
+        if not self._checked_init:
+            self.after_init()
+        io = self._inodes.setdefault(inode, InodeIO())
+        if io.backing_id:       # every open of a passthrough inode is one; the first's fd is registered
+            backing_id = io.backing_id
+            handle.close()
+        else:
+            backing_id = self._local_backing_for(io, handle)
+        if backing_id:
+            io.passed += 1
+        else:
+            io.served += 1
+        self._opens[fh] = (inode, bool(backing_id))
+        return backing_id
+
+    def _local_backing_for(self, io: InodeIO, handle: LocalHandle) -> int:
+        if self.off_reason is not None or not self.local or io.served:
+            return 0
+        if open_for_writing(handle.fd):
+            self._say("local-writer", f"{handle.describe}: served by the daemon while it is open for "
+                      "writing elsewhere (each read checked against the scan; the first such file)")
+            return 0
+        try:
+            backing_id = self.kernel.backing_open(handle.fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:        # this file's file system only, not the cache's
+                self._say("local-eloop", f"{handle.describe}: served by the daemon: its file system is "
+                          f"stacked deeper than the mount asked at start (depth {self.depth}; the first "
+                          "such file)", level=logging.WARNING)
+            else:
+                self._refused(exc, handle.describe)
+            return 0
+        io.owner = LocalBacking(handle, lambda: self._close_quietly(backing_id))
+        io.backing_id = backing_id
+        return backing_id
+
     def passing(self, inode: int) -> bool:
         """True while `inode` has a backing id: every new open of it must pass through."""
         io = self._inodes.get(inode)
@@ -172,7 +246,7 @@ class Passthrough:
             io.passed -= 1
             if io.passed == 0 and io.owner is not None:
                 owner, io.owner, io.backing_id = io.owner, None, 0
-                owner.close()                       # closes the backing id (on_close)
+                owner.close()                       # closes the backing id first
         else:
             io.served -= 1
         if io.served == 0 and io.passed == 0:
@@ -247,6 +321,19 @@ class Passthrough:
             self._said.add(key)
             log.log(level, "%s", message)
 
+    def describe_local(self, inode: int) -> str:
+        """What the xattr `user.lamina.passthrough` says of a local file."""
+        io = self._inodes.get(inode)
+        if io is not None and io.backing_id:
+            return "yes"
+        if self.off_reason is not None:
+            return f"no: {self.off_reason}"
+        if not self.local:
+            return "no: local files are served by the daemon (--no-local-passthrough)"
+        if io is not None and io.served:
+            return "no: open through the daemon; opens after those close use passthrough"
+        return "yes (on open)"
+
     def describe(self, inode: int, content_id: str, size: int) -> str:
         """What the xattr `user.lamina.passthrough` says of a file."""
         io = self._inodes.get(inode)
@@ -264,7 +351,7 @@ class Passthrough:
 
     def write_status(self) -> None:
         """Tell `info` (another process) whether this mount serves files by passthrough."""
-        write_status(self.cache.directory.root, self.off_reason)
+        write_status(self.cache.directory.root, self.off_reason, self.local)
 
     def clear_status(self) -> None:
         try:
@@ -273,8 +360,8 @@ class Passthrough:
             pass
 
 
-def write_status(cache_root: Path, off_reason: str | None) -> None:
-    status = {"pid": os.getpid(), "on": off_reason is None, "reason": off_reason}
+def write_status(cache_root: Path, off_reason: str | None, local: bool = True) -> None:
+    status = {"pid": os.getpid(), "on": off_reason is None, "reason": off_reason, "local": local}
     write_atomically(cache_root / STATUS_FILE, (json.dumps(status) + "\n").encode())
 
 
@@ -295,3 +382,14 @@ def file_passthrough(status: dict | None, verified: bool) -> str:
     if not status["on"]:
         return f"no: {status['reason']}"
     return "yes" if verified else "no: not complete and verified yet"
+
+
+def local_passthrough(status: dict | None) -> str:
+    """`info`'s word on a local model's files: would the mount on this cache pass them through?"""
+    if status is None:
+        return "no mount"
+    if not status["on"]:
+        return f"no: {status['reason']}"
+    if not status.get("local", True):
+        return "no: local files are served by the daemon (--no-local-passthrough)"
+    return "yes, unless open for writing elsewhere"

@@ -38,6 +38,7 @@ class Settings:
     part_size: int = 2 * 1024 * 1024     # the smallest part a block is split into (parts.py)
     offline: bool = False
     passthrough: bool = True             # serve complete, verified files by FUSE passthrough
+    local_passthrough: bool = True       # and local models' files (else the daemon checks each read)
     frozen: bool = False                 # refuse to start when models.lock and models.yaml disagree
     progress_bars: bool = True           # HF_HUB_DISABLE_PROGRESS_BARS turns pull's progress off
     notify_socket: str | None = None     # systemd's NOTIFY_SOCKET (Type=notify)
