@@ -206,7 +206,7 @@ class _Walk:
 class LocalHandle:
     """An open local file: its own descriptor, checked against the scanned signature.
 
-    The descriptor is what a passthrough open would hand the kernel as the backing file.
+    The descriptor is what a passthrough open hands the kernel as the backing file.
     """
 
     def __init__(self, file: LocalFile, fd: int):
