@@ -151,7 +151,7 @@ class ReportedFailures:
     """
 
     def __init__(self):
-        self._seen = weakref.WeakSet()
+        self._seen: weakref.WeakSet[BaseException] = weakref.WeakSet()
         self._lock = threading.Lock()       # worker threads and the trio thread both report
 
     def first(self, exc: BaseException) -> bool:

@@ -28,7 +28,7 @@ def listened_fds(listen_fds: str | None, listen_pid: str | None, names: str | No
         return {}
     labels = names.split(":") if names else []
     labels += ["unknown"] * (count - len(labels))
-    found = {}
+    found: dict[str, int] = {}
     for index, label in enumerate(labels[:count]):
         fd = LISTEN_FDS_START + index
         try:

@@ -118,8 +118,8 @@ def resolve_all(settings, manifest, store: SnapshotStore, *, lock=None, stored_f
             hub=None) -> Resolved:
     """Snapshots for every model of `manifest` (see the module docstring for the order);
     a local model's is a LocalSnapshot, scanned now."""
-    snapshots = {spec.name: None for spec in manifest.models}
-    groups = {}
+    snapshots: dict[str, Snapshot | LocalSnapshot | None] = {spec.name: None for spec in manifest.models}
+    groups: dict = {}
     for spec in manifest.models:
         if spec.local is not None:
             snapshots[spec.name] = scan_local(spec)     # local disk: never the Hub, never the lock

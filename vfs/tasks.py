@@ -23,7 +23,7 @@ from . import errors
 
 log = logging.getLogger(__name__)
 
-Expected = tuple[type[BaseException], ...]
+Expected = tuple[type[Exception], ...]   # never BaseException: a Cancelled must go through
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ class MountProcess:
         self.env = env or isolated_environment(self.log_path.parent)
         self.extra_args = list(extra_args)
         self.keeper = keeper
-        self.process = None
+        self.process: subprocess.Popen | None = None
         self.expected_errors = []       # substrings of ERROR lines the test provokes on purpose
         self.tracebacks_expected = False
         self.served = False             # the daemon said ready: a mount that failed to start says why in ERROR lines
@@ -89,6 +89,8 @@ class MountProcess:
 
     def daemon_pid(self) -> int | None:
         """The serving daemon's pid: the process itself, or under a keeper its child (None if none)."""
+        if self.process is None:
+            return None
         if not self.keeper:
             return self.process.pid
         try:
@@ -98,7 +100,7 @@ class MountProcess:
         return int(children[0]) if children else None
 
     def stderr_text(self):
-        if self.process and self.process.poll() is not None:
+        if self.process and self.process.stderr and self.process.poll() is not None:
             return self.process.stderr.read().decode(errors="replace")
         return ""
 
