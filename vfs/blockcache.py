@@ -79,7 +79,7 @@ import trio
 
 from . import blockio, cachedir, errors
 from .atomic import write_atomically
-from .blockmemory import BlockMemory
+from .blockmemory import BlockKey, BlockMemory, Buffer
 from .cachedir import CacheDir
 from .logs import where
 from .metrics import STATS
@@ -98,15 +98,52 @@ SWEEP_EVERY = 10.0                     # seconds between looks for idle blobs an
 
 
 class BlockSource(Protocol):
-    """Where a blob's bytes come from when they are not cached."""
+    """Where a blob's bytes come from when they are not cached.
+
+    Every source has these two; a source may also have any of `RangedSource`'s methods,
+    which the cache looks up by name (`fill_from`, `_ignores_range`, `_check_streamed`,
+    `_whole_body_opener`): sources.RemoteSource, sources.HfCacheSource and
+    reader.SplicedSource have them all, a test's in-memory source only these two."""
 
     describe: str   # "model/file" for log lines
 
-    def fetch(self, start: int, length: int) -> bytes:
-        """Exactly `length` bytes from `start` (blocking; called in a worker thread).
+    def fetch(self, start: int, length: int) -> bytes | bytearray:
+        """Exactly `length` bytes from `start` (blocking; called in a worker thread)."""
+        ...
 
-        A source may also have `fetch_into(start, view)`, filling a buffer in place: then
-        that is used, and a block's bytes are received straight into their buffer."""
+
+class WholeBody(Protocol):
+    """A source's bytes from `position` to the end of the file, read in order (one GET:
+    fetch.WholeBody). Blocking, one worker thread at a time."""
+
+    position: int
+
+    def readinto(self, view: memoryview) -> None:
+        """Fill `view` exactly with the next bytes, or raise FetchError."""
+        ...
+
+    def discard(self, count: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RangedSource(BlockSource, Protocol):
+    """The optional methods of a BlockSource (blocking ones run in worker threads)."""
+
+    def fetch_into(self, start: int, view: memoryview) -> None:
+        """Fill `view` exactly with the bytes from `start`, received straight into it."""
+        ...
+
+    def ignores_range(self) -> bool:
+        """Its server is known to answer every range with the whole file (non-blocking)."""
+        ...
+
+    def open_whole_body(self, start: int, size: int) -> WholeBody:
+        """Its bytes from `start` to `size` in one pass (called once its server ignored Range)."""
+        ...
+
+    def splice_into(self, block_start: int, view: memoryview) -> None:
+        """Put bytes already served from this block into it (reader.SplicedSource)."""
         ...
 
 
@@ -125,7 +162,7 @@ class _Delivery:
     """One block's buffer handed from a blob's stream to the block's flight."""
 
     ready: trio.Event = field(default_factory=trio.Event)
-    buffer: object = None
+    buffer: Buffer | None = None
     error: BaseException | None = None
 
 
@@ -139,7 +176,7 @@ class _BlobStream:
     Until its body is open, every block may still be reached (a server that ignores Range
     sends the file from its first byte); after, those from `position` on."""
 
-    def __init__(self, first: int):
+    def __init__(self, first: int) -> None:
         self.position = first
         self.opened = False
         self.deliveries: dict[int, _Delivery] = {}
@@ -198,9 +235,17 @@ class _Blob:
         self.open_count = 0             # open BlobHandles: an open blob is never evicted
         self.users = 0                  # open handles + flights: while > 0, `hold_fd` holds a
         self.hold_fd: int | None = None  # shared flock other processes' eviction respects
-        self.data_fd: int | None = None
-        self.log_fd: int | None = None
-        self.direct_fd: int | None = None
+        self._data_fd: int | None = None    # None while its files are closed
+        self._log_fd: int | None = None
+        self.direct_fd: int | None = None   # None also where O_DIRECT cannot be had
+
+    @property
+    def data_fd(self) -> int:
+        return _opened(self._data_fd, self)
+
+    @property
+    def log_fd(self) -> int:
+        return _opened(self._log_fd, self)
 
     def block_range(self, index: int) -> tuple[int, int]:
         start = index * self.block_size
@@ -218,13 +263,17 @@ class _Blob:
 
     def open_files(self) -> None:
         self.data_path.parent.mkdir(parents=True, exist_ok=True)
-        self.data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
-        if os.fstat(self.data_fd).st_size != self.size:
-            os.ftruncate(self.data_fd, self.size)
+        self._data_fd = data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
+        if os.fstat(data_fd).st_size != self.size:
+            os.ftruncate(data_fd, self.size)
         self.direct_fd = blockio.open_direct(self.data_path, self.block_size)
-        self.log_fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        self._log_fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         self.verified = self.ok_path.exists()
         self.read_new_records()
+
+    def open_log_only(self) -> None:
+        """For a look at its presence (BlockCache.peek): FileNotFoundError if it has no log."""
+        self._log_fd = os.open(self.log_path, os.O_RDONLY)
 
     def read_new_records(self) -> None:
         """Apply log records appended since the last look (by us or another process)."""
@@ -252,10 +301,10 @@ class _Blob:
         self.verified = False
 
     def close_files(self) -> None:
-        for fd in (self.data_fd, self.log_fd, self.direct_fd, self.hold_fd):
+        for fd in (self._data_fd, self._log_fd, self.direct_fd, self.hold_fd):
             if fd is not None:
                 os.close(fd)
-        self.data_fd = self.log_fd = self.direct_fd = self.hold_fd = None
+        self._data_fd = self._log_fd = self.direct_fd = self.hold_fd = None
 
     def on_disk(self) -> bool:
         """Its data file is still the one this process has open (no other process evicted it)."""
@@ -301,7 +350,7 @@ def make_record(index: int, crc: int) -> bytes:
     return head + struct.pack("<I", zlib.crc32(head))
 
 
-def content_hasher(content_id: str, size: int):
+def content_hasher(content_id: str, size: int) -> "hashlib._Hash":
     """A hashlib object primed so its hexdigest equals the content id's hex when bytes match."""
     algo, _ = content_id.split(":", 1)
     if algo == "sha256":
@@ -311,7 +360,7 @@ def content_hasher(content_id: str, size: int):
     return hasher
 
 
-def matches_content_id(content_id: str, size: int, chunks: Iterable) -> bool:
+def matches_content_id(content_id: str, size: int, chunks: Iterable[bytes | memoryview]) -> bool:
     hasher = content_hasher(content_id, size)
     for chunk in chunks:
         hasher.update(chunk)
@@ -475,6 +524,12 @@ class BlockCache:
         """Background fetches and verifications run in `nursery` (one per mount)."""
         self._nursery = nursery
 
+    def _started(self) -> trio.Nursery:
+        """The nursery background fetches run in (`start`)."""
+        if self._nursery is None:
+            raise RuntimeError("BlockCache.start was not called: nowhere to fetch in the background")
+        return self._nursery
+
     @property
     def buffer_count(self) -> int:
         """How many blocks fit in memory at once (the block buffers)."""
@@ -509,7 +564,7 @@ class BlockCache:
             blocks = max(1, -(-size // self.block_size))
             if suffixes is None and content_id not in self._blobs:
                 state = absent.get(blocks) or absent.setdefault(blocks, BlobState(blocks, 0, 0, False))
-            elif content_id not in self._blobs and {".ok", ".log"} <= suffixes:
+            elif content_id not in self._blobs and suffixes is not None and {".ok", ".log"} <= suffixes:
                 state = BlobState(blocks, blocks, size, True)
             else:
                 state = self.peek(content_id, size)
@@ -523,7 +578,7 @@ class BlockCache:
             return blob.state()
         probe = _Blob(self.directory.blob_base(content_id), content_id, size, self.block_size)
         try:
-            probe.log_fd = os.open(probe.log_path, os.O_RDONLY)
+            probe.open_log_only()
         except FileNotFoundError:
             return probe.state()
         try:
@@ -535,7 +590,7 @@ class BlockCache:
     def _inflight_at(self, blob: _Blob, index: int) -> bool:
         return (blob.content_id, index) in self._inflight
 
-    def _read_now(self, blob, index, start, length, into):
+    def _read_now(self, blob: _Blob, index: int, start: int, length: int, into: memoryview) -> memoryview | None:
         """The bytes if they can be had without waiting, else None; valid until the next await.
 
         That is a block in memory. The trio thread must never wait on the disk: one stalled
@@ -549,7 +604,8 @@ class BlockCache:
         STATS.served["block_buffers"] += length
         return buffer.bytes_of(start, length)
 
-    async def _read(self, blob, index, start, length, source, served=None):
+    async def _read(self, blob: _Blob, index: int, start: int, length: int, source: BlockSource,
+                    served: dict[str, int] | None = None) -> bytes:
         """`length` bytes at `start` inside block `index` of `blob` (a copy of its own).
 
         `served`, a dict like metrics.STATS.served, counts the bytes by where they came
@@ -579,7 +635,7 @@ class BlockCache:
         # Only under memory pressure so extreme that a block leaves memory before its waiter runs.
         raise errors.FetchError(f"block {index} of {blob.content_id} kept leaving memory before it was read")
 
-    async def _pread(self, blob, index, start, length):
+    async def _pread(self, blob: _Blob, index: int, start: int, length: int) -> bytes:
         offset = blob.block_range(index)[0] + start
         if length <= SMALL_READ:
             # One disk read of a few pages costs about what a hand-off to a worker thread
@@ -588,7 +644,7 @@ class BlockCache:
         # In a worker thread: pages not in the page cache mean waiting on the disk.
         return await trio.to_thread.run_sync(blockio.pread_once, blob.data_fd, length, offset)
 
-    def _load_ahead(self, blob, index):
+    def _load_ahead(self, blob: _Blob, index: int) -> None:
         key = (blob.content_id, index)
         if (index < blob.blocks and blob.present[index] and key not in self._loads
                 and self._memory.get(key) is None and self._nursery is not None):
@@ -596,13 +652,13 @@ class BlockCache:
             spawn_guarded(self._nursery, f"{blob.content_id}: loading block {index} ahead", self._load,
                           blob, index, expected=(Exception,), level=logging.DEBUG)
 
-    async def _loaded(self, key):
+    async def _loaded(self, key: BlockKey) -> None:
         """Wait for a load of `key` in progress, if there is one."""
         loading = self._loads.get(key)
         if loading is not None:
             await loading.wait()
 
-    async def _load(self, blob, index):
+    async def _load(self, blob: _Blob, index: int) -> Buffer | None:
         """Read a cached block into memory, checking its crc on its first read in this process.
 
         Returns its buffer (ready), or None if another load had it or its bytes were bad
@@ -619,7 +675,7 @@ class BlockCache:
             del self._loads[key]
             loading.set()
 
-    async def _load_into_memory(self, blob, index, key):
+    async def _load_into_memory(self, blob: _Blob, index: int, key: BlockKey) -> Buffer | None:
         block_start, block_len = blob.block_range(index)
         buffer = await self._memory.take(key, block_len)
         try:
@@ -642,7 +698,7 @@ class BlockCache:
         buffer.ready = True
         return buffer
 
-    async def _check_blocks(self, blob):
+    async def _check_blocks(self, blob: _Blob) -> bool:
         view = memoryview(mmap.mmap(-1, self.block_size))     # page-aligned, for O_DIRECT
         for index in range(blob.blocks):
             if blob.checked[index] or not blob.present[index]:
@@ -659,7 +715,7 @@ class BlockCache:
             blob.checked[index] = 1
         return blob.checked.count(0) == 0
 
-    def _corrupt_on_disk(self, blob, index, block_start):
+    def _corrupt_on_disk(self, blob: _Blob, index: int, block_start: int) -> None:
         log.error("%s: block %d (offset %d) is corrupt on disk; fetching it again",
                   blob.content_id, index, block_start)
         blob.present[index] = 0
@@ -667,12 +723,13 @@ class BlockCache:
             blob.verified = False
             _unlink_quietly(blob.ok_path)
 
-    async def _fill(self, blob, source, on_block, parallel):
+    async def _fill(self, blob: _Blob, source: BlockSource, on_block: Callable[[int], object],
+                    parallel: int) -> None:
         blob.read_new_records()
         slots = trio.Semaphore(parallel)
-        failures = []
+        failures: list[errors.LaminaError] = []
 
-        async def fetch_one(index, cancel_scope):
+        async def fetch_one(index: int, cancel_scope: trio.CancelScope) -> None:
             try:
                 await self._fetched(blob, index, source)
                 on_block(blob.block_range(index)[1])
@@ -690,12 +747,12 @@ class BlockCache:
         if failures:
             raise failures[0]
 
-    def _prefetch(self, blob, index, source):
+    def _prefetch(self, blob: _Blob, index: int, source: BlockSource) -> None:
         if index >= blob.blocks or blob.present[index] or self._inflight_at(blob, index):
             return
         self._start_flight(blob, index, source)
 
-    async def _fetched(self, blob, index, source):
+    async def _fetched(self, blob: _Blob, index: int, source: BlockSource) -> Flight | None:
         """Block `index` fetched (by this call or one already under way): its Flight, or None
         if another process had stored it meanwhile."""
         flight = self._inflight.get((blob.content_id, index))
@@ -709,14 +766,14 @@ class BlockCache:
             raise flight.error
         return flight
 
-    def _start_flight(self, blob, index, source, streamed=None):
+    def _start_flight(self, blob: _Blob, index: int, source: BlockSource, streamed: bool | None = None) -> Flight:
         flight = Flight(streamed=_ignores_range(source) if streamed is None else streamed)
         self._inflight[(blob.content_id, index)] = flight
         blob.use()                          # a blob being filled is held, open or not
-        self._nursery.start_soon(self._fly, blob, index, source, flight)   # guarded inside: it cleans up
+        self._started().start_soon(self._fly, blob, index, source, flight)   # guarded inside: it cleans up
         return flight
 
-    async def _fly(self, blob, index, source, flight):
+    async def _fly(self, blob: _Blob, index: int, source: BlockSource, flight: Flight) -> None:
         """Fetch, store and record one block; the flight leaves the table only at the end,
         so nobody fetches the block again while its bytes are on their way to the disk."""
         try:
@@ -732,10 +789,10 @@ class BlockCache:
                 and blob.content_id not in self._verifying):
             # The last blocks of a blob often land together: one of them starts the hash.
             self._verifying.add(blob.content_id)
-            spawn_guarded(self._nursery, f"{source.describe}: verifying {blob.content_id}", self._verify_in_background,
+            spawn_guarded(self._started(), f"{source.describe}: verifying {blob.content_id}", self._verify_in_background,
                           blob, source.describe, expected=())
 
-    async def _download_and_write(self, blob, index, source, flight):
+    async def _download_and_write(self, blob: _Blob, index: int, source: BlockSource, flight: Flight) -> int | None:
         """Download the block into a buffer, wake its readers, write it (not yet durable).
 
         Its crc, or None if it was not written. The buffer is held from the download until
@@ -758,13 +815,13 @@ class BlockCache:
         finally:
             self._memory.release(buffer)
 
-    async def _verify_in_background(self, blob, describe):
+    async def _verify_in_background(self, blob: _Blob, describe: str) -> None:
         try:
             await self._verify(blob, describe)
         finally:
             self._verifying.discard(blob.content_id)
 
-    async def _receive(self, blob, index, source, flight):
+    async def _receive(self, blob: _Blob, index: int, source: BlockSource, flight: Flight) -> Buffer:
         """A held buffer holding block `index`'s bytes, downloaded or from the blob's stream."""
         key = (blob.content_id, index)
         if not flight.streamed:
@@ -789,22 +846,22 @@ class BlockCache:
             raise
         return buffer
 
-    async def _check_streamed(self, blob, index, source, buffer):
+    async def _check_streamed(self, blob: _Blob, index: int, source: BlockSource, buffer: Buffer) -> None:
         block_start, block_len = blob.block_range(index)
         view = buffer.view[:block_len]
-        splice = getattr(source, "splice_into", None)
+        splice: Callable[[int, memoryview], None] | None = getattr(source, "splice_into", None)
         if splice is not None:      # bytes a first-touch read served go into what is hashed
             await trio.to_thread.run_sync(splice, block_start, view)
         await self._check_single_block(blob, source, view)
 
-    async def _streamed(self, blob, index, source):
+    async def _streamed(self, blob: _Blob, index: int, source: BlockSource) -> Buffer:
         """Block `index`'s buffer from the blob's stream (one is started if none will pass it)."""
         while True:
             stream = self._streams.get(blob.content_id)
             if stream is None:
                 stream = self._streams[blob.content_id] = _BlobStream(index)
                 blob.use()
-                self._nursery.start_soon(self._run_stream, blob, source, stream)
+                self._started().start_soon(self._run_stream, blob, source, stream)
             if stream.will_deliver(index):
                 delivery = stream.delivery(index)
                 await delivery.ready.wait()
@@ -812,11 +869,12 @@ class BlockCache:
                     continue                # the next stream starts at this block
                 if delivery.error is not None:
                     raise delivery.error
+                assert delivery.buffer is not None      # a delivery is ready with its buffer or its error
                 return delivery.buffer
             await stream.ended.wait()       # it has passed this block: the next one starts here
 
-    async def _run_stream(self, blob, source, stream):
-        error = None
+    async def _run_stream(self, blob: _Blob, source: BlockSource, stream: _BlobStream) -> None:
+        error: BaseException | None = None
         try:
             for attempt in range(STREAM_TRIES):
                 try:
@@ -835,10 +893,10 @@ class BlockCache:
             stream.end(error)
             blob.unuse()
 
-    async def _stream_from(self, blob, source, stream):
+    async def _stream_from(self, blob: _Blob, source: BlockSource, stream: _BlobStream) -> None:
         stream.opened = False
         start = blob.block_range(stream.first_wanted())[0]
-        body = await trio.to_thread.run_sync(source.open_whole_body, start, blob.size)
+        body = await trio.to_thread.run_sync(_whole_body_opener(source), start, blob.size)
         try:
             # A server that ignores Range sends it all from 0: its prefix fills blocks too.
             stream.position = body.position // self.block_size
@@ -848,7 +906,7 @@ class BlockCache:
         finally:
             await trio.to_thread.run_sync(body.close)
 
-    async def _stream_block(self, blob, source, stream, body):
+    async def _stream_block(self, blob: _Blob, source: BlockSource, stream: _BlobStream, body: WholeBody) -> None:
         """Receive the stream's next block into a buffer for its flight, or skip its bytes."""
         index = stream.position
         key = (blob.content_id, index)
@@ -874,20 +932,20 @@ class BlockCache:
         delivery.ready.set()
         stream.position += 1
 
-    async def _download(self, blob, index, source, buffer):
+    async def _download(self, blob: _Blob, index: int, source: BlockSource, buffer: Buffer) -> None:
         block_start, block_len = blob.block_range(index)
         view = buffer.view[:block_len]
         async with self._fetch_limiter:
             await trio.to_thread.run_sync(fill_from, source, block_start, view)
         await self._check_single_block(blob, source, view)
 
-    async def _check_single_block(self, blob, source, view):
+    async def _check_single_block(self, blob: _Blob, source: BlockSource, view: memoryview) -> None:
         if blob.blocks == 1 and not await trio.to_thread.run_sync(
                 matches_content_id, blob.content_id, blob.size, [view]):
             raise errors.IntegrityError(
                 f"{source.describe}: bytes from the Hub do not match {blob.content_id}")
 
-    async def _write(self, blob, index, buffer, source):
+    async def _write(self, blob: _Blob, index: int, buffer: Buffer, source: BlockSource) -> int | None:
         """Write the block's bytes (not yet durable); its crc, or None if the disk is full
         (then readers are served from memory while it lasts, and it is not cached)."""
         block_start, block_len = blob.block_range(index)
@@ -906,7 +964,7 @@ class BlockCache:
                     return None
         return None
 
-    async def _make_durable(self, blob, index, crc):
+    async def _make_durable(self, blob: _Blob, index: int, crc: int) -> None:
         """fdatasync the block's bytes, then record it: only then is it present."""
         async with self._sync_limiter:
             await trio.to_thread.run_sync(_sync_block, blob.data_fd, blob.log_fd, index, crc)
@@ -914,7 +972,7 @@ class BlockCache:
         blob.read_new_records()
         blob.checked[index] = 1
 
-    async def _make_room(self, incoming, force=False):
+    async def _make_room(self, incoming: int, force: bool = False) -> None:
         """Evict least recently used blobs when `incoming` bytes would break the budget."""
         if self._usage is None:
             self._usage = await trio.to_thread.run_sync(self.directory.usage)
@@ -934,11 +992,11 @@ class BlockCache:
                 self._forget_blob(content_id)
             self._usage = await trio.to_thread.run_sync(self.directory.usage)
 
-    def _below_free_floor(self, incoming):
+    def _below_free_floor(self, incoming: int) -> bool:
         disk = os.statvfs(self.directory.root)
         return disk.f_bavail * disk.f_frsize - incoming < disk.f_blocks * disk.f_frsize * self.min_free_fraction
 
-    def _protected(self):
+    def _protected(self) -> set[str]:
         busy = {blob.content_id for blob in self._blobs.values() if blob.open_count > 0}
         busy |= {content_id for content_id, _ in self._inflight}
         return busy | self.kept
@@ -956,13 +1014,13 @@ class BlockCache:
         for content_id in [c for c, blob in self._blobs.items() if blob.users == 0 and not blob.on_disk()]:
             self._forget_blob(content_id)
 
-    def _forget_blob(self, content_id):
+    def _forget_blob(self, content_id: str) -> None:
         self._memory.forget_blob(content_id)
         blob = self._blobs.pop(content_id, None)
         if blob is not None:
             blob.close_files()
 
-    async def _verify(self, blob, describe=""):
+    async def _verify(self, blob: _Blob, describe: str = "") -> bool:
         """Hash the complete blob; mark it verified, or discard it on a mismatch."""
         async with self._disk_limiter:
             chunks = blockio.file_chunks(blob.data_fd, blob.direct_fd, blob.size)
@@ -976,7 +1034,7 @@ class BlockCache:
                       "left for that process to discard", describe or blob.content_id, blob.content_id)
             return False
         await trio.to_thread.run_sync(_reset_log, blob.log_fd)
-        if self.defer_discards:
+        if self.defer_discards and blob.hold_fd is not None:     # it is: try_exclusive took it
             cachedir.share_again(blob.hold_fd)
         blob.failed_verifications += 1
         STATS.verification_failures += 1
@@ -990,19 +1048,26 @@ class BlockCache:
         return False
 
 
-def _tally(served, source, length):
+def _tally(served: dict[str, int] | None, source: str, length: int) -> None:
     if served is not None:
         served[source] += length
 
 
-def _ignores_range(source):
-    ignores = getattr(source, "ignores_range", None)
+def _ignores_range(source: BlockSource) -> bool:
+    ignores: Callable[[], bool] | None = getattr(source, "ignores_range", None)
     return ignores is not None and ignores()
 
 
-def fill_from(source, start, view):
+def _whole_body_opener(source: BlockSource) -> Callable[[int, int], WholeBody]:
+    """`source.open_whole_body`: only the fetcher's sources stream (the others never
+    say their server ignores Range, nor raise RangeIgnored)."""
+    opener: Callable[[int, int], WholeBody] = getattr(source, "open_whole_body")
+    return opener
+
+
+def fill_from(source: BlockSource, start: int, view: memoryview) -> None:
     """Fill `view` with exactly the source's bytes from `start`, or raise FetchError."""
-    fetch_into = getattr(source, "fetch_into", None)
+    fetch_into: Callable[[int, memoryview], None] | None = getattr(source, "fetch_into", None)
     if fetch_into is not None:
         fetch_into(start, view)
         return
@@ -1012,18 +1077,24 @@ def fill_from(source, start, view):
     view[:] = data
 
 
-def _sync_block(data_fd, log_fd, index, crc):
+def _opened(fd: int | None, blob: _Blob) -> int:
+    if fd is None:
+        raise errors.CacheError(f"{blob.content_id}: its cache files are closed (evicted)")
+    return fd
+
+
+def _sync_block(data_fd: int, log_fd: int, index: int, crc: int) -> None:
     os.fdatasync(data_fd)
     os.write(log_fd, make_record(index, crc))
     os.fdatasync(log_fd)
 
 
-def _reset_log(log_fd):
+def _reset_log(log_fd: int) -> None:
     os.ftruncate(log_fd, 0)
     os.fsync(log_fd)
 
 
-def _unlink_quietly(path):
+def _unlink_quietly(path: Path) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:

@@ -11,6 +11,8 @@ and buffered I/O of one file coherent. Blocking: called in worker threads.
 import errno
 import mmap
 import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from .blockmemory import ALIGNMENT
 
@@ -27,7 +29,7 @@ except ImportError:             # a platform without its wheel: correct, only sl
 NO_DIRECT_IO = (errno.EINVAL, errno.EOPNOTSUPP)
 
 
-def open_direct(path, block_size):
+def open_direct(path: Path, block_size: int) -> int | None:
     """A second descriptor on `path` with O_DIRECT, or None where that cannot work."""
     if block_size % ALIGNMENT or not hasattr(os, "O_DIRECT"):
         return None
@@ -39,20 +41,21 @@ def open_direct(path, block_size):
         raise
 
 
-def write_block(data_fd, direct_fd, offset, view):
+def write_block(data_fd: int, direct_fd: int | None, offset: int, view: memoryview) -> int:
     """Write `view` (a page-aligned buffer's block) at `offset`; its crc32."""
     crc = crc32(view)  # here, not on the trio thread: milliseconds per block
     aligned = len(view) - len(view) % ALIGNMENT if direct_fd is not None else 0
-    if aligned and _direct(_pwrite_all, direct_fd, view[:aligned], offset) is None:
+    if aligned and direct_fd is not None and _direct(_pwrite_all, direct_fd, view[:aligned], offset) is None:
         aligned = 0
     _pwrite_all(data_fd, view[aligned:], offset + aligned)
     return crc
 
 
-def read_block(data_fd, direct_fd, offset, view, length, with_crc):
+def read_block(data_fd: int, direct_fd: int | None, offset: int, view: memoryview, length: int,
+               with_crc: bool) -> tuple[int, int | None]:
     """Read `length` bytes at `offset` into `view`; (bytes read, crc32 of them or None)."""
     wanted = -(-length // ALIGNMENT) * ALIGNMENT     # whole device blocks; EOF cuts it short
-    got = None
+    got: int | None = None
     if direct_fd is not None and wanted <= len(view):
         got = _direct(_pread_all, direct_fd, view[:wanted], offset)
     if got is None:
@@ -61,7 +64,8 @@ def read_block(data_fd, direct_fd, offset, view, length, with_crc):
     return got, (crc32(view[:got]) if with_crc else None)
 
 
-def load_block(data_fd, offset, view, length, with_crc):
+def load_block(data_fd: int, offset: int, view: memoryview, length: int,
+               with_crc: bool) -> tuple[int, int | None]:
     """`read_block` through the page cache (its read-ahead), then drop the pages it used.
 
     The caller keeps the bytes (a block buffer, then the FUSE page cache under keep_cache):
@@ -71,14 +75,14 @@ def load_block(data_fd, offset, view, length, with_crc):
     return got, crc
 
 
-def pread_once(fd, length, offset):
+def pread_once(fd: int, length: int, offset: int) -> bytes:
     """os.pread, leaving no page of the range in the page cache (see `load_block`)."""
     data = os.pread(fd, length, offset)
     drop_cached(fd, offset, length)
     return data
 
 
-def drop_cached(fd, offset, length):
+def drop_cached(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to drop the file's cached pages of [offset, offset+length)."""
     try:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
@@ -86,7 +90,7 @@ def drop_cached(fd, offset, length):
         pass                    # advice only: a file system without it keeps its pages
 
 
-def file_chunks(data_fd, direct_fd, size, chunk=8 * 1024 * 1024):
+def file_chunks(data_fd: int, direct_fd: int | None, size: int, chunk: int = 8 * 1024 * 1024) -> Iterator[memoryview]:
     """The file's bytes in order, as views of one private buffer (each valid until the next).
 
     For hashing a whole blob: through O_DIRECT, so a verification does not fill the page
@@ -98,7 +102,7 @@ def file_chunks(data_fd, direct_fd, size, chunk=8 * 1024 * 1024):
         yield view[:got]
 
 
-def _direct(io, fd, view, offset):
+def _direct(io: Callable[[int, memoryview, int], int], fd: int, view: memoryview, offset: int) -> int | None:
     """`io` through the O_DIRECT descriptor; None if the kernel refused the alignment."""
     try:
         return io(fd, view, offset)
@@ -108,7 +112,7 @@ def _direct(io, fd, view, offset):
         raise
 
 
-def _pwrite_all(fd, view, offset):
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> int:
     total = len(view)
     while view:
         written = os.pwrite(fd, view, offset)
@@ -116,7 +120,7 @@ def _pwrite_all(fd, view, offset):
     return total
 
 
-def _pread_all(fd, view, offset):
+def _pread_all(fd: int, view: memoryview, offset: int) -> int:
     got = 0
     while got < len(view):
         n = os.preadv(fd, [view[got:]], offset + got)

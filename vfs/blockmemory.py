@@ -17,32 +17,33 @@ from collections import OrderedDict
 
 import trio
 
+BlockKey = tuple[str, int]     # (content id, block index)
 ALIGNMENT = 4096        # O_DIRECT wants buffer, offset and length aligned to the device's block
 
 
 class Buffer:
     """One block-sized buffer: which block it holds, how many bytes of it are valid."""
 
-    def __init__(self, size):
+    def __init__(self, size: int):
         self.memory = mmap.mmap(-1, size)           # page-aligned, as O_DIRECT requires
         self.view = memoryview(self.memory)
-        self.key = None
+        self.key: BlockKey | None = None
         self.length = 0
         self.ready = False          # holds the block's bytes (filled and, if checked, good)
         self.holds = 0
 
-    def bytes_of(self, start, length):
+    def bytes_of(self, start: int, length: int) -> memoryview:
         return self.view[start:start + length]
 
 
 class BlockMemory:
-    def __init__(self, block_size, count):
+    def __init__(self, block_size: int, count: int):
         self.block_size, self.count = block_size, max(2, count)
-        self._buffers = []                          # allocated lazily: an idle mount stays small
-        self._by_key: OrderedDict = OrderedDict()   # key -> Buffer, least recently used first
+        self._buffers: list[Buffer] = []                          # allocated lazily: an idle mount stays small
+        self._by_key: OrderedDict[BlockKey, Buffer] = OrderedDict()   # key -> Buffer, least recently used first
         self._waiting = trio.lowlevel.ParkingLot()     # takers waiting for a buffer no one holds
 
-    def get(self, key):
+    def get(self, key: BlockKey) -> Buffer | None:
         """The ready buffer holding `key`, marked recently used; None if it is not here."""
         buffer = self._by_key.get(key)
         if buffer is None or not buffer.ready:
@@ -50,10 +51,10 @@ class BlockMemory:
         self._by_key.move_to_end(key)
         return buffer
 
-    def holds(self, key):
+    def holds(self, key: BlockKey) -> bool:
         return key in self._by_key
 
-    async def take(self, key, length):
+    async def take(self, key: BlockKey, length: int) -> Buffer:
         """A held buffer for `key` (not ready until filled), recycling the least recently used."""
         while True:
             buffer = self._unused()
@@ -67,7 +68,7 @@ class BlockMemory:
         self._by_key[key] = buffer
         return buffer
 
-    def _unused(self):
+    def _unused(self) -> Buffer | None:
         if len(self._buffers) < self.count:
             self._buffers.append(Buffer(self.block_size))
             return self._buffers[-1]
@@ -79,18 +80,18 @@ class BlockMemory:
                 return buffer
         return None
 
-    def release(self, buffer):
+    def release(self, buffer: Buffer) -> None:
         """Let go of a buffer `take` handed out; the last release makes it recyclable."""
         buffer.holds -= 1
         if buffer.holds == 0:
             self._waiting.unpark_all()
 
-    def forget(self, key):
+    def forget(self, key: BlockKey) -> None:
         """Drop `key` (its bytes are wrong or gone); a held buffer is dropped when released."""
         buffer = self._by_key.pop(key, None)
         if buffer is not None:
             buffer.key, buffer.ready = None, False
 
-    def forget_blob(self, content_id):
+    def forget_blob(self, content_id: str) -> None:
         for key in [k for k in self._by_key if k[0] == content_id]:
             self.forget(key)

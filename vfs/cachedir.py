@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ SUFFIXES = (".data", ".log", ".ok")
 
 @dataclass
 class Eviction:
-    evicted: list          # content ids removed
+    evicted: list[str]     # content ids removed
     in_use: int = 0        # blobs skipped because another process holds them
 
 
@@ -49,17 +50,17 @@ class BlobOnDisk:
 
 
 class CacheDir:
-    def __init__(self, root, block_size):
+    def __init__(self, root: str | os.PathLike[str], block_size: int):
         self.root = Path(root)
         self.block_size = open_cache_dir(self.root, block_size)
 
-    def blob_base(self, content_id):
+    def blob_base(self, content_id: str) -> Path:
         algo, _, digest = content_id.partition(":")
         if algo not in ("sha256", "sha1") or not digest or not all(c in "0123456789abcdef" for c in digest):
             raise errors.CacheError(f"not a content id: {content_id!r}")
         return self.root / "blobs" / algo / digest[:2] / digest
 
-    def make_blob_directories(self, content_ids):
+    def make_blob_directories(self, content_ids: Iterable[str]) -> None:
         """Create the directories these blobs will live in, ahead of their first open (a
         first open that also creates directories costs its reader ~0.4 ms more)."""
         # At most 512 folders for any number of blobs: deduplicated on the id's first
@@ -67,7 +68,7 @@ class CacheDir:
         for prefix in {content_id[:content_id.find(":") + 3] for content_id in content_ids}:
             self.blob_base(prefix + "0").parent.mkdir(parents=True, exist_ok=True)
 
-    def blobs(self):
+    def blobs(self) -> list[BlobOnDisk]:
         """Every blob stored, with its real disk use and last use."""
         found = []
         for data in (self.root / "blobs").glob("*/*/*.data"):
@@ -79,9 +80,9 @@ class CacheDir:
             found.append(BlobOnDisk(content_id, data.with_suffix(""), info.st_blocks * 512, info.st_mtime))
         return found
 
-    def blob_files(self) -> dict:
+    def blob_files(self) -> dict[str, set[str]]:
         """content id -> the suffixes of its files on disk (".data", ".log", ".ok")."""
-        found: dict = {}
+        found: dict[str, set[str]] = {}
         for algo in ("sha256", "sha1"):
             try:
                 folders = list(os.scandir(self.root / "blobs" / algo))
@@ -94,17 +95,17 @@ class CacheDir:
                         found.setdefault(f"{algo}:{stem}", set()).add("." + suffix)
         return found
 
-    def usage(self):
+    def usage(self) -> int:
         return sum(blob.allocated for blob in self.blobs())
 
-    def bytes_to_free(self, max_size, min_free_fraction, extra=0):
+    def bytes_to_free(self, max_size: int | None, min_free_fraction: float, extra: int = 0) -> int:
         """How much to evict so the cache fits `max_size` and the disk keeps its free floor."""
         over_cap = (self.usage() + extra - max_size) if max_size is not None else 0
         disk = shutil.disk_usage(self.root)
         under_floor = int(disk.total * min_free_fraction) - (disk.free - extra)
         return max(0, over_cap, under_floor)
 
-    def evict(self, amount, protected) -> Eviction:
+    def evict(self, amount: int, protected: Container[str]) -> Eviction:
         """Remove least recently used blobs not in `protected` until `amount` bytes are freed.
 
         A blob another process holds (open or filling) is skipped, never removed."""
@@ -141,11 +142,11 @@ class CacheDir:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
-    def keep(self, name, content_ids):
+    def keep(self, name: str, content_ids: Iterable[str]) -> None:
         """Keep `name`'s blobs (`content_ids`) out of eviction, replacing what it kept before."""
         write_atomically(self.root / "pins" / name, json.dumps(sorted(content_ids)).encode())
 
-    def unkeep(self, name):
+    def unkeep(self, name: str) -> bool:
         """Let eviction have `name`'s blobs again; False when it kept nothing."""
         try:
             os.unlink(self.root / "pins" / name)
@@ -153,9 +154,9 @@ class CacheDir:
             return False
         return True
 
-    def kept(self):
+    def kept(self) -> dict[str, set[str]]:
         """name -> content ids, for every model kept with `keep`."""
-        kept = {}
+        kept: dict[str, set[str]] = {}
         for path in sorted((self.root / "pins").glob("*")):
             try:
                 kept[path.name] = set(json.loads(path.read_text()))
@@ -164,7 +165,7 @@ class CacheDir:
         return kept
 
 
-def hold_shared(data_path) -> int | None:
+def hold_shared(data_path: Path) -> int | None:
     """A descriptor holding a shared flock on a blob's data file (None if it is gone).
 
     Blocks only while another process evicts or discards this very blob (a few unlinks,
@@ -177,7 +178,7 @@ def hold_shared(data_path) -> int | None:
     return fd
 
 
-def try_exclusive(fd) -> bool:
+def try_exclusive(fd: int) -> bool:
     """Turn the shared flock held on `fd` into an exclusive one if no other process holds
     the file; on failure the shared flock is taken again (a conversion may drop it)."""
     try:
@@ -188,11 +189,11 @@ def try_exclusive(fd) -> bool:
         return False
 
 
-def share_again(fd) -> None:
+def share_again(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_SH)
 
 
-def remove_blob_unless_held(base) -> bool:
+def remove_blob_unless_held(base: Path) -> bool:
     """Remove a blob unless another process holds it; True when it is gone."""
     try:
         fd = os.open(base.with_suffix(".data"), os.O_RDONLY | os.O_CLOEXEC)
@@ -210,7 +211,7 @@ def remove_blob_unless_held(base) -> bool:
         os.close(fd)
 
 
-def remove_blob(base):
+def remove_blob(base: Path) -> None:
     for suffix in (".ok", ".log", ".data"):   # .ok first: never a verified marker without data
         try:
             os.unlink(base.with_suffix(suffix))
@@ -218,7 +219,7 @@ def remove_blob(base):
             pass
 
 
-def open_cache_dir(root: Path, block_size):
+def open_cache_dir(root: Path, block_size: int) -> int:
     """Create or check the cache directory; the block size of an existing cache wins."""
     marker = root / "format"
     if marker.exists():
@@ -232,7 +233,7 @@ def open_cache_dir(root: Path, block_size):
     return block_size
 
 
-def _read_format(marker):
+def _read_format(marker: Path) -> int:
     try:
         lines = dict(line.split(" ", 1) for line in marker.read_text().splitlines()[1:] if " " in line)
         version, block_size = int(lines["format"]), int(lines["block_size"])
