@@ -102,7 +102,7 @@ class BlockSource(Protocol):
 
     Every source has these two; a source may also have any of `RangedSource`'s methods,
     which the cache looks up by name (`fill_from`, `_ignores_range`, `_check_streamed`,
-    `_whole_body_opener`): sources.RemoteSource, sources.HfCacheSource and
+    `whole_body_opener`): sources.RemoteSource, sources.HfCacheSource and
     reader.SplicedSource have them all, a test's in-memory source only these two."""
 
     describe: str   # "model/file" for log lines
@@ -144,6 +144,10 @@ class RangedSource(BlockSource, Protocol):
 
     def splice_into(self, block_start: int, view: memoryview) -> None:
         """Put bytes already served from this block into it (reader.SplicedSource)."""
+        ...
+
+    def prepare(self) -> None:
+        """Get ready for a first read: follow the Hub's redirect (reader.Reader.opened)."""
         ...
 
 
@@ -896,7 +900,7 @@ class BlockCache:
     async def _stream_from(self, blob: _Blob, source: BlockSource, stream: _BlobStream) -> None:
         stream.opened = False
         start = blob.block_range(stream.first_wanted())[0]
-        body = await trio.to_thread.run_sync(_whole_body_opener(source), start, blob.size)
+        body = await trio.to_thread.run_sync(whole_body_opener(source), start, blob.size)
         try:
             # A server that ignores Range sends it all from 0: its prefix fills blocks too.
             stream.position = body.position // self.block_size
@@ -1058,7 +1062,7 @@ def _ignores_range(source: BlockSource) -> bool:
     return ignores is not None and ignores()
 
 
-def _whole_body_opener(source: BlockSource) -> Callable[[int, int], WholeBody]:
+def whole_body_opener(source: BlockSource) -> Callable[[int, int], WholeBody]:
     """`source.open_whole_body`: only the fetcher's sources stream (the others never
     say their server ignores Range, nor raise RangeIgnored)."""
     opener: Callable[[int, int], WholeBody] = getattr(source, "open_whole_body")

@@ -25,12 +25,14 @@ fixed set of buffers; direct reads are small and few.
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar, TypeVarTuple, Unpack
 
 import trio
 
 from . import errors, warmup
-from .blockcache import BlobHandle, BlockCache, BlockSource, fill_from
+from .blockcache import BlobHandle, BlockCache, BlockSource, WholeBody, fill_from, whole_body_opener
 from .fetch import received
 from .logs import where
 from .metrics import STATS
@@ -45,6 +47,9 @@ DIRECT_READ_MAX = 4 * MIB       # a bigger first touch just waits for its blocks
 LOAD_AHEAD = 4                  # cached blocks read into memory ahead of a stream
 SCRATCH_SIZE = 4 * MIB          # above FUSE's largest read (1 MiB today)
 
+Result = TypeVar("Result")
+Args = TypeVarTuple("Args")
+
 
 @dataclass
 class OpenFile:
@@ -58,16 +63,17 @@ class OpenFile:
     reads: int = 0
 
     @property
-    def describe(self):
+    def describe(self) -> str:
         return self.source.describe
 
-    def close(self):
+    def close(self) -> None:
         """The handle was released: its blob may be evicted again once no other handle holds it."""
         self.blob.close()
 
 
 class Reader:
-    def __init__(self, cache: BlockCache, max_ahead=64 * MIB, direct_reads=4, warmup_parallel=4):
+    def __init__(self, cache: BlockCache, max_ahead: int = 64 * MIB, direct_reads: int = 4,
+                 warmup_parallel: int = 4):
         self.cache = cache
         # At most half the block buffers ahead of one stream: fetching further would reuse
         # the buffer the stream is reading from for a block it will not need for a while.
@@ -75,19 +81,21 @@ class Reader:
         self.warmup_parallel = warmup_parallel
         self.direct_reads = direct_reads
         self._direct_limiter = trio.CapacityLimiter(direct_reads)
-        self._nursery = self._first_reads = self._resolves = None
-        self._warming = set()           # content ids whose warm-up has run in this process
-        self._prepared = set()          # content ids whose source was prepared on open
+        self._nursery: trio.Nursery | None = None
+        self._first_reads: Workers | None = None
+        self._resolves: Workers | None = None
+        self._warming: set[str] = set()     # content ids whose warm-up has run in this process
+        self._prepared: set[str] = set()    # content ids whose source was prepared on open
         self._scratch = memoryview(bytearray(SCRATCH_SIZE))   # warm reads land here
 
-    def start(self, nursery):
+    def start(self, nursery: trio.Nursery) -> None:
         """Background work (warm-ups, resolves on open, cached blocks readied ahead) runs in
         `nursery`, one per mount; without it the reader does none of it."""
         self._nursery = nursery
         self._first_reads = Workers(self.direct_reads, "lamina-first-read")
         self._resolves = Workers(2, "lamina-resolve")
 
-    def opened(self, handle: OpenFile):
+    def opened(self, handle: OpenFile) -> None:
         """A handle was opened: get its source ready (the Hub's redirect) before its first read."""
         blob = handle.blob
         if self._resolves is None or blob.state().complete or blob.content_id in self._prepared:
@@ -97,7 +105,7 @@ class Reader:
         # sends the first read.
         self._resolves.submit(_prepare_quietly, handle.source)
 
-    async def read(self, handle: OpenFile, offset, size):
+    async def read(self, handle: OpenFile, offset: int, size: int) -> bytes | bytearray | memoryview:
         """The bytes at [offset, offset+size), short only at end of file."""
         end = min(offset + size, handle.size)
         if offset >= end:
@@ -120,7 +128,7 @@ class Reader:
                           served: dict[str, int] | None = None) -> bytes:
         """The bytes at [offset, end) through the block cache (fetching what is missing);
         `served` counts them by where they came from (see BlockCache._read)."""
-        pieces = []
+        pieces: list[bytes] = []
         block_size = self.cache.block_size
         position = offset
         while position < end:
@@ -130,7 +138,7 @@ class Reader:
             position += length
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def _track(self, handle, offset, end):
+    def _track(self, handle: OpenFile, offset: int, end: int) -> bool:
         """Note this read in the handle's state; True if it continues the handle's stream."""
         continuing = handle.reads > 0 and abs(offset - handle.next_offset) <= SEQUENTIAL_SLACK
         handle.window = min(self.max_window, max(1, handle.window * 2)) if continuing else 0
@@ -138,7 +146,7 @@ class Reader:
         handle.reads += 1
         return continuing
 
-    def _untouched(self, blob, offset, end):
+    def _untouched(self, blob: BlobHandle, offset: int, end: int) -> bool:
         """True for a read inside one block that nobody has fetched or is fetching."""
         # A one-block blob is hashed before any byte of it is served: no shortcut there.
         index = offset // self.cache.block_size
@@ -146,14 +154,14 @@ class Reader:
                 and end - offset <= DIRECT_READ_MAX
                 and not blob.is_present(index) and not blob.is_fetching(index))
 
-    async def _read_direct(self, handle, offset, end):
+    async def _read_direct(self, handle: OpenFile, offset: int, end: int) -> bytes | bytearray:
         """A first touch: its own small Range request, while its block is fetched around it."""
         # The block's flight starts now (so concurrent readers of the block wait for it, not
         # fetch it again) and is built from these very bytes plus the rest: what is served
         # here is what gets hashed against the content id, and discarded if wrong.
         spliced = SplicedSource(handle.source, offset, end)
         handle.blob.prefetch(offset // self.cache.block_size, spliced)
-        data = None
+        data: bytes | bytearray | None = None
         try:
             async with self._direct_limiter:
                 data = await self._in_thread(handle.source.fetch, offset, end - offset)
@@ -171,12 +179,12 @@ class Reader:
         STATS.served["network"] += len(data)
         return data
 
-    async def _in_thread(self, function, *args):
+    async def _in_thread(self, function: Callable[[Unpack[Args]], Result], *args: Unpack[Args]) -> Result:
         if self._first_reads is None:
             return await trio.to_thread.run_sync(function, *args)
         return await self._first_reads.run(function, *args)
 
-    def _read_ahead(self, handle, end):
+    def _read_ahead(self, handle: OpenFile, end: int) -> None:
         blob, last = handle.blob, (end - 1) // self.cache.block_size
         for index in range(last + 1, min(blob.block_count, last + 1 + handle.window)):
             if not blob.is_present(index):
@@ -186,7 +194,7 @@ class Reader:
                 # suffice: the disk is faster than the network, and memory is shared).
                 blob.load_ahead(index)
 
-    def _start_warmup(self, handle):
+    def _start_warmup(self, handle: OpenFile) -> None:
         blob = handle.blob
         if self._nursery is None or blob.content_id in self._warming:
             return
@@ -196,46 +204,48 @@ class Reader:
                       extra=where(handle.source.describe))
 
 
-def ignores_range(source) -> bool:
+def ignores_range(source: BlockSource) -> bool:
     """Whether `source`'s server is known to answer ranges with whole files (no small reads then)."""
-    ignores = getattr(source, "ignores_range", None)
+    ignores: Callable[[], bool] | None = getattr(source, "ignores_range", None)
     return ignores is not None and ignores()
 
 
-def _prepare_quietly(source):
-    # Any failure: the first read meets the same problem and says so.
+def _prepare_quietly(source: BlockSource) -> None:
+    # Any failure: the first read meets the same problem and says so (a source without
+    # `prepare`, a test's, is an AttributeError logged at DEBUG).
     with guard(f"{source.describe}: resolving ahead of the first read", expected=(Exception,), level=logging.DEBUG):
-        source.prepare()
+        prepare: Callable[[], None] = getattr(source, "prepare")
+        prepare()
 
 
-async def _provide(spliced, data):
+async def _provide(spliced: "SplicedSource", data: bytes | bytearray) -> None:
     spliced.provide(data)
 
 
 class SplicedSource:
     """A block's source whose bytes [start, end) come from a first-touch read in another thread."""
 
-    def __init__(self, source, start, end, patience=120.0):
+    def __init__(self, source: BlockSource, start: int, end: int, patience: float = 120.0):
         self.source, self.start, self.end, self.patience = source, start, end, patience
         self.describe = source.describe
         self._ready = threading.Event()
-        self._data = None
+        self._data: bytes | bytearray | None = None
 
-    def provide(self, data):
+    def provide(self, data: bytes | bytearray | None) -> None:
         """The first-touch read's bytes, or None if it failed (then they are fetched here)."""
         self._data = data
         self._ready.set()
 
-    def fetch(self, start, length):
+    def fetch(self, start: int, length: int) -> bytearray:
         return received(length, lambda view: self.fetch_into(start, view))
 
-    def ignores_range(self):
+    def ignores_range(self) -> bool:
         return ignores_range(self.source)
 
-    def open_whole_body(self, start, size):
-        return self.source.open_whole_body(start, size)
+    def open_whole_body(self, start: int, size: int) -> WholeBody:
+        return whole_body_opener(self.source)(start, size)
 
-    def splice_into(self, block_start, view):
+    def splice_into(self, block_start: int, view: memoryview) -> None:
         """Put the first-touch read's bytes into a block that came another way (a one-pass
         read), so that what was served is what gets hashed."""
         if not block_start <= self.start < self.end <= block_start + len(view):
@@ -244,7 +254,7 @@ class SplicedSource:
         if self._data is not None and len(self._data) == self.end - self.start:
             view[self.start - block_start:self.end - block_start] = self._data
 
-    def fetch_into(self, start, view):
+    def fetch_into(self, start: int, view: memoryview) -> None:
         end = start + len(view)
         if not start <= self.start < self.end <= end:
             return fill_from(self.source, start, view)

@@ -10,9 +10,16 @@ its bytes from `start` to the end in one pass.
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .fetch import received
 from .snapshots import repo_slug
+
+if TYPE_CHECKING:
+    from .blockcache import BlobHandle, WholeBody
+    from .fetch import RangeFetcher
+    from .offline import HubStatus
+    from .tree import FileRef
 
 log = logging.getLogger(__name__)
 
@@ -20,34 +27,34 @@ log = logging.getLogger(__name__)
 class RemoteSource:
     """A Hub file's bytes, fetched by HTTP range reads."""
 
-    def __init__(self, fetcher, url, describe, hub_status=None):
+    def __init__(self, fetcher: "RangeFetcher", url: str, describe: str, hub_status: "HubStatus | None" = None):
         self.fetcher, self.url, self.describe = fetcher, url, describe
         self.hub_status = hub_status        # offline.HubStatus: refuse at once while offline
 
-    def fetch(self, start, length):
+    def fetch(self, start: int, length: int) -> bytes | bytearray:
         self._refuse_if_offline()
         # A reader's first touch: from a server that ignores Range it waits for the one pass.
         return self.fetcher.read_range(self.url, start, length, self.describe, skip_whole=False)
 
-    def fetch_into(self, start, view):
+    def fetch_into(self, start: int, view: memoryview) -> None:
         self._refuse_if_offline()
         self.fetcher.read_range_into(self.url, start, view, self.describe)
 
-    def ignores_range(self):
+    def ignores_range(self) -> bool:
         return self.fetcher.ignores_range(self.url)
 
-    def open_whole_body(self, start, size):
+    def open_whole_body(self, start: int, size: int) -> "WholeBody":
         self._refuse_if_offline()
         return self.fetcher.open_whole_body(self.url, size, start, self.describe)
 
-    def prepare(self):
+    def prepare(self) -> None:
         """Follow the Hub's redirect and connect to where it points now, so a first read
         costs one request on an open connection, not a resolve and a connect as well."""
         if self.hub_status is not None and self.hub_status.offline:
             return              # nothing to resolve; the first read is refused at once
         self.fetcher.prepare(self.url)
 
-    def _refuse_if_offline(self):
+    def _refuse_if_offline(self) -> None:
         if self.hub_status is not None:
             self.hub_status.refuse_if_offline(self.describe)
 
@@ -59,23 +66,23 @@ class HfCacheSource:
     the blob, and once a blob built from it fails verification, the Hub is used instead.
     """
 
-    def __init__(self, path, remote, blob):
+    def __init__(self, path: str | os.PathLike[str], remote: RemoteSource, blob: "BlobHandle"):
         self.path, self.remote, self.blob = Path(path), remote, blob
         self.describe = remote.describe
 
-    def prepare(self):
+    def prepare(self) -> None:
         pass            # local bytes: nothing to resolve
 
-    def ignores_range(self):
+    def ignores_range(self) -> bool:
         return bool(self.blob.failed_verifications) and self.remote.ignores_range()
 
-    def open_whole_body(self, start, size):
+    def open_whole_body(self, start: int, size: int) -> "WholeBody":
         return self.remote.open_whole_body(start, size)
 
-    def fetch(self, start, length):
+    def fetch(self, start: int, length: int) -> bytearray:
         return received(length, lambda view: self.fetch_into(start, view))
 
-    def fetch_into(self, start, view):
+    def fetch_into(self, start: int, view: memoryview) -> None:
         if self.blob.failed_verifications:
             return self.remote.fetch_into(start, view)
         view = memoryview(view).cast("B")
@@ -89,7 +96,7 @@ class HfCacheSource:
             self.remote.fetch_into(start, view)
 
 
-def hf_cached_blob(hf_hub_cache, ref):
+def hf_cached_blob(hf_hub_cache: str | os.PathLike[str], ref: "FileRef") -> Path | None:
     """The path of `ref`'s bytes in the Hugging Face cache, if a copy of the right size is there."""
     algo, _, digest = ref.content_id.partition(":")
     if algo != "sha256":

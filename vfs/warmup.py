@@ -19,8 +19,17 @@ and a failed fetch stops it quietly: the loader's own read reports the error.
 
 import json
 import struct
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import trio
+
+if TYPE_CHECKING:
+    from .blockcache import BlobHandle, BlockSource
+    from .reader import Reader
+
+Ranges = list[tuple[int, int]]                  # [start, end) byte ranges, in loader order
+Parser = Callable[[bytes, int], Ranges]        # (header bytes, file size) -> ranges
 
 FIRST_LOOK = 64 * 1024            # a safetensors header's length and usually all of it
 MAX_HEADER = 100 * 1024 * 1024   # safetensors caps its header at 100 MB
@@ -29,12 +38,12 @@ MAX_HEADER = 100 * 1024 * 1024   # safetensors caps its header at 100 MB
 class Truncated(Exception):
     """The header goes on past the bytes read so far; `need` bytes would do (0: unknown)."""
 
-    def __init__(self, need=0):
+    def __init__(self, need: int = 0):
         super().__init__(need)
         self.need = need
 
 
-async def run(reader, blob, source, parallel):
+async def run(reader: "Reader", blob: "BlobHandle", source: "BlockSource", parallel: int) -> None:
     """Warm `blob` up if it is a GGUF or safetensors file (a background task: run it under
     tasks.spawn_guarded, which logs a failed fetch at INFO: the loader's read reports it)."""
     ranges = await loader_ranges(lambda start, end: reader.read_blocks(blob, source, start, end), blob.size)
@@ -43,7 +52,7 @@ async def run(reader, blob, source, parallel):
         await fetch_in_order(blob, source, order, parallel)
 
 
-async def loader_ranges(read, size):
+async def loader_ranges(read: Callable[[int, int], Awaitable[bytes]], size: int) -> Ranges | None:
     """Byte ranges in the order a loader touches them, or None if not a known format."""
     head = await read(0, min(size, FIRST_LOOK))
     parse = sniff(head)
@@ -62,7 +71,7 @@ async def loader_ranges(read, size):
     return None
 
 
-def sniff(head):
+def sniff(head: bytes) -> Parser | None:
     """The header parser for the format `head` starts like, or None."""
     if head[:4] == b"GGUF":
         return gguf_ranges
@@ -71,9 +80,10 @@ def sniff(head):
     return None
 
 
-def block_order(ranges, block_size, blocks):
+def block_order(ranges: Ranges, block_size: int, blocks: int) -> list[int]:
     """Block indexes covering `ranges`, each once, in the order first touched."""
-    seen, order = set(), []
+    seen: set[int] = set()
+    order: list[int] = []
     for start, end in ranges:
         for index in range(start // block_size, min(blocks, (end - 1) // block_size + 1)):
             if index not in seen:
@@ -82,11 +92,11 @@ def block_order(ranges, block_size, blocks):
     return order
 
 
-async def fetch_in_order(blob, source, order, parallel):
+async def fetch_in_order(blob: "BlobHandle", source: "BlockSource", order: Sequence[int], parallel: int) -> None:
     """Fetch the absent blocks of `order`, at most `parallel` at once, in that order."""
     slots = trio.Semaphore(parallel)
 
-    async def fetch_one(index):
+    async def fetch_one(index: int) -> None:
         try:
             await blob.read(index, 0, 1, source)
         finally:
@@ -108,7 +118,7 @@ async def fetch_in_order(blob, source, order, parallel):
 # safetensors: u64 header length, JSON {name: {dtype, shape, data_offsets: [b, e]}}
 
 
-def safetensors_ranges(head, size):
+def safetensors_ranges(head: bytes, size: int) -> Ranges:
     (length,) = struct.unpack_from("<Q", head)
     data_start = 8 + length
     if data_start > size:
@@ -124,7 +134,7 @@ def safetensors_ranges(head, size):
 # GGUF: magic, version, tensor count, key/value count, ... then aligned tensor data
 
 
-def gguf_ranges(head, size):
+def gguf_ranges(head: bytes, size: int) -> Ranges:
     """The whole file, in file order: that is the order llama.cpp touches it.
 
     Its MAP_POPULATE faults the mapping in from the first page to the last, and tensor

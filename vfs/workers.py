@@ -8,18 +8,24 @@ redirect, fetch the bytes touched) would pay it every time the mount had been qu
 
 import queue
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar, TypeVarTuple, Unpack
 
 import outcome
 import trio
 
+Result = TypeVar("Result")
+Args = TypeVarTuple("Args")
+Job = tuple[Callable[..., Any], tuple[Any, ...], Callable[[outcome.Outcome[Any]], None]]
+
 
 class Workers:
-    def __init__(self, count, name="lamina-first-read"):
-        self._jobs = queue.SimpleQueue()
+    def __init__(self, count: int, name: str = "lamina-first-read"):
+        self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         for number in range(count):
             threading.Thread(target=self._work, name=f"{name}-{number}", daemon=True).start()
 
-    async def run(self, function, *args):
+    async def run(self, function: Callable[[Unpack[Args]], Result], *args: Unpack[Args]) -> Result:
         """`function(*args)` in one of the threads; its result, or its exception raised here.
 
         Not cancellable once handed over (like trio.to_thread.run_sync's default): the
@@ -28,18 +34,19 @@ class Workers:
         token = trio.lowlevel.current_trio_token()
         task = trio.lowlevel.current_task()
 
-        def finished(result):
+        def finished(result: outcome.Outcome[Result]) -> None:
             token.run_sync_soon(trio.lowlevel.reschedule, task, result)
 
         self._jobs.put((function, args, finished))
-        return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        result: Result = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        return result
 
-    def submit(self, function, *args):
+    def submit(self, function: Callable[[Unpack[Args]], object], *args: Unpack[Args]) -> None:
         """Start `function(*args)` in one of the threads now, without waiting for it (it must
         not raise: nobody is there to hear)."""
         self._jobs.put((function, args, lambda result: None))
 
-    def _work(self):
+    def _work(self) -> None:
         while True:
             function, args, finished = self._jobs.get()
             finished(outcome.capture(function, *args))
