@@ -17,18 +17,23 @@ failure and passes through.
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVarTuple, Unpack
 
 from . import errors
 
+if TYPE_CHECKING:
+    import trio
+
 log = logging.getLogger(__name__)
 
+Args = TypeVarTuple("Args")
 Expected = tuple[type[Exception], ...]   # never BaseException: a Cancelled must go through
 
 
 @contextlib.contextmanager
 def guard(name: str, expected: Expected = (errors.LaminaError,), level: int = logging.WARNING,
-          on_failure: Callable[[Exception], None] | None = None, extra: dict | None = None) -> Iterator[None]:
+          on_failure: Callable[[Exception], None] | None = None,
+          extra: dict[str, object] | None = None) -> Iterator[None]:
     """Run the `with` block so that no Exception leaves it: each is logged once under `name`
     (`extra`: the log record's fields, e.g. logs.where's model and file)."""
     try:
@@ -43,12 +48,13 @@ def guard(name: str, expected: Expected = (errors.LaminaError,), level: int = lo
             on_failure(exc)
 
 
-def spawn_guarded(nursery: Any, name: str, function: Callable[..., Awaitable[Any]], *args: Any,
-                  **guard_options: Any) -> None:
+def spawn_guarded(nursery: "trio.Nursery", name: str, function: Callable[[Unpack[Args]], Awaitable[object]],
+                  *args: Unpack[Args], **guard_options: Any) -> None:
     """Start `function(*args)` in `nursery`, under `guard(name, **guard_options)`."""
     nursery.start_soon(_guarded, name, function, args, guard_options, name=name)
 
 
-async def _guarded(name: str, function: Callable[..., Awaitable[Any]], args: tuple, guard_options: dict) -> None:
+async def _guarded(name: str, function: Callable[[Unpack[Args]], Awaitable[object]], args: tuple[Unpack[Args]],
+                   guard_options: dict[str, Any]) -> None:
     with guard(name, **guard_options):
         await function(*args)

@@ -8,9 +8,14 @@ invalidating what the kernel caches.
 import logging
 import stat
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 from .localsource import LocalFile, LocalSnapshot
+from .snapshots import Snapshot
+
+if TYPE_CHECKING:
+    from .manifest import Manifest, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +35,11 @@ class FileRef(NamedTuple):
     content_id: str
 
     @property
-    def describe(self):
+    def describe(self) -> str:
         return f"{self.model}/{self.repo_path}"
 
     @property
-    def identity(self):
+    def identity(self) -> tuple[str, int]:
         """Equal for the same bytes: a refresh keeps the inode of an unchanged file."""
         return (self.content_id, self.size)
 
@@ -46,22 +51,22 @@ class Node:
     parent: int
     is_dir: bool
     size: int = 0
-    children: dict | None = field(default_factory=dict)   # name -> inode (directories; None for files)
+    children: dict[str, int] | None = field(default_factory=dict)   # name -> inode (directories; None for files)
     file: FileRef | LocalFile | None = None
     model: str | None = None
 
     @property
-    def mode(self):
+    def mode(self) -> int:
         return (stat.S_IFDIR | 0o555) if self.is_dir else (stat.S_IFREG | 0o444)
 
 
-def _same_content(a, b):
+def _same_content(a: "FileRef | LocalFile | None", b: "FileRef | LocalFile | None") -> bool:
     if a is None or b is None:
         return a is b
     return a.identity == b.identity
 
 
-def _shown_files(model, snapshot):
+def _shown_files(model: str, snapshot: Snapshot | LocalSnapshot) -> Iterator[tuple[str, "FileRef | LocalFile"]]:
     """(path under the model, ref) of each file of a Hub or local snapshot."""
     if isinstance(snapshot, LocalSnapshot):
         return ((local.path, local) for local in snapshot.files)
@@ -75,15 +80,16 @@ class Tree:
     of every entry whose path and content are unchanged (so the kernel keeps its page cache
     for them) and gives everything else a number the previous tree never used."""
 
-    def __init__(self, previous=None):
+    def __init__(self, previous: "Tree | None" = None):
         self.nodes = {ROOT_INODE: Node(ROOT_INODE, "", ROOT_INODE, True)}
         self.paths = {ROOT_INODE: ""}
-        self._listings = {}         # directory inode -> its sorted entries, made on first readdir
+        self._listings: dict[int, list[Node]] = {}         # directory inode -> its sorted entries, made on first readdir
         self._previous = previous
         self._next_inode = max(previous.nodes) + 1 if previous else ROOT_INODE + 1
 
     @classmethod
-    def build(cls, manifest, snapshots, previous=None):
+    def build(cls, manifest: "Manifest", snapshots: Mapping[str, Snapshot | LocalSnapshot | None],
+              previous: "Tree | None" = None) -> "Tree":
         """A tree with every manifest model; `snapshots` maps model name -> Snapshot or None."""
         tree = cls(previous)
         for spec in manifest.models:
@@ -91,7 +97,7 @@ class Tree:
         tree._previous = None
         return tree
 
-    def changed_entries(self, previous):
+    def changed_entries(self, previous: "Tree") -> list[tuple[int, str]]:
         """(parent inode, name) of every entry of `previous` that is gone or now another inode."""
         stale = []
         for inode, node in previous.nodes.items():
@@ -102,33 +108,33 @@ class Tree:
                 stale.append((node.parent, node.name))
         return stale
 
-    def node(self, inode):
+    def node(self, inode: int) -> Node | None:
         return self.nodes.get(inode)
 
-    def lookup(self, parent, name):
+    def lookup(self, parent: int, name: str) -> Node | None:
         directory = self.nodes.get(parent)
-        if directory is None or not directory.is_dir:
+        if directory is None or directory.children is None:     # no such directory, or a file
             return None
         inode = directory.children.get(name)
         return None if inode is None else self.nodes[inode]
 
-    def listing(self, inode):
+    def listing(self, inode: int) -> list[Node]:
         """A directory's entries in name order; kept, since the kernel asks for a big
         directory's listing once per page of `readdir` replies and the tree never changes."""
         listed = self._listings.get(inode)
         if listed is None:
             directory = self.nodes[inode]
-            listed = self._listings[inode] = [self.nodes[child] for _, child in sorted(directory.children.items())]
+            listed = self._listings[inode] = [self.nodes[child] for _, child in sorted(_entries(directory).items())]
         return listed
 
-    def files(self):
+    def files(self) -> list[Node]:
         return [node for node in self.nodes.values() if node.file is not None]
 
-    def hub_files(self):
+    def hub_files(self) -> list[Node]:
         """The files whose bytes come from the Hub through the block cache (not local ones)."""
         return [node for node in self.files() if isinstance(node.file, FileRef)]
 
-    def _add_model(self, spec, snapshot):
+    def _add_model(self, spec: "ModelSpec", snapshot: Snapshot | LocalSnapshot | None) -> None:
         folders = spec.parts if spec.is_dir else spec.parts[:-1]
         top = self._make_dirs(ROOT_INODE, folders, spec.name)
         if snapshot is None:
@@ -147,7 +153,7 @@ class Tree:
             except ValueError as exc:
                 log.warning("%s; skipping %r", exc, path)
 
-    def _make_dirs(self, parent, names, model):
+    def _make_dirs(self, parent: int, names: Iterable[str], model: str) -> int:
         for name in names:
             existing = self.lookup(parent, name)
             if existing is None:
@@ -157,34 +163,43 @@ class Tree:
             parent = existing.inode
         return parent
 
-    def _add_file(self, parent, name, ref):
-        if name in self.nodes[parent].children:
+    def _add_file(self, parent: int, name: str, ref: "FileRef | LocalFile") -> None:
+        if name in _entries(self.nodes[parent]):
             log.warning("%s appears twice; keeping the first", ref.describe)
             return
         node = self._new_node(parent, name, is_dir=False, model=ref.model, ref=ref)
         node.size, node.file = ref.size, ref
 
-    def _new_node(self, parent, name, is_dir, model, ref=None):
+    def _new_node(self, parent: int, name: str, is_dir: bool, model: str,
+                  ref: "FileRef | LocalFile | None" = None) -> Node:
         path = f"{self.paths[parent]}/{name}"
         # A file has no children: no empty dict for each of a big repo's files.
         node = Node(self._inode_for(path, is_dir, ref), name, parent, is_dir, model=model,
                     children={} if is_dir else None)
         self.nodes[node.inode] = node
         self.paths[node.inode] = path
-        self.nodes[parent].children[name] = node.inode
+        _entries(self.nodes[parent])[name] = node.inode
         return node
 
-    def _inode_for(self, path, is_dir, ref):
+    def _inode_for(self, path: str, is_dir: bool, ref: "FileRef | LocalFile | None") -> int:
         old = self._previous.node_at(path) if self._previous else None
         if old is not None and old.is_dir == is_dir and _same_content(old.file, ref):
             return old.inode
         self._next_inode += 1
         return self._next_inode - 1
 
-    def node_at(self, path):
+    def node_at(self, path: str) -> Node | None:
         node = self.nodes[ROOT_INODE]
         for name in path.strip("/").split("/") if path.strip("/") else []:
-            node = self.lookup(node.inode, name)
-            if node is None:
+            found = self.lookup(node.inode, name)
+            if found is None:
                 return None
+            node = found
         return node
+
+
+def _entries(directory: Node) -> dict[str, int]:
+    """A directory's name -> inode map (a file has none: asking is a bug)."""
+    if directory.children is None:
+        raise ValueError(f"{directory.name!r} is a file, not a folder")
+    return directory.children
