@@ -73,7 +73,11 @@ class Connection:
 
 
 class Keeper:
-    """Runs the serving child, holds its connection, and restarts it on the same connection."""
+    """Runs the serving child, holds its connection, and restarts it on the same connection.
+
+    `child` is the daemon that serves (or is starting to); during an upgrade `successor`
+    is the one taking over from it, and once that serves, `child` is the successor and
+    `previous` the old daemon finishing its last requests."""
 
     def __init__(self, child_argv: list[str], mountpoint: Path, notifier=None, ready_fd: int | None = None,
                  adopted: Connection | None = None):
@@ -83,11 +87,13 @@ class Keeper:
         self.ready_fd = ready_fd
         self.connection = adopted
         self.child: subprocess.Popen | None = None
+        self.successor: subprocess.Popen | None = None
+        self.previous: subprocess.Popen | None = None
         self.child_serving = False
         self.started_at = 0.0
         self.restarts = collections.deque()
         self.stopping = False
-        self.upgrading = False
+        self.upgrades = {"finished": 0}
         self.exit_code = None
         self._link, self._child_link = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._selector = selectors.DefaultSelector()
@@ -100,7 +106,7 @@ class Keeper:
         self._selector.register(wakeup, selectors.EVENT_READ, self._on_signal)
         if self.connection is not None:
             self._resend()              # handed back by systemd: whoever held it before is gone
-        self._start_child(adopt=self.connection is not None)
+        self.child = self._start(adopt=self.connection is not None)
         while self.exit_code is None:
             for key, _ in self._selector.select(timeout=1.0):
                 key.data(key.fileobj)
@@ -113,7 +119,6 @@ class Keeper:
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         for signum in PASSED_SIGNALS + (UPGRADE_SIGNAL,):
             signal.signal(signum, lambda *_: None)      # the wakeup fd carries the number
-        self._wakeup_write = write_end
         return read_end
 
     def _on_signal(self, read_end) -> None:
@@ -126,51 +131,57 @@ class Keeper:
     def _stop(self, signum) -> None:
         log.info("keeper: %s: passing it to the serving daemon", signal.Signals(signum).name)
         self.stopping = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM)
+        for process in (self.child, self.successor):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
 
     def _upgrade(self) -> None:
-        if self.connection is None or not self.child_serving or self.stopping:
-            log.warning("keeper: upgrade asked while no daemon serves; ignored")
+        if self.connection is None or not self.child_serving or self.successor is not None or self.stopping:
+            self._upgrade_finished(False, "no daemon serves, or a hand-over is already under way")
             return
-        log.info("keeper: upgrade: asking the serving daemon (pid %d) to hand over", self.child.pid)
-        self.upgrading = True
-        self.child.send_signal(UPGRADE_SIGNAL)
+        log.info("keeper: upgrade: starting a successor to take over from pid %d", self.child.pid)
+        self.successor = self._start(takeover=True)
 
-    # -- the child
+    # -- children
 
-    def _start_child(self, adopt: bool) -> None:
+    def _start(self, adopt: bool = False, takeover: bool = False) -> subprocess.Popen:
         argv = _without_ready_fd(self.child_argv) + [LINK_FLAG, str(self._child_link.fileno())]
         passed = [self._child_link.fileno()]
         if adopt:
             argv += ["--adopt-fd", str(self.connection.fd)]
-            if self.connection.state:
+            if self.connection.state and os.path.exists(self.connection.state):
                 argv += ["--handover-state", self.connection.state]
             passed.append(self.connection.fd)
+        if takeover:
+            argv.append("--takeover")
         if self.ready_fd is not None:           # only the first child says when it serves
             argv += ["--ready-fd", str(self.ready_fd)]
             passed.append(self.ready_fd)
-        self.child = subprocess.Popen(argv, pass_fds=passed, env=_child_environment(), stdin=subprocess.DEVNULL)
-        self.child_serving = False
+        process = subprocess.Popen(argv, pass_fds=passed, env=_child_environment(), stdin=subprocess.DEVNULL)
         self.started_at = time.monotonic()
-        pidfd = os.pidfd_open(self.child.pid)
-        self._selector.register(pidfd, selectors.EVENT_READ, self._on_child_exit)
+        pidfd = os.pidfd_open(process.pid)
+        self._selector.register(pidfd, selectors.EVENT_READ, lambda fd: self._on_exit(fd, process))
         if self.ready_fd is not None:
             os.close(self.ready_fd)     # the child's copy says ready, or closes unsaid when it dies
             self.ready_fd = None
+        return process
 
     def _on_message(self, link) -> None:
         fds = array.array("i")
-        message, ancillary, _, _ = link.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
+        message, ancillary, _, _ = link.recvmsg(4096, socket.CMSG_SPACE(4 * fds.itemsize))
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-        if not message:
-            return
-        said = json.loads(message)
-        self._serving(said, fds[0] if fds else None)
+        if message:
+            self._serving(json.loads(message), list(fds))
+        else:
+            for fd in fds:
+                os.close(fd)
 
-    def _serving(self, said: dict, fd: int | None) -> None:
+    def _serving(self, said: dict, fds: list[int]) -> None:
+        fd = fds[0] if fds else None
+        for extra in fds[1:]:
+            os.close(extra)
         if self.connection is None:
             device = mounted_device(self.mountpoint)
             if fd is None or device is None:
@@ -183,40 +194,83 @@ class Keeper:
         elif fd is not None:
             os.close(fd)                # the same connection we hold already
         self.connection.state = said.get("state") or self.connection.state
+        pid = said.get("pid")
+        if self.successor is not None and pid == self.successor.pid:
+            self.previous, self.child, self.successor = self.child, self.successor, None
+            if self.previous.poll() is not None:
+                self._upgrade_done()
         self.child_serving = True
         daemons.record(self.mountpoint)     # `unmount` waits for the keeper, which outlives every child
-        _write_record(self.mountpoint, self.connection)
-        log.info("keeper: daemon pid %d serves %s", said.get("pid", self.child.pid), self.mountpoint)
+        self._write_record()
+        log.info("keeper: daemon pid %s serves %s", pid, self.mountpoint)
 
-    def _on_child_exit(self, pidfd) -> None:
+    def _on_exit(self, pidfd: int, process: subprocess.Popen) -> None:
         self._selector.unregister(pidfd)
         os.close(pidfd)
-        code = self.child.wait()
+        code = process.wait()
+        if process is self.previous:
+            self._upgrade_done()
+        elif process is self.successor:
+            self._successor_failed(code)
+        elif process is self.child:
+            self._child_exited(code)
+
+    def _child_exited(self, code: int) -> None:
         served, self.child_serving = self.child_serving, False
-        if self.stopping or self.connection is None:
-            self.exit_code = code if code >= 0 else 128 - code
+        if self.stopping or self.connection is None or not self._mount_is_ours():
+            if self.stopping and self._mount_is_ours():
+                # A daemon that adopted its connection mounted nothing, so its close does not
+                # unmount: the keeper does, as libfuse would have (lazily).
+                log.info("keeper: unmounting %s", self.mountpoint)
+                _lazy_unmount(self.mountpoint)
+            elif not self.stopping and self.connection is not None:
+                log.info("keeper: %s is no longer mounted; exiting", self.mountpoint)
+            self.exit_code = _exit_status(code)
             return
-        if not self._mount_is_ours():
-            log.info("keeper: %s is no longer mounted; exiting", self.mountpoint)
-            self.exit_code = code if code >= 0 else 128 - code
+        if self.successor is not None:
+            log.info("keeper: upgrade: the old daemon has exited; its successor takes over")
             return
-        if self.upgrading:
-            self.upgrading = False
-            log.info("keeper: upgrade: the old daemon has exited (%s); starting the new one", _describe(code))
-        else:
-            log.warning("keeper: the serving daemon (pid %d) %s%s; starting a successor on the same connection",
-                        self.child.pid, _describe(code), "" if served else " before it served")
-            if not self._may_restart():
-                return
-        self._resend()
-        self._start_child(adopt=True)
+        if code == 0 and served:
+            # A clean exit with the mount still ours: it handed the connection over to a
+            # daemon this keeper did not start (a `mount` on the live mount point).
+            log.info("keeper: the daemon handed %s over to another; the keeper steps aside", self.mountpoint)
+            self.exit_code = 0
+            return
+        log.warning("keeper: the serving daemon (pid %d) %s%s; starting a successor on the same connection",
+                    self.child.pid, _describe(code), "" if served else " before it served")
+        self._restart()
+
+    def _successor_failed(self, code: int) -> None:
+        self.successor = None
+        why = f"the successor {_describe(code)} before it served; see the log"
+        self._upgrade_finished(False, why)
+        if self.child.poll() is None:
+            log.warning("keeper: upgrade failed: %s; pid %d serves on", why, self.child.pid)
+        elif not self.stopping and self._mount_is_ours():
+            log.warning("keeper: upgrade failed after the old daemon had gone: %s", why)
+            self._restart()
+
+    def _restart(self) -> None:
+        if not self._may_restart():
+            return
+        self._resend()                  # the predecessor is reaped: nothing of it can answer now
+        self.child = self._start(adopt=True)
+
+    def _upgrade_done(self) -> None:
+        old, self.previous = self.previous, None
+        log.info("keeper: upgrade: pid %d handed over to pid %d", old.pid, self.child.pid)
+        self._upgrade_finished(True, None, old.pid)
+
+    def _upgrade_finished(self, ok: bool, error: str | None, old: int | None = None) -> None:
+        self.upgrades = {"finished": self.upgrades["finished"] + 1, "ok": ok, "error": error,
+                         "old": old, "new": self.child.pid if ok else None}
+        self._write_record()
 
     def _check_start_deadline(self) -> None:
-        if (self.child is not None and not self.child_serving and self.connection is not None
-                and self.child.poll() is None and time.monotonic() - self.started_at > START_SECONDS):
-            log.error("keeper: the successor (pid %d) did not serve within %.0f s; killing it",
-                      self.child.pid, START_SECONDS)
-            self.child.kill()
+        starting = self.successor or (self.child if not self.child_serving and self.connection else None)
+        if starting is not None and starting.poll() is None and time.monotonic() - self.started_at > START_SECONDS:
+            log.error("keeper: pid %d did not serve within %.0f s; killing it", starting.pid, START_SECONDS)
+            starting.kill()
 
     def _may_restart(self) -> bool:
         now = time.monotonic()
@@ -248,6 +302,12 @@ class Keeper:
         if self.notifier is not None and self.notifier.enabled:
             self.notifier.store_fd(self.connection.fd, FDSTORE_NAME)
 
+    def _write_record(self) -> None:
+        if self.connection is not None:
+            write_record(self.mountpoint, {"keeper": os.getpid(), "child": self.child.pid,
+                                           "device": self.connection.device, "state": self.connection.state,
+                                           "upgrades": self.upgrades})
+
     def _close(self) -> None:
         daemons.forget(self.mountpoint)
         _forget_record(self.mountpoint)
@@ -269,6 +329,10 @@ def keep_mount(argv: list[str], mountpoint: Path, ready_fd: int | None, settings
         return keeper.run()
     finally:
         notifier.close()
+
+
+def _exit_status(code: int) -> int:
+    return code if code >= 0 else 128 - code       # a child killed by signal N: 128 + N, as a shell says
 
 
 def _describe(code: int) -> str:
@@ -332,11 +396,19 @@ def _record_path(mountpoint) -> Path:
     return daemons.pid_file(mountpoint).with_suffix(".keeper")
 
 
-def _write_record(mountpoint, connection: Connection) -> None:
+def write_record(mountpoint, record: dict) -> None:
     path = _record_path(mountpoint)
     fresh = path.with_suffix(".tmp")
-    fresh.write_text(json.dumps({"device": connection.device, "state": connection.state}))
+    fresh.write_text(json.dumps(record))
     os.replace(fresh, path)
+
+
+def read_record(mountpoint) -> dict | None:
+    """The keeper's record for `mountpoint`, if a keeper keeps it (or kept it and was killed)."""
+    try:
+        return json.loads(_record_path(os.path.realpath(mountpoint)).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _forget_record(mountpoint) -> None:
@@ -354,11 +426,11 @@ def adopted_connection(mountpoint, stored: dict[str, int]) -> Connection | None:
     fd = stored.get(FDSTORE_NAME)
     if fd is None:
         return None
+    if not _is_fuse_device(fd):
+        log.warning("keeper: descriptor %d handed back as %s is not /dev/fuse; ignored", fd, FDSTORE_NAME)
+        return None
     real = os.path.realpath(mountpoint)
-    try:
-        record = json.loads(_record_path(real).read_text())
-    except (OSError, ValueError):
-        record = None
+    record = read_record(real)
     if record is None or mounted_device(real) != record.get("device"):
         log.warning("keeper: the connection systemd kept is not the mount at %s any more; mounting afresh", real)
         os.close(fd)
@@ -379,15 +451,45 @@ def tell_keeper(link_fd: int, state_path: str | None = None) -> None:
         link.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
 
 
+def _is_fuse_device(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "/dev/fuse"
+    except OSError:
+        return False
+
+
 def connection_fd() -> int:
     """This process's /dev/fuse descriptor (pyfuse3's session fd)."""
     pyfuse3 = sys.modules.get("pyfuse3")
     if pyfuse3 is not None and hasattr(pyfuse3, "connection_fd"):
         return pyfuse3.connection_fd()
     for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
-                return int(name)
-        except OSError:
-            continue
+        if _is_fuse_device(int(name)):
+            return int(name)
     raise RuntimeError("this process holds no /dev/fuse descriptor")
+
+
+# ---------------------------------------------------------------------------
+# `upgrade` under a keeper
+
+
+def ask_keeper_to_upgrade(mountpoint, timeout: float) -> dict | None:
+    """Ask the keeper of `mountpoint` for an upgrade and wait for its outcome.
+
+    None when no keeper keeps it (the daemon is asked itself). Else the keeper's account:
+    {"ok": True, "old": pid, "new": pid} once the successor serves and the old daemon has
+    exited, or {"ok": False, "error": why} (the old daemon serves on)."""
+    record = read_record(mountpoint)
+    if record is None or daemons.daemon_of(mountpoint) != record.get("keeper"):
+        return None
+    before = record["upgrades"]["finished"]
+    os.kill(record["keeper"], UPGRADE_SIGNAL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = read_record(mountpoint) or record
+        if record["upgrades"]["finished"] > before:
+            return record["upgrades"]
+        if daemons.daemon_of(mountpoint) != record.get("keeper"):
+            return {"ok": False, "error": "the keeper exited"}
+        time.sleep(daemons.POLL_SECONDS)
+    return {"ok": False, "error": f"no outcome within {timeout:g}s"}

@@ -92,9 +92,14 @@ class Tally:
         self.bytes_checked += len(expected)
         if got == expected:
             return
-        wrong = sum(1 for a, b in zip(got, expected) if a != b) + abs(len(expected) - len(got))
-        self.wrong_bytes += wrong
-        self.first_problem = self.first_problem or f"{wrong} wrong bytes at {where} ({len(got)} of {len(expected)} read)"
+        if len(got) != len(expected):
+            # A short read is legal for pread, but not from a file of this size: an error, whose
+            # bytes (those it did return) are checked below.
+            self.error("short read", f"{len(got)} of {len(expected)} bytes at {where}")
+        wrong = sum(1 for a, b in zip(got, expected) if a != b)
+        if wrong:
+            self.wrong_bytes += wrong
+            self.first_problem = self.first_problem or f"{wrong} wrong bytes at {where}"
 
     def as_dict(self) -> dict:
         return {"kind": self.kind, "ops": self.ops, "bytes_checked": self.bytes_checked,

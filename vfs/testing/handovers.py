@@ -1,0 +1,181 @@
+"""Hand-overs under load: kill (or upgrade) the serving daemon again and again while the
+three readers (readers.py) check every byte; the figures docs/RELIABILITY.md gives.
+
+    python -m vfs.testing.handovers --kills 20 [--size 256M] [--no-passthrough] [--json F]
+    python -m vfs.testing.handovers --upgrades 20
+
+One simulated Hub, one model file of deterministic bytes, one mount run by the keeper
+(`mount` without `--no-keeper`), read through once so the cache holds it. The readers
+run with the page cache dropped every 2 s. Each round waits until every reader has made
+progress, then SIGKILLs the serving child (the keeper starts a successor on the same
+connection) or asks for an upgrade (SIGUSR1 to the keeper), and waits until a new child
+serves. It exits 0 when the readers saw 0 errors and 0 wrong bytes, the longest stall
+is within --max-stall, and no child of an earlier generation is left running.
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .hubsim import HubSimulator
+from .mounts import MountProcess
+from .readers import ONE_MODEL_MANIFEST, Readers, Results, read_through, write_reference
+
+MiB = 1024 * 1024
+SERVE_SECONDS = 60.0
+
+
+@dataclass
+class Round:
+    kind: str
+    old_pid: int
+    new_pid: int
+    seconds_to_serve: float
+
+
+@dataclass
+class Report:
+    rounds: list[Round] = field(default_factory=list)
+    results: Results | None = None
+    leftover: list[int] = field(default_factory=list)   # earlier children still running
+    failure: str | None = None
+    log: str = ""                                       # the daemon log (keeper and children)
+
+    def ok(self, max_stall: float) -> bool:
+        return (self.failure is None and self.results is not None and self.results.ok
+                and self.results.longest_stall <= max_stall and not self.leftover)
+
+    def summary(self) -> str:
+        if self.failure:
+            return f"failed after {len(self.rounds)} rounds: {self.failure}"
+        serve = max((r.seconds_to_serve for r in self.rounds), default=0.0)
+        return (f"{len(self.rounds)} rounds ({', '.join(sorted({r.kind for r in self.rounds}))}): "
+                f"{self.results.summary()}; slowest successor served after {serve * 1000:.0f} ms; "
+                f"{len(self.leftover)} old daemons left running")
+
+    def as_dict(self) -> dict:
+        return {"rounds": [vars(r) for r in self.rounds], "results": self.results.as_dict() if self.results else None,
+                "leftover": self.leftover, "failure": self.failure}
+
+
+def kill_child(mount: MountProcess) -> int:
+    pid = mount.daemon_pid()
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def ask_upgrade(mount: MountProcess) -> int:
+    pid = mount.daemon_pid()
+    mount.process.send_signal(signal.SIGUSR1)
+    return pid
+
+
+ACTIONS = {"kill": kill_child, "upgrade": ask_upgrade}
+
+
+def wait_for_successor(mount: MountProcess, old_pid: int, timeout: float = SERVE_SECONDS) -> int:
+    """The pid of the child that serves after `old_pid`, once the keeper says it serves."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = mount.daemon_pid()
+        if pid not in (None, old_pid) and f"keeper: daemon pid {pid} serves" in mount.log_text():
+            return pid
+        if mount.process.poll() is not None:
+            raise RuntimeError(f"the keeper exited ({mount.process.returncode})")
+        time.sleep(0.02)
+    raise RuntimeError(f"no successor served within {timeout:.0f} s of pid {old_pid}")
+
+
+def run_rounds(mount: MountProcess, readers: Readers, kinds: list[str], report: Report,
+               pause: float = 0.5) -> None:
+    """One hand-over per entry of `kinds`, each once every reader has moved on since the last."""
+    for kind in kinds:
+        if not readers.wait_for_progress(3, timeout=SERVE_SECONDS):
+            report.failure = f"readers stopped making progress before round {len(report.rounds) + 1}: {readers.progress()}"
+            return
+        time.sleep(pause)
+        started = time.monotonic()
+        old = ACTIONS[kind](mount)
+        new = wait_for_successor(mount, old)
+        report.rounds.append(Round(kind, old, new, time.monotonic() - started))
+    readers.wait_for_progress(3, timeout=SERVE_SECONDS)
+
+
+def soak(kinds: list[str], size: int, mount_args=(), drop_every: float = 2.0, work: Path | None = None) -> Report:
+    """Run the rounds in `work` (a new temporary directory, removed afterwards unless given)."""
+    if work is None:
+        with tempfile.TemporaryDirectory(prefix="lamina-handovers-") as scratch:
+            return soak(kinds, size, mount_args, drop_every, Path(scratch))
+    report = Report()
+    with HubSimulator() as hub:
+        reference = write_reference(work / "model.gguf", size)
+        hub.add_repo("readers/model", files={"model.gguf": reference})
+        manifest = work / "models.yaml"
+        manifest.write_text(ONE_MODEL_MANIFEST)
+        mount = MountProcess(manifest, work / "mnt", work / "cache", hub.endpoint, work / "mount.log",
+                             extra_args=mount_args, keeper=True)
+        try:
+            mount.start()
+            path = mount.mountpoint / "model" / "model.gguf"
+            read_through(path)
+            first = mount.daemon_pid()
+            with Readers(path, reference, drop_every=drop_every) as readers:
+                try:
+                    run_rounds(mount, readers, kinds, report)
+                except RuntimeError as exc:
+                    report.failure = str(exc)
+            report.results = readers.results
+            report.leftover = [pid for pid in {r.old_pid for r in report.rounds} | {first}
+                               if pid != mount.daemon_pid() and _running(pid)]
+        finally:
+            mount.stop()
+            report.log = mount.log_text()
+    return report
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vfs.testing.handovers", description=__doc__.split("\n")[0])
+    parser.add_argument("--kills", type=int, default=0, help="SIGKILLs of the serving child")
+    parser.add_argument("--upgrades", type=int, default=0, help="upgrades asked of the keeper")
+    parser.add_argument("--size", type=_size, default=256 * MiB)
+    parser.add_argument("--max-stall", type=float, default=2.0, help="seconds (the target: 2 for kills)")
+    parser.add_argument("--no-passthrough", action="store_true", help="every read through the daemon")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--work", type=Path, help="work here (kept) instead of a temporary directory")
+    parser.add_argument("--log", type=Path, help="write the daemon log (keeper and children) here")
+    args = parser.parse_args(argv)
+    kinds = ["kill"] * args.kills + ["upgrade"] * args.upgrades
+    if not kinds:
+        parser.error("ask for --kills N and/or --upgrades N")
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
+    report = soak(kinds, args.size, ["--no-passthrough"] if args.no_passthrough else [], work=args.work)
+    print(report.summary())
+    if args.log:
+        args.log.write_text(report.log)
+    if args.json:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2))
+    return 0 if report.ok(args.max_stall) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
