@@ -80,7 +80,7 @@ class OriginLimit:
         # request with the whole file; learning that from one costs one file's prefix, not 32.
         self.probing = True
         self._best = collections.deque([0.0], maxlen=BEST_EPOCHS)   # per epoch: the best request's rate
-        self._quota = None              # (requests left, until when) from a RateLimit header
+        self._quota: tuple[int, float] | None = None    # (requests left, until when) from a RateLimit header
         self._epoch = _Epoch(clock())
         self._duration = 0.0            # smoothed seconds per request
         self._decreased = float("-inf")

@@ -104,7 +104,7 @@ def probe_mount(mountpoint: str) -> Health:
         if exc.errno == errno.ENOTCONN:
             return Health("dead", mountpoint, "the daemon behind the mount is gone (ENOTCONN: "
                           "transport endpoint is not connected); a new `mount` clears it")
-        return Health("error", mountpoint, f"statvfs failed: {exc.strerror} ({errno.errorcode.get(exc.errno)})")
+        return Health("error", mountpoint, f"statvfs failed: {exc.strerror} ({errno.errorcode.get(exc.errno or 0)})")
     if not is_lamina_mount(mountpoint):
         return Health("not mounted", mountpoint, "no lamina-llm-cache mount is at this path")
     return Health("ok", mountpoint)

@@ -329,7 +329,7 @@ async def read(handle: LocalHandle, offset: int, length: int) -> bytes | memoryv
     """A FUSE read of a local file: on the spot from the page cache, else in a worker thread.
     A view returned is valid until the next await (the caller, pyfuse3, copies it at once)."""
     try:
-        data = handle.read_cached(offset, length, _SCRATCH)
+        data: bytes | memoryview | None = handle.read_cached(offset, length, _SCRATCH)
         if data is None:
             data = await trio.to_thread.run_sync(handle.read, offset, length)
     except errors.LocalFileChanged as exc:

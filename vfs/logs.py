@@ -22,10 +22,10 @@ REDACTED = "[redacted]"
 QUIET_LOGGERS = ("urllib3", "httpx", "httpx2", "huggingface_hub", "filelock", "gguf")
 
 
-def where(describe: str, offset: int | None = None) -> dict:
+def where(describe: str, offset: int | None = None) -> dict[str, object]:
     """`extra=` fields for a line about "model/path/in/repo" (at `offset`)."""
     model, _, file = describe.partition("/")
-    fields = {"model": model, "file": file}
+    fields: dict[str, object] = {"model": model, "file": file}
     if offset is not None:
         fields["offset"] = offset
     return fields
@@ -39,8 +39,10 @@ class JsonFormatter(logging.Formatter):
         for key in ("model", "file", "offset"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
-        if record.exc_info or record.exc_text:
-            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        elif record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 

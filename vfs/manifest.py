@@ -143,7 +143,7 @@ class _StrictLoader(yaml.SafeLoader):
             self._refuse_duplicate_keys(node, trail, visited)
 
     def _refuse_duplicate_keys(self, node, trail, visited):
-        first_lines = {}
+        first_lines: dict[str, int] = {}
         for key_node, value_node in node.value:
             # Merge keys (<<: *defaults) may repeat and be overridden: that is their purpose.
             merge = key_node.tag == "tag:yaml.org,2002:merge"
@@ -721,7 +721,8 @@ def _models_value_events(source, text):
     index = 3
     while True:
         value_end = _node_end(events, index + 1)
-        if isinstance(events[index], yaml.ScalarEvent) and events[index].value == "models":
+        key = events[index]
+        if isinstance(key, yaml.ScalarEvent) and key.value == "models":
             return events[index + 1:value_end]
         index = value_end
 
@@ -765,10 +766,11 @@ def _last_content_end(events):
     # belong to what follows; so the entry goes after the last real content instead.
     # Block starts and ends are zero-width; scalars, aliases and brackets are not.
     for event in reversed(events):
-        if isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
-            return event.end_mark.index
-        if event.start_mark.index != event.end_mark.index:
-            return event.end_mark.index
+        start, end = event.start_mark, event.end_mark
+        if start is None or end is None:
+            continue        # never from the parser: every event it makes has both marks
+        if isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)) or start.index != end.index:
+            return end.index
     raise AssertionError("a block mapping always has content")
 
 

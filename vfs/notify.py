@@ -31,7 +31,7 @@ class Notifier:
         # WATCHDOG_PID names the process systemd watches; another process must not ping for it.
         mine = watchdog_pid is None or watchdog_pid == os.getpid()
         self.watchdog_interval = watchdog_usec / 2e6 if watchdog_usec and mine and self.address else None
-        self._socket = None
+        self._socket: socket.socket | None = None
         self._stopping_sent = False
 
     @property

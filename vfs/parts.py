@@ -56,7 +56,7 @@ class PartReader:
     """Fetches the parts of a range in threads of its own; the calling thread fetches the first."""
 
     def __init__(self, threads: int):
-        self._jobs = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Part | None] = queue.SimpleQueue()
         self._threads, self._started = max(1, threads), 0
         self._lock = threading.Lock()
 

@@ -238,10 +238,11 @@ class Passthrough:
         return io is not None and io.backing_id != 0
 
     def release(self, fh: int) -> None:
-        inode, passed = self._opens.pop(fh, (None, False))
-        io = self._inodes.get(inode)
-        if io is None:
+        opened = self._opens.pop(fh, None)
+        io = None if opened is None else self._inodes.get(opened[0])
+        if opened is None or io is None:
             return
+        inode, passed = opened
         if passed:
             io.passed -= 1
             if io.passed == 0 and io.owner is not None:

@@ -23,19 +23,20 @@ def budget_spent_for(headers) -> float | None:
     `RateLimit-Remaining: 0` / `RateLimit-Reset: 30`.
     """
     combined = headers.get("ratelimit") or ""
-    remaining, reset = _REMAINING.search(combined), _RESET.search(combined)
-    if remaining is None:
-        remaining = headers.get("ratelimit-remaining")
-        reset = headers.get("ratelimit-reset")
-        remaining, reset = _digits(remaining), _digits(reset)
+    remaining_field, reset_field = _REMAINING.search(combined), _RESET.search(combined)
+    remaining: int | None
+    reset: int | None
+    if remaining_field is None:
+        remaining = _digits(headers.get("ratelimit-remaining"))
+        reset = _digits(headers.get("ratelimit-reset"))
     else:
-        remaining, reset = int(remaining.group(1)), int(reset.group(1)) if reset else None
+        remaining, reset = int(remaining_field.group(1)), int(reset_field.group(1)) if reset_field else None
     if remaining is None or remaining > 0:
         return None
     return float(min(reset if reset is not None else 1, MAX_WAIT))
 
 
-def _digits(value):
+def _digits(value: str | None) -> int | None:
     value = (value or "").strip()
     return int(value) if value.isdigit() else None
 

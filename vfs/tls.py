@@ -30,11 +30,12 @@ def client_context(ca_bundle: Path | None) -> ssl.SSLContext:
 def refused_certificate(exc: BaseException) -> ssl.SSLCertVerificationError | None:
     """The certificate verification failure behind `exc` (itself, or one of its causes), or None."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
     return None
 
 

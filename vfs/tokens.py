@@ -84,7 +84,8 @@ class RefusalBackoff:
     def __init__(self, first: float = 1.0, limit: float = MAX_BACKOFF):
         self.first, self.limit = first, limit
         self._lock = threading.Lock()
-        self._refused = {}          # (fingerprint, repo) -> (ask again at, current wait, error)
+        # (fingerprint, repo) -> (ask again at, current wait, error)
+        self._refused: dict[tuple[str, str], tuple[float, float, Exception]] = {}
 
     def refusal(self, token: str | None, repo: str) -> Exception | None:
         """The Hub's last refusal of this pair while it must not be asked again, else None."""
