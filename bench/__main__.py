@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import cases, link, local, machine, overhead, passthrough, profiles, report, scale
+from . import cases, httpstack, link, local, machine, overhead, passthrough, profiles, report, scale
 from .data import MIB, big_file, four_files, gguf_file
 from .server import HubProcess
 
@@ -115,10 +115,11 @@ def main(argv=None):
     shaped_section = link.section(shaped, machine.describe(), shape) if shaped else \
         report.kept_section(page, *link.MARKERS)
     # Sections measured by their own commands (make bench-scale, bench.overhead, bench.local,
-    # bench.passthrough) stay.
+    # bench.passthrough, bench.httpstack) stay.
     kept = [shaped_section, scale.kept_section(page), overhead.kept_section(page),
             report.kept_section(page, local.BEGIN, local.END),
-            report.kept_section(page, passthrough.BEGIN, passthrough.END)]
+            report.kept_section(page, passthrough.BEGIN, passthrough.END),
+            report.kept_section(page, httpstack.BEGIN, httpstack.END)]
     page.write_text(report.markdown(rows, read_ahead, block_sizes, machine.describe(), settings,
                                     notes(bench, bench.tools))
                     + "".join(f"\n{section}\n" for section in kept if section))

@@ -97,7 +97,7 @@ def test_a_silent_hub_at_mount_time_fails_within_the_bound(hub, weights, tmp_pat
         "--endpoint", hub.endpoint, *SHORT_BOUNDS, home=tmp_path)
     print(f"a Hub that never answers: exit {status} after {seconds:.1f}s: {cli_error(stderr)}")
     assert status == 1
-    assert cli_error(stderr) == "model 'weights': org/weights@main: Hub unreachable: ReadTimeout"
+    assert cli_error(stderr) == "model 'weights': org/weights@main: Hub unreachable: TimeoutError"
     assert seconds < 3 * READ_TIMEOUT + 0.75 + SLACK + 5
 
 

@@ -21,7 +21,10 @@ from conftest import eventually, needs_fuse
 from vfs import errors, fetch
 from vfs.connections import Pool
 from vfs.fetch import RangeFetcher
+from vfs.hub import Hub
+from vfs.manifest import parse_manifest
 from vfs.settings import Settings, from_environment
+from vfs.snapshots import SnapshotStore
 from vfs.sources import HfCacheSource, RemoteSource
 from vfs.testing.hubsim import Fault, HubSimulator
 
@@ -280,6 +283,25 @@ def test_http_proxy_from_the_environment_carries_every_request(hub, files, proxy
     print(f"the proxy saw: {[line for line, _ in proxy.heads]}")
     assert proxy.heads == [(f"HEAD {url_of(hub, BIG)} HTTP/1.1", credentials),
                            (f"GET {hub.cdn_endpoint}{hub.log[1].path} HTTP/1.1", credentials)]
+    assert all(r.headers.get("Proxy-Authorization") == credentials for r in hub.log)
+
+
+def test_the_hub_client_takes_the_same_proxy_as_the_bytes(hub, files, proxy, tmp_path):
+    # The proxy is in the settings only, not in this process's environment: a client that
+    # read the environment itself (huggingface_hub's did) would go around it.
+    settings = proxied_fetcher(hub, tmp_path, {"HTTP_PROXY": f"http://user:s3cret@127.0.0.1:{proxy.port}"}).settings
+    spec = parse_manifest("models:\n  m:\n    path: /models/m/\n    backend: vllm\n    hf: org/m\n").models[0]
+    client = Hub(settings, SnapshotStore(settings.cache_dir))
+    try:
+        snapshot = client.resolve(spec)
+    finally:
+        client.close()
+    assert sorted(f.path for f in snapshot.files) == sorted(files)
+    credentials = "Basic " + base64.b64encode(b"user:s3cret").decode()
+    print(f"the proxy saw: {[line for line, _ in proxy.heads]}; the Hub: {[r.path for r in hub.log]}")
+    assert proxy.heads and all(line.startswith(f"GET {hub.endpoint}/api/models/org/m/") for line, _ in proxy.heads)
+    assert [r.path.split("?")[0] for r in hub.log] == ["/api/models/org/m/revision/main",
+                                                       f"/api/models/org/m/tree/{snapshot.commit}"]
     assert all(r.headers.get("Proxy-Authorization") == credentials for r in hub.log)
 
 

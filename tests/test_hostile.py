@@ -132,7 +132,7 @@ def test_a_hub_that_cannot_be_reached_and_was_never_resolved_exits_1(tmp_path):
                                          "--endpoint", NOWHERE, home=tmp_path)
     print(f"exit {status} after {seconds:.1f}s: {cli_error(stderr)}")
     assert status == 1
-    assert cli_error(stderr) == "model 'm': org/public@main: Hub unreachable: ConnectError"
+    assert cli_error(stderr) == "model 'm': org/public@main: Hub unreachable: ConnectionRefusedError"
 
 
 @needs_fuse

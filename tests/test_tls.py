@@ -66,8 +66,8 @@ def read_whole(path):
 
 @pytest.mark.parametrize("variable", ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"])
 def test_bytes_over_https_from_the_hub_and_its_cdn_are_exact(tls_hub, ca_file, sources, mount_factory, variable):
-    # The mount starting at all means huggingface_hub's client (model info, tree listing)
-    # trusted the CA too: REQUESTS_CA_BUNDLE is what its users set from the requests era.
+    # The mount starting at all means the Hub client (a revision's commit, the tree listing)
+    # trusted the CA too: REQUESTS_CA_BUNDLE is what huggingface_hub users set from the requests era.
     mount = mount_over_tls(mount_factory, tls_hub, {variable: str(ca_file)})
     for name, data in sources.items():
         assert read_whole(file_path(mount, name)) == data
@@ -138,8 +138,8 @@ def test_a_full_tls_session_runs_through_an_http_proxys_connect_tunnel(tls_hub, 
             assert tunnel.sent_up[:1] == b"\x16"          # a TLS handshake record opens every tunnel
             assert b"HTTP/1.1" not in tunnel.sent_up and b"HTTP/1.1" not in tunnel.sent_down
             assert sources[BIG][:4096] not in tunnel.sent_down and sources[SMALL][:4096] not in tunnel.sent_down
-        # Every request the simulator saw, metadata (huggingface_hub's client) and bytes (the
-        # range reader) alike, arrived on one of the proxy's own connections.
+        # Every request the simulator saw, metadata (the Hub client) and bytes (the range
+        # reader) alike, arrived on one of the proxy's own connections.
         upstreams = {tunnel.upstream for tunnel in proxy.tunnels}
         assert tls_hub.log and all(record.peer in upstreams for record in tls_hub.log)
         assert any("/api/models/" in record.path for record in tls_hub.log)

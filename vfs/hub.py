@@ -1,29 +1,28 @@
 """Resolve a model spec to a snapshot: commit sha, files, sizes, content ids.
 
-The only importer of huggingface_hub. Every one of its exceptions becomes one of ours
-here, with a message that names the model. Metadata calls are retried on 429/5xx and
-network errors, and every request has a timeout (huggingface_hub's own client has none).
-The tree listing is paged here rather than by `list_repo_tree`, which retries each page
-for ~23 s on its own with no timeout and would hang a mount on a silent Hub. Names the
+The Hub's metadata API (a revision's commit, a commit's tree) asked over the same HTTP
+stack as the bytes (connections.Pool): one proxy policy, one TLS trust, one pool's
+timeouts for both. Every failure becomes one of our errors here, with a message that
+names the model; the Hub's answers are read as huggingface_hub reads them (X-Error-Code,
+and a 401 without "Invalid credentials" is a repository not found: private, gated or
+missing). Calls are retried on 429/5xx and network errors (retry.py), and every request
+has a timeout. The tree listing is paged here, each page retried on its own. Names the
 Hub returns are checked before anything else sees them: a hostile listing can never make
 a path that escapes the mount or the cache, nor grow without bound.
 """
 
+import json
 import logging
 import re
 import time
 import urllib.parse
 
-import huggingface_hub
-from huggingface_hub import errors as hf_errors
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
-from . import errors, tls
+from . import connections, errors, tls
+from .connections import TRANSPORT_ERRORS, origin
+from .paths import is_commit, is_safe_repo_path
 from .ratelimit import RateGate
 from .retry import RETRY_STATUSES, Attempts, Retryable, server_hint
 from .settings import token_source
-from .connections import origin
-from .paths import is_commit, is_safe_repo_path
 from .snapshots import RemoteFile, Snapshot, SnapshotStore, select_files
 
 log = logging.getLogger(__name__)
@@ -35,6 +34,18 @@ HEX_RE = re.compile(r"^[0-9a-f]+$")
 MAX_FILES = 1_000_000
 MAX_ENTRIES_SEEN = 10 * MAX_FILES    # folders and junk included: a hostile listing must still end
 MAX_FILE_SIZE = 1 << 40      # the Hub caps files at 50 GB; a listing past 1 TiB is lying
+MAX_REDIRECTS = 5            # a renamed repository redirects its API calls (same origin only)
+REDIRECTS = (301, 302, 303, 307, 308)
+BAD_CREDENTIALS = "Invalid credentials in Authorization header"     # the Hub's X-Error-Message
+_NEXT_PAGE = re.compile(r'<([^>]*)>\s*;[^,]*\brel="?next"?')     # RFC 8288, as the Hub pages a listing
+
+
+class HubAnswered(Exception):
+    """The Hub answered with an error status (classified by `classify`)."""
+
+    def __init__(self, status, headers, token_sent):
+        super().__init__(f"HTTP {status}")
+        self.status, self.headers, self.token_sent = status, headers, token_sent
 
 
 class Hub:
@@ -42,8 +53,8 @@ class Hub:
         self.settings = settings
         self.store = store
         self.tokens = token_source(settings)     # each call sends the token of the moment (rotation)
-        if settings.ca_bundle is not None:
-            _trust_in_huggingface_hub(settings.ca_bundle)
+        self.pool = connections.Pool(settings.connect_timeout, settings.read_timeout, dict(settings.proxies),
+                                     ca_bundle=settings.ca_bundle)
         self.reachable = True       # False once a call found the Hub unreachable
         self.gate = RateGate()      # shared by every thread resolving through this Hub
 
@@ -124,24 +135,42 @@ class Hub:
                         spec.name, ignored, spec.hf, first_ignored)
         return tuple(files)
 
+    def close(self):
+        """Close the idle connections to the Hub."""
+        self.pool.close()
+
     def _get(self, url):
-        """One GET at the Hub, its status checked and its RateLimit budget noted."""
-        headers = build_hf_headers(token=self.tokens.current() or False)
-        response = get_session().get(url, headers=headers, timeout=self.settings.read_timeout)
-        hf_raise_for_status(response)
-        self.gate.observe(response.headers)
-        return response
+        """(JSON body, headers) of one GET at the Hub, its status checked and its RateLimit
+        budget noted; the Hub's own redirects (a renamed repository) are followed."""
+        if self.settings.offline:
+            raise errors.HubUnreachable("HF_HUB_OFFLINE is set")
+        token = self.tokens.current()
+        headers = {"Accept": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+        for _ in range(MAX_REDIRECTS + 1):
+            with self.pool.request("GET", url, headers) as response:
+                body = response.read()
+            location = response.headers.get("location")
+            if response.status in REDIRECTS and location:
+                url = urllib.parse.urljoin(url, location)
+                if origin(url) != origin(self.settings.endpoint):
+                    raise ValueError("the Hub redirected to another origin")    # the token would follow
+                continue
+            if not 200 <= response.status < 300:
+                raise HubAnswered(response.status, response.headers, token_sent=bool(token))
+            self.gate.observe(response.headers)
+            return json.loads(body), response.headers
+        raise ValueError(f"more than {MAX_REDIRECTS} redirects")
 
     def _get_json(self, url):
-        return self._get(url).json()
+        return self._get(url)[0]
 
     def _tree_page(self, url):
         """One page of a tree listing and the URL of the next one (None at the end)."""
-        response = self._get(url)
-        page = response.json()
+        page, headers = self._get(url)
         if not isinstance(page, list):
             raise ValueError("a tree listing page is not a JSON list")
-        next_url = response.links.get("next", {}).get("url")
+        found = _NEXT_PAGE.search(headers.get("link") or "")
+        next_url = urllib.parse.urljoin(url, found.group(1)) if found else None
         if next_url and origin(next_url) != origin(self.settings.endpoint):
             raise ValueError("the listing's next page is on another origin")  # the token would follow it
         return page, next_url
@@ -154,7 +183,7 @@ class Hub:
             try:
                 return function(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - classified right below
-                mapped, retryable = classify(spec, exc)
+                mapped, retryable = classify(spec, exc, self.settings.endpoint)
                 wait = attempts.wait_after(retryable) if retryable is not None else None
                 if wait is None:
                     raise mapped from None
@@ -166,22 +195,7 @@ class Hub:
 
 
 def _is_rate_limited(exc):
-    response = getattr(exc, "response", None)
-    return response is not None and getattr(response, "status_code", None) == 429
-
-
-def _trust_in_huggingface_hub(ca_bundle):
-    """Make huggingface_hub's shared client trust `ca_bundle`, as the range reader does (tls.py).
-
-    Its default client reads SSL_CERT_FILE only; REQUESTS_CA_BUNDLE, which its users set
-    from the requests era, would be ignored by metadata calls while byte reads honoured it."""
-    context = tls.client_context(ca_bundle)
-    httpx = huggingface_hub.utils.httpx        # the HTTP library of this huggingface_hub release
-    # Its request hook (offline mode, request ids) is kept when this release has it where we look.
-    hook = getattr(huggingface_hub.utils._http, "hf_request_event_hook", None)
-    hooks = {"request": [hook]} if hook else {}
-    huggingface_hub.set_client_factory(
-        lambda: httpx.Client(event_hooks=hooks, follow_redirects=True, timeout=None, verify=context))
+    return isinstance(exc, HubAnswered) and exc.status == 429
 
 
 def remote_file(entry):
@@ -205,54 +219,37 @@ def _is_directory(entry):
     return isinstance(entry, dict) and entry.get("type") == "directory" and is_safe_repo_path(entry.get("path"))
 
 
-def classify(spec, exc):
+def classify(spec, exc, endpoint):
     """(our exception, a retry.Retryable when another try is worth it, else None)."""
     where = f"model {spec.name!r}: {spec.hf}@{spec.revision}"
-    if isinstance(exc, hf_errors.GatedRepoError):
-        return errors.AccessDenied(f"{where}: the repository is gated; accept its terms and set HF_TOKEN"), None
-    if isinstance(exc, hf_errors.RevisionNotFoundError):
-        return errors.RevisionNotFound(f"{where}: revision {spec.revision!r} not found"), None
-    if isinstance(exc, hf_errors.RepositoryNotFoundError):
-        hint = "" if request_carried_token(exc) else " (or it is private: set HF_TOKEN)"
-        return errors.RepoNotFound(f"{where}: repository not found{hint}"), None
-    if isinstance(exc, hf_errors.OfflineModeIsEnabled):
-        return errors.HubUnreachable(f"{where}: HF_HUB_OFFLINE is set"), None
-    if isinstance(exc, hf_errors.HfHubHTTPError):
-        return _classify_status(where, exc)
+    if isinstance(exc, HubAnswered):
+        return _classify_answer(spec, where, exc)
+    if isinstance(exc, errors.LaminaError):         # offline, or a proxy setting we cannot use
+        return type(exc)(f"{where}: {exc}"), None
     if (refusal := tls.refused_certificate(exc)) is not None:
-        host = urllib.parse.urlsplit(request_url(exc)).netloc or "the Hub"
-        return errors.HubError(f"{where}: {tls.describe(refusal, host)}"), None
-    if isinstance(exc, hf_errors.HTTPError) or isinstance(exc, OSError):
+        return errors.HubError(f"{where}: {tls.describe(refusal, urllib.parse.urlsplit(endpoint).netloc)}"), None
+    if isinstance(exc, TRANSPORT_ERRORS):
         # Two quick retries ride out a blip; past that, a mount starts from its stored snapshots.
         return errors.HubUnreachable(f"{where}: Hub unreachable: {type(exc).__name__}"), Retryable(at_most=2)
     return errors.HubError(f"{where}: unexpected answer from the Hub: {type(exc).__name__}: {exc}"), None
 
 
-def request_url(exc):
-    """The URL the failed request went to, when the exception knows it."""
-    try:
-        return str(exc.request.url)
-    except (AttributeError, RuntimeError):
-        return ""
-
-
-def request_carried_token(exc):
-    """Whether the failed request carried a token (httpx raises when no request is attached)."""
-    try:
-        request = exc.response.request if exc.response is not None else exc.request
-    except (AttributeError, RuntimeError):
-        return False
-    return bool(request.headers.get("authorization"))
-
-
-def _classify_status(where, exc):
-    response = exc.response
-    status = response.status_code if response is not None else 0
+def _classify_answer(spec, where, answer):
+    """An error status, read as huggingface_hub reads it (X-Error-Code, X-Error-Message)."""
+    status, code, message = answer.status, answer.headers.get("x-error-code"), answer.headers.get("x-error-message")
+    if code == "GatedRepo":
+        return errors.AccessDenied(f"{where}: the repository is gated; accept its terms and set HF_TOKEN"), None
+    if code == "RevisionNotFound":
+        return errors.RevisionNotFound(f"{where}: revision {spec.revision!r} not found"), None
+    # A 401 is what the Hub answers for a private, gated or missing repository alike.
+    if code == "RepoNotFound" or (status == 401 and message not in (BAD_CREDENTIALS, "Access to this resource is disabled.")):
+        hint = "" if answer.token_sent else " (or it is private: set HF_TOKEN)"
+        return errors.RepoNotFound(f"{where}: repository not found{hint}"), None
     if status in (401, 403):
         return errors.AccessDenied(f"{where}: access denied (HTTP {status}); check HF_TOKEN"), None
     if status == 404:
         return errors.RepoNotFound(f"{where}: not found (HTTP 404)"), None
-    retryable = Retryable(hint=server_hint(response.headers)) if status in RETRY_STATUSES else None
+    retryable = Retryable(hint=server_hint(answer.headers)) if status in RETRY_STATUSES else None
     return errors.HubError(f"{where}: HTTP {status} from the Hub"), retryable
 
 

@@ -139,11 +139,16 @@ def resolve_all(settings, manifest, store: SnapshotStore, *, lock=None, stored_f
         if is_branch:           # a commit never moves: nothing to re-check
             resolved.to_recheck.append(key)
     if remote:
-        if hub is None:
-            from .hub import Hub    # huggingface_hub is slow to import; a start from the store skips it
+        own_hub = hub is None
+        if own_hub:
+            from .hub import Hub    # a start the store answers alone never builds a Hub client
             hub = Hub(settings, store)
-        for key, (commit, tree) in _resolve_remote(hub, groups, remote, online).items():
-            _select_all(groups[key], commit, tree, snapshots)
+        try:
+            for key, (commit, tree) in _resolve_remote(hub, groups, remote, online).items():
+                _select_all(groups[key], commit, tree, snapshots)
+        finally:
+            if own_hub:
+                hub.close()         # its idle connections to the Hub
     resolved.hub_reachable = online and (hub is None or hub.reachable)
     return resolved
 

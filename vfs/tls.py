@@ -4,8 +4,9 @@ trusts, and how a refused certificate is told to the user.
 The authorities are the system's, unless the environment names a bundle the way Python
 and huggingface_hub users already do (settings.py reads it: `SSL_CERT_FILE`, else
 `REQUESTS_CA_BUNDLE`, else `CURL_CA_BUNDLE`; a file of PEM certificates or a hashed
-directory). Then that bundle alone is trusted, as requests and curl do: the range reader's
-connections (connections.py) and huggingface_hub's client (hub.py) get the same context.
+directory). Then that bundle alone is trusted, as requests and curl do. Every connection
+to the Hub and its CDN is made by connections.Pool (the range reader's and the Hub
+client's, hub.py), so this one context is the whole policy.
 
 Certificates are always checked, names included: there is no switch to turn that off. A
 refused certificate is not retried (another try meets the same certificate) and its
