@@ -11,7 +11,9 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from time import perf_counter
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pyfuse3
 
@@ -19,7 +21,12 @@ from . import errors, localsource
 from .logs import where
 from .metrics import STATS
 from .localsource import LocalFile, LocalHandle
-from .reader import OpenFile
+from .reader import OpenFile, Reader
+from .tree import Node, Tree
+
+if TYPE_CHECKING:
+    from .blockcache import BlockCache
+    from .passthrough import Passthrough
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +35,11 @@ NEGATIVE_TIMEOUT = 60.0       # loaders probe for missing files; let the kernel 
 XATTR_PREFIX = "user.lamina."
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+FileOpener = Callable[[Node], "OpenFile | LocalHandle"]     # mount.Filesystem.open_file
 
-def handler(function):
+
+def handler(function: Handler) -> Handler:
     """Turn every exception into a FUSEError with the one errno table, logging failures.
 
     The only place a FUSEError is made: every errno a reader sees comes from errors.py.
@@ -37,7 +47,7 @@ def handler(function):
     name, counts = function.__name__, STATS.fuse_ops
 
     @functools.wraps(function)
-    async def wrapper(self, *args):
+    async def wrapper(self: "Operations", *args: Any) -> Any:
         counts[name] += 1
         try:
             return await function(self, *args)
@@ -49,15 +59,15 @@ def handler(function):
             log.exception("%s%r failed", name, args[:3])
             raise _fuse_error(name, errno.EIO) from None
 
-    return wrapper
+    return cast(Handler, wrapper)
 
 
-def _fuse_error(op, number):
+def _fuse_error(op: str, number: int) -> pyfuse3.FUSEError:
     STATS.fuse_errors[op, errno.errorcode.get(number, str(number))] += 1
     return pyfuse3.FUSEError(number)
 
 
-def log_read_failure_once(describe, offset, exc):
+def log_read_failure_once(describe: str, offset: int, exc: BaseException) -> None:
     """One log line per failure, however many readers and kernel requests it reaches
     (errors.REPORTED: a failed fetch hands the same error object to every reader waiting
     on it, and the fetcher repeats it for the kernel's immediate re-ask of the same page)."""
@@ -65,18 +75,19 @@ def log_read_failure_once(describe, offset, exc):
         log.error("read: %s: read at offset %d: %s", describe, offset, exc, extra=where(describe, offset))
 
 
-def read_only(function):
+def read_only(function: Handler) -> Handler:
     @functools.wraps(function)
-    async def refuse(self, *args):
+    async def refuse(self: "Operations", *args: Any) -> Any:
         raise errors.ReadOnly(f"{function.__name__}: the filesystem is read-only")
 
-    return handler(refuse)
+    return handler(cast(Handler, refuse))
 
 
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
 
-    def __init__(self, tree, reader, cache, open_file, passthrough=None):
+    def __init__(self, tree: Tree, reader: Reader, cache: "BlockCache", open_file: FileOpener,
+                 passthrough: "Passthrough | None" = None):
         """`open_file(node) -> OpenFile` builds a handle's read state (wired in mount.py);
         `passthrough` (a passthrough.Passthrough) decides which opens the kernel serves itself."""
         super().__init__()
@@ -85,25 +96,25 @@ class Operations(pyfuse3.Operations):
         self.passthrough = passthrough
         if passthrough is not None:
             passthrough.configure(self)
-        self._handles: dict[int, OpenFile] = {}
+        self._handles: dict[int, OpenFile | LocalHandle] = {}
         self._next_handle = 1
         self._mtime_ns = time.time_ns()
         self._uid, self._gid = os.getuid(), os.getgid()
-        self._retired = {}         # nodes of earlier trees: open files may still stat them
+        self._retired: dict[int, Node] = {}     # nodes of earlier trees: open files may still stat them
 
-    def replace_tree(self, tree):
+    def replace_tree(self, tree: Tree) -> None:
         """Serve `tree` from now on (after a refresh); inodes the kernel still holds keep answering."""
         self._retired.update((inode, node) for inode, node in self.tree.nodes.items()
                              if inode not in tree.nodes)
         self.tree = tree
 
-    def _node(self, inode):
+    def _node(self, inode: int) -> Node:
         node = self.tree.node(inode) or self._retired.get(inode)
         if node is None:
             raise errors.NotFound(f"inode {inode}")
         return node
 
-    def _attributes(self, node):
+    def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino, attrs.st_mode = node.inode, node.mode
         attrs.st_nlink = 2 if node.is_dir else 1
@@ -116,7 +127,8 @@ class Operations(pyfuse3.Operations):
         return attrs
 
     @handler
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         node = self.tree.lookup(parent_inode, os.fsdecode(name))
         if node is None:
             missing = pyfuse3.EntryAttributes()
@@ -125,17 +137,17 @@ class Operations(pyfuse3.Operations):
         return self._attributes(node)
 
     @handler
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return self._attributes(self._node(inode))
 
     @handler
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if not self._node(inode).is_dir:
             raise errors.NotADirectory(f"inode {inode}")
         return inode
 
     @handler
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = self.tree.listing(fh)
         for position in range(start_id, len(entries)):
             node = entries[position]
@@ -143,11 +155,11 @@ class Operations(pyfuse3.Operations):
                 break
 
     @handler
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: int) -> None:
         return None
 
     @handler
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & WRITE_FLAGS:
             raise errors.ReadOnly("open for writing: the filesystem is read-only")
         node = self._node(inode)
@@ -168,6 +180,7 @@ class Operations(pyfuse3.Operations):
             self._handles[handle] = self._open_file(node)
             return pyfuse3.FileInfo(fh=handle, keep_cache=False, direct_io=True)
         ref = node.file
+        assert ref is not None          # a file node always has its FileRef or LocalFile
         backing_id = self.passthrough.open(handle, inode, ref.content_id, ref.size, ref.describe)
         if backing_id:      # the kernel reads the blob file itself: no read reaches us
             return pyfuse3.FileInfo(fh=handle, keep_cache=False, backing_id=backing_id)
@@ -178,11 +191,12 @@ class Operations(pyfuse3.Operations):
             raise
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
-    def _open_local(self, handle, inode, node):
+    def _open_local(self, handle: int, inode: int, node: Node) -> pyfuse3.FileInfo:
         """A local model's file: checked against the scan now (EIO if it changed), then passed
         through when safe (passthrough.py), else served by the daemon, which checks it around
         every read (a file changed under an open is EIO, never new bytes)."""
         local = self._open_file(node)
+        assert isinstance(local, LocalHandle)       # what open_file makes of a LocalFile
         backing_id = 0 if self.passthrough is None else self.passthrough.open_local(handle, inode, local)
         if backing_id:
             return pyfuse3.FileInfo(fh=handle, keep_cache=False, backing_id=backing_id)
@@ -190,7 +204,8 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @handler
-    async def read(self, fh, off, size):
+    # pyfuse3 copies any buffer out at once: a memoryview saves a copy (its stub says bytes).
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:  # type: ignore[override]
         started = perf_counter()
         handle = self._handles[fh]
         try:
@@ -204,7 +219,7 @@ class Operations(pyfuse3.Operations):
             STATS.read_seconds.observe(perf_counter() - started)
 
     @handler
-    async def release(self, fh):
+    async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if handle is not None:
             handle.close()
@@ -212,13 +227,14 @@ class Operations(pyfuse3.Operations):
             self.passthrough.release(fh)
 
     @handler
-    async def access(self, inode, mode, ctx):
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext | None) -> bool:
         self._node(inode)
         if mode & os.W_OK:
             raise errors.ReadOnly("access for writing: the filesystem is read-only")
+        return True     # pyfuse3 answers EACCES to anything false
 
     @handler
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         stats = pyfuse3.StatvfsData()
         total = sum(node.size for node in self.tree.files())
         stats.f_bsize = stats.f_frsize = 4096
@@ -229,19 +245,19 @@ class Operations(pyfuse3.Operations):
         return stats
 
     @handler
-    async def listxattr(self, inode, ctx):
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         node = self._node(inode)
         return [os.fsencode(XATTR_PREFIX + key) for key in self._xattrs(node)]
 
     @handler
-    async def getxattr(self, inode, name, ctx):
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         values = self._xattrs(self._node(inode))
         key = os.fsdecode(name)
         if not key.startswith(XATTR_PREFIX) or key[len(XATTR_PREFIX):] not in values:
             raise errors.NoSuchAttribute(f"inode {inode}: no attribute {key!r}")
         return values[key[len(XATTR_PREFIX):]].encode()
 
-    def _xattrs(self, node):
+    def _xattrs(self, node: Node) -> dict[str, str]:
         ref = node.file
         if ref is None:
             return {"model": node.model} if node.model else {}
