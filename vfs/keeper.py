@@ -48,6 +48,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import daemons
 from .resend import ResendUnsupported, send_resend
@@ -91,10 +92,10 @@ class Keeper:
         self.previous: subprocess.Popen | None = None
         self.child_serving = False
         self.started_at = 0.0
-        self.restarts = collections.deque()
+        self.restarts: collections.deque[float] = collections.deque()
         self.stopping = False
-        self.upgrades = {"finished": 0}
-        self.exit_code = None
+        self.upgrades: dict[str, Any] = {"finished": 0}
+        self.exit_code: int | None = None
         self._link, self._child_link = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._selector = selectors.DefaultSelector()
 
@@ -139,19 +140,32 @@ class Keeper:
         if self.connection is None or not self.child_serving or self.successor is not None or self.stopping:
             self._upgrade_finished(False, "no daemon serves, or a hand-over is already under way")
             return
-        log.info("keeper: upgrade: starting a successor to take over from pid %d", self.child.pid)
+        log.info("keeper: upgrade: starting a successor to take over from pid %d", self.serving.pid)
         self.successor = self._start(takeover=True)
 
     # -- children
+
+    @property
+    def serving(self) -> subprocess.Popen:
+        """The current child (started by run(): never None after that)."""
+        assert self.child is not None
+        return self.child
+
+    @property
+    def held(self) -> Connection:
+        """The connection, once a child has handed it over (or systemd handed it back)."""
+        assert self.connection is not None
+        return self.connection
 
     def _start(self, adopt: bool = False, takeover: bool = False) -> subprocess.Popen:
         argv = _without_ready_fd(self.child_argv) + [LINK_FLAG, str(self._child_link.fileno())]
         passed = [self._child_link.fileno()]
         if adopt:
-            argv += ["--adopt-fd", str(self.connection.fd)]
-            if self.connection.state and os.path.exists(self.connection.state):
-                argv += ["--handover-state", self.connection.state]
-            passed.append(self.connection.fd)
+            connection = self.held
+            argv += ["--adopt-fd", str(connection.fd)]
+            if connection.state and os.path.exists(connection.state):
+                argv += ["--handover-state", connection.state]
+            passed.append(connection.fd)
         if takeover:
             argv.append("--takeover")
         if self.ready_fd is not None:           # only the first child says when it serves
@@ -193,10 +207,10 @@ class Keeper:
             self._store_in_systemd()
         elif fd is not None:
             os.close(fd)                # the same connection we hold already
-        self.connection.state = said.get("state") or self.connection.state
+        self.held.state = said.get("state") or self.held.state
         pid = said.get("pid")
         if self.successor is not None and pid == self.successor.pid:
-            self.previous, self.child, self.successor = self.child, self.successor, None
+            self.previous, self.child, self.successor = self.serving, self.successor, None
             if self.previous.poll() is not None:
                 self._upgrade_done()
         self.child_serving = True
@@ -237,15 +251,15 @@ class Keeper:
             self.exit_code = 0
             return
         log.warning("keeper: the serving daemon (pid %d) %s%s; starting a successor on the same connection",
-                    self.child.pid, _describe(code), "" if served else " before it served")
+                    self.serving.pid, _describe(code), "" if served else " before it served")
         self._restart()
 
     def _successor_failed(self, code: int) -> None:
         self.successor = None
         why = f"the successor {_describe(code)} before it served; see the log"
         self._upgrade_finished(False, why)
-        if self.child.poll() is None:
-            log.warning("keeper: upgrade failed: %s; pid %d serves on", why, self.child.pid)
+        if self.serving.poll() is None:
+            log.warning("keeper: upgrade failed: %s; pid %d serves on", why, self.serving.pid)
         elif not self.stopping and self._mount_is_ours():
             log.warning("keeper: upgrade failed after the old daemon had gone: %s", why)
             self._restart()
@@ -258,12 +272,12 @@ class Keeper:
 
     def _upgrade_done(self) -> None:
         old, self.previous = self.previous, None
-        log.info("keeper: upgrade: pid %d handed over to pid %d", old.pid, self.child.pid)
-        self._upgrade_finished(True, None, old.pid)
+        log.info("keeper: upgrade: pid %d handed over to pid %d", old.pid if old else 0, self.serving.pid)
+        self._upgrade_finished(True, None, old.pid if old else None)
 
     def _upgrade_finished(self, ok: bool, error: str | None, old: int | None = None) -> None:
         self.upgrades = {"finished": self.upgrades["finished"] + 1, "ok": ok, "error": error,
-                         "old": old, "new": self.child.pid if ok else None}
+                         "old": old, "new": self.serving.pid if ok else None}
         self._write_record()
 
     def _check_start_deadline(self) -> None:
@@ -289,7 +303,7 @@ class Keeper:
 
     def _resend(self) -> None:
         try:
-            send_resend(self.connection.fd)
+            send_resend(self.held.fd)
         except ResendUnsupported as exc:
             log.warning("keeper: %s: requests the dead daemon had read will not be answered", exc.strerror)
         except OSError as exc:
@@ -300,11 +314,11 @@ class Keeper:
 
     def _store_in_systemd(self) -> None:
         if self.notifier is not None and self.notifier.enabled:
-            self.notifier.store_fd(self.connection.fd, FDSTORE_NAME)
+            self.notifier.store_fd(self.held.fd, FDSTORE_NAME)
 
     def _write_record(self) -> None:
         if self.connection is not None:
-            write_record(self.mountpoint, {"keeper": os.getpid(), "child": self.child.pid,
+            write_record(self.mountpoint, {"keeper": os.getpid(), "child": self.serving.pid,
                                            "device": self.connection.device, "state": self.connection.state,
                                            "upgrades": self.upgrades})
 

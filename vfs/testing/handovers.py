@@ -52,7 +52,7 @@ class Report:
                 and self.results.longest_stall <= max_stall and not self.leftover)
 
     def summary(self) -> str:
-        if self.failure:
+        if self.failure or self.results is None:
             return f"failed after {len(self.rounds)} rounds: {self.failure}"
         serve = max((r.seconds_to_serve for r in self.rounds), default=0.0)
         return (f"{len(self.rounds)} rounds ({', '.join(sorted({r.kind for r in self.rounds}))}): "
@@ -64,16 +64,29 @@ class Report:
                 "leftover": self.leftover, "failure": self.failure}
 
 
-def kill_child(mount: MountProcess) -> int:
+def serving_pid(mount: MountProcess) -> int:
     pid = mount.daemon_pid()
+    if pid is None:
+        raise RuntimeError("no daemon serves")
+    return pid
+
+
+def kill_child(mount: MountProcess) -> int:
+    pid = serving_pid(mount)
     os.kill(pid, signal.SIGKILL)
     return pid
 
 
 def ask_upgrade(mount: MountProcess) -> int:
-    pid = mount.daemon_pid()
-    mount.process.send_signal(signal.SIGUSR1)
+    pid = serving_pid(mount)
+    os.kill(keeper_pid(mount), signal.SIGUSR1)
     return pid
+
+
+def keeper_pid(mount: MountProcess) -> int:
+    if mount.process is None:
+        raise RuntimeError("the mount was not started")
+    return mount.process.pid
 
 
 ACTIONS = {"kill": kill_child, "upgrade": ask_upgrade}
@@ -86,8 +99,8 @@ def wait_for_successor(mount: MountProcess, old_pid: int, timeout: float = SERVE
         pid = mount.daemon_pid()
         if pid not in (None, old_pid) and f"keeper: daemon pid {pid} serves" in mount.log_text():
             return pid
-        if mount.process.poll() is not None:
-            raise RuntimeError(f"the keeper exited ({mount.process.returncode})")
+        if mount.process is None or mount.process.poll() is not None:
+            raise RuntimeError("the keeper exited")
         time.sleep(0.02)
     raise RuntimeError(f"no successor served within {timeout:.0f} s of pid {old_pid}")
 
@@ -124,7 +137,7 @@ def soak(kinds: list[str], size: int, mount_args=(), drop_every: float = 2.0, wo
             mount.start()
             path = mount.mountpoint / "model" / "model.gguf"
             read_through(path)
-            first = mount.daemon_pid()
+            first = serving_pid(mount)
             with Readers(path, reference, drop_every=drop_every) as readers:
                 try:
                     run_rounds(mount, readers, kinds, report)

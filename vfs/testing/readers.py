@@ -67,8 +67,8 @@ class Tally:
         self.wrong_bytes = 0
         self.errors: dict[str, int] = {}
         self.longest_stall = 0.0
-        self.longest_stall_at = None       # wall-clock time the longest operation started
-        self.first_problem = None
+        self.longest_stall_at: float | None = None     # wall-clock time the longest operation started
+        self.first_problem: str | None = None
 
     def timed(self, operation):
         """Run `operation()`, timing it; an OSError is counted, not raised. Its result or None."""
@@ -76,7 +76,8 @@ class Tally:
         try:
             return operation()
         except OSError as exc:
-            self.error(errno.errorcode.get(exc.errno, str(exc.errno)), str(exc))
+            code = exc.errno or 0
+            self.error(errno.errorcode.get(code, str(code)), str(exc))
             return None
         finally:
             took = time.monotonic() - started
@@ -173,7 +174,7 @@ def read_by_mmap(path: Path, reference: Path, seed: int, tally: Tally, drop_ever
             mapping.close()
 
 
-def read_by_stat(path: Path, reference: Path, seed: int, tally: Tally, **_) -> None:
+def read_by_stat(path: Path, reference: Path, seed: int, tally: Tally, drop_every=None) -> None:
     size = reference.stat().st_size
     chain = _directories_down_to(path)
     first = os.stat(path)
@@ -221,7 +222,7 @@ def run_one(kind: str, path: Path, reference: Path, seed: int, drop_every: float
     """A reader process's body: read until stdin closes, then print the tally as JSON."""
     tally = Tally(kind)
     if kind == "drop":
-        drop_all_pages(tally, drop_every)
+        drop_all_pages(tally, drop_every or 2.0)
     else:
         READERS[kind](path, reference, seed, tally, drop_every=drop_every)
     print(json.dumps({"result": tally.as_dict()}), flush=True)
@@ -301,6 +302,7 @@ class _Child:
         self._listener.start()
 
     def _listen(self):
+        assert self.process.stdout is not None
         for line in self.process.stdout:
             message = json.loads(line)
             self.progress = message.get("progress", self.progress)
@@ -309,7 +311,8 @@ class _Child:
 
     def stop(self, deadline) -> ReaderResult:
         try:
-            self.process.stdin.close()
+            if self.process.stdin is not None:
+                self.process.stdin.close()
         except OSError:
             pass
         try:
@@ -327,7 +330,8 @@ class _Child:
         if code == 0 and self.result is not None:
             return ReaderResult(**self.result)
         died = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
-        stderr = self.process.stderr.read().decode(errors="replace").strip().splitlines()
+        output = self.process.stderr.read() if self.process.stderr is not None else b""
+        stderr = output.decode(errors="replace").strip().splitlines()
         return ReaderResult(self.kind, ops=self.progress, died=died,
                             first_problem=stderr[-1] if stderr else None)
 
@@ -414,7 +418,7 @@ def baseline(seconds: float, drop_every: float, drop: str, size: int = 256 * MiB
             read_through(path)          # stalls measured are the hand-over's, not first fetches
             with Readers(path, reference, drop_every=drop_every, drop=drop) as readers:
                 time.sleep(seconds)
-            return readers.results
+            return readers.stop()
 
 
 def read_through(path: Path) -> None:
@@ -465,7 +469,7 @@ def main(argv=None) -> int:
     elif args.path and args.reference:
         with Readers(args.path, args.reference, args.seed, args.drop_every, args.drop) as readers:
             time.sleep(args.seconds)
-        results = readers.results
+            results = readers.stop()
     else:
         parser.error("give PATH and REFERENCE, or --baseline")
     print(json.dumps(results.as_dict(), indent=2) if args.json else results.summary())
