@@ -91,6 +91,7 @@ class Keeper:
         self.successor: subprocess.Popen | None = None
         self.previous: subprocess.Popen | None = None
         self.child_serving = False
+        self.adoptable = True           # False: a stock pyfuse3, which cannot serve an adopted connection
         self.started_at = 0.0
         self.restarts: collections.deque[float] = collections.deque()
         self.stopping = False
@@ -208,6 +209,7 @@ class Keeper:
         elif fd is not None:
             os.close(fd)                # the same connection we hold already
         self.held.state = said.get("state") or self.held.state
+        self.adoptable = bool(said.get("adoptable", True))
         pid = said.get("pid")
         if self.successor is not None and pid == self.successor.pid:
             self.previous, self.child, self.successor = self.serving, self.successor, None
@@ -249,6 +251,13 @@ class Keeper:
             # daemon this keeper did not start (a `mount` on the live mount point).
             log.info("keeper: the daemon handed %s over to another; the keeper steps aside", self.mountpoint)
             self.exit_code = 0
+            return
+        if not self.adoptable:
+            log.error("keeper: the serving daemon (pid %d) %s, and this build's pyfuse3 cannot adopt a "
+                      "connection (make install builds one that can); unmounting %s",
+                      self.serving.pid, _describe(code), self.mountpoint)
+            _lazy_unmount(self.mountpoint)
+            self.exit_code = _exit_status(code) or 1
             return
         log.warning("keeper: the serving daemon (pid %d) %s%s; starting a successor on the same connection",
                     self.serving.pid, _describe(code), "" if served else " before it served")
@@ -459,7 +468,9 @@ def adopted_connection(mountpoint, stored: dict[str, int]) -> Connection | None:
 
 def tell_keeper(link_fd: int, state_path: str | None = None) -> None:
     """In the serving daemon, once it serves: give the keeper a duplicate of the connection."""
-    message = json.dumps({"pid": os.getpid(), "state": state_path}).encode()
+    pyfuse3 = sys.modules.get("pyfuse3")
+    adoptable = pyfuse3 is not None and hasattr(pyfuse3, "adopt")     # the project's patched build
+    message = json.dumps({"pid": os.getpid(), "state": state_path, "adoptable": adoptable}).encode()
     fds = array.array("i", [connection_fd()])
     with socket.socket(fileno=os.dup(link_fd)) as link:
         link.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
