@@ -14,14 +14,17 @@ pyfuse3 nor trio, runs one thread, holds no cache, and does only this:
 
 - SIGTERM, SIGINT, SIGHUP: passed to the child (a clean unmount, as without a keeper);
   the keeper exits with the child's exit code.
-- SIGUSR1 (`upgrade` under a keeper): the child is asked to hand over (SIGUSR1 to it:
-  it stops at a request boundary and exits without unmounting); once it has exited, a
-  successor from the installed code adopts the connection.
+- SIGUSR1 (`upgrade` under a keeper): the keeper starts a successor from the installed
+  code with `--takeover`; it takes the connection from the serving child over the
+  child's control socket (the child stops at a request boundary and exits without
+  unmounting). If the successor fails, the old child serves on. The outcome goes into
+  the keeper's record, which `upgrade` reads.
 - The child exits while the mount is still ours (listed at the mountpoint with the
-  device it was mounted as): RESEND, then a successor. At most RESTARTS_ALLOWED in
-  RESTART_WINDOW seconds, and a successor that does not serve within START_SECONDS is
-  killed and counts as one; past that the keeper gives up, unmounts lazily (so nothing
-  is left dead at the mountpoint) and exits 1.
+  device it was mounted as): RESEND, then a successor. A successor that does not serve
+  within START_SECONDS is killed. After RESTARTS_ALLOWED children in a row that died
+  before they served, the keeper gives up, unmounts lazily (so nothing is left dead at
+  the mountpoint) and exits 1. A child that served resets that count: a daemon killed
+  from outside again and again is restarted every time.
 - The mount went away (unmounted from outside, or lazily): the keeper exits with the
   child's code.
 - Under systemd with `FileDescriptorStoreMax=`, the connection is also put in the
@@ -36,7 +39,6 @@ Under systemd the file descriptor store is one more holder, which outlives both.
 """
 
 import array
-import collections
 import json
 import logging
 import os
@@ -57,8 +59,7 @@ log = logging.getLogger(__name__)
 
 LINK_FLAG = "--keeper-fd"
 FDSTORE_NAME = "lamina-fuse"
-RESTARTS_ALLOWED = 5
-RESTART_WINDOW = 60.0
+RESTARTS_ALLOWED = 5            # children in a row that died before they served
 START_SECONDS = 120.0           # a successor pins from the store and builds its tree first
 PASSED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 UPGRADE_SIGNAL = signal.SIGUSR1
@@ -93,7 +94,7 @@ class Keeper:
         self.child_serving = False
         self.adoptable = True           # False: a stock pyfuse3, which cannot serve an adopted connection
         self.started_at = 0.0
-        self.restarts: collections.deque[float] = collections.deque()
+        self.failed_starts = 0          # children in a row that died before they served
         self.stopping = False
         self.upgrades: dict[str, Any] = {"finished": 0}
         self.exit_code: int | None = None
@@ -261,7 +262,7 @@ class Keeper:
             return
         log.warning("keeper: the serving daemon (pid %d) %s%s; starting a successor on the same connection",
                     self.serving.pid, _describe(code), "" if served else " before it served")
-        self._restart()
+        self._restart(served)
 
     def _successor_failed(self, code: int) -> None:
         self.successor = None
@@ -271,10 +272,10 @@ class Keeper:
             log.warning("keeper: upgrade failed: %s; pid %d serves on", why, self.serving.pid)
         elif not self.stopping and self._mount_is_ours():
             log.warning("keeper: upgrade failed after the old daemon had gone: %s", why)
-            self._restart()
+            self._restart(served=False)
 
-    def _restart(self) -> None:
-        if not self._may_restart():
+    def _restart(self, served: bool = True) -> None:
+        if not self._may_restart(served):
             return
         self._resend()                  # the predecessor is reaped: nothing of it can answer now
         self.child = self._start(adopt=True)
@@ -295,15 +296,12 @@ class Keeper:
             log.error("keeper: pid %d did not serve within %.0f s; killing it", starting.pid, START_SECONDS)
             starting.kill()
 
-    def _may_restart(self) -> bool:
-        now = time.monotonic()
-        self.restarts.append(now)
-        while self.restarts and now - self.restarts[0] > RESTART_WINDOW:
-            self.restarts.popleft()
-        if len(self.restarts) <= RESTARTS_ALLOWED:
+    def _may_restart(self, served: bool) -> bool:
+        self.failed_starts = 0 if served else self.failed_starts + 1
+        if self.failed_starts <= RESTARTS_ALLOWED:
             return True
-        log.error("keeper: %d restarts within %.0f s; giving up and unmounting %s",
-                  len(self.restarts), RESTART_WINDOW, self.mountpoint)
+        log.error("keeper: %d daemons in a row died before they served; giving up and unmounting %s",
+                  self.failed_starts, self.mountpoint)
         _lazy_unmount(self.mountpoint)
         self.exit_code = 1
         return False
