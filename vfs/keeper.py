@@ -512,7 +512,7 @@ def ask_keeper_to_upgrade(mountpoint, timeout: float) -> dict | None:
         record = read_record(mountpoint) or record
         if record["upgrades"]["finished"] > before:
             return record["upgrades"]
-        if daemons.daemon_of(mountpoint) != record.get("keeper"):
+        if daemons.has_exited(record["keeper"]):
             return {"ok": False, "error": "the keeper exited"}
         time.sleep(daemons.POLL_SECONDS)
     return {"ok": False, "error": f"no outcome within {timeout:g}s"}
