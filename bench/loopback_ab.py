@@ -3,7 +3,12 @@
 For a change to the fetch path that must not slow the unshaped case (parts and the
 concurrency controller): both daemons read the same big file from the same simulator,
 cold (fresh block cache, page cache dropped, the server's file read back in), in
-alternating order each round, and the medians are compared.
+alternating order each round. Two figures per read: the throughput, and the daemon's CPU
+time per MiB read (all its threads, from /proc). On a machine shared with other work the
+throughput swings by 2x from one read to the next; the CPU a daemon spends per MiB moves
+far less with the load, and is what a cost in the fetch path would show as. Each is
+compared by its medians and by the per-round ratios (this checkout / baseline, the two
+reads of a round taken back to back).
 """
 
 import argparse
@@ -18,7 +23,7 @@ from vfs.testing.mounts import MountProcess, isolated_environment
 
 from .data import MIB, big_file
 from .machine import drop_caches, warm
-from .overhead import ROOT, export
+from .overhead import ROOT, daemon_cpu_seconds, export
 from .probes import read_sequential
 from .server import HubProcess
 
@@ -35,6 +40,7 @@ def parse_args(argv):
 
 
 def cold_read(hub, work, name, pythonpath, big):
+    """(MB/s, daemon CPU microseconds per MiB) of one cold read of `big` through a fresh mount."""
     cache = work / f"cache-{name}"
     shutil.rmtree(cache, ignore_errors=True)
     env = isolated_environment(work, {"PYTHONPATH": str(pythonpath)})
@@ -43,9 +49,26 @@ def cold_read(hub, work, name, pythonpath, big):
     try:
         drop_caches()
         warm(big)
-        return read_sequential(work / "mnt" / "big" / big.name)
+        before = daemon_cpu_seconds(mount.process.pid)
+        rate = read_sequential(work / "mnt" / "big" / big.name)
+        cpu = daemon_cpu_seconds(mount.process.pid) - before
+        return rate / 1e6, cpu * 1e6 / (big.stat().st_size / MIB)
     finally:
         mount.stop()
+
+
+def summary(name, values, unit):
+    return f"{name}: median {statistics.median(values):,.0f} {unit} ({', '.join(f'{v:,.0f}' for v in values)})"
+
+
+def compare(figures, base, unit, what):
+    ours, theirs = figures["this checkout"], figures[base]
+    ratios = [o / t for o, t in zip(ours, theirs)]
+    for name in (base, "this checkout"):
+        print(summary(f"{what}, {name}", figures[name], unit))
+    print(f"{what}, this checkout / baseline: {statistics.median(ours) / statistics.median(theirs):.2f}x of the "
+          f"medians; per round {', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}, "
+          f"{sum(r > 1 for r in ratios)} of {len(ratios)} above 1)")
 
 
 def main(argv=None):
@@ -56,20 +79,22 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     (work / "models.yaml").write_text(MANIFEST)
     commit, baseline = export(args.baseline, work / "exports")
-    daemons = {f"baseline {commit[:12]}": baseline, "this checkout": ROOT}
+    base = f"baseline {commit[:12]}"
+    daemons = {base: baseline, "this checkout": ROOT}
     big = big_file(work / "repo-big", args.size_mib * MIB)
     os.chdir(work)          # not the checkout: PYTHONPATH alone decides which code a daemon runs
-    figures = {name: [] for name in daemons}
+    rates = {name: [] for name in daemons}
+    cpu = {name: [] for name in daemons}
     with HubProcess({"bench/big": big.parent}) as hub:
         for round_ in range(args.rounds):
             order = list(daemons) if round_ % 2 == 0 else list(reversed(daemons))
             for name in order:
-                figures[name].append(cold_read(hub, work, name.split()[0], daemons[name], big) / 1e6)
-                print(f"round {round_ + 1}: {name}: {figures[name][-1]:,.0f} MB/s", flush=True)
-    medians = {name: statistics.median(values) for name, values in figures.items()}
-    for name, values in figures.items():
-        print(f"{name}: median {medians[name]:,.0f} MB/s ({', '.join(f'{v:,.0f}' for v in values)})")
-    print(f"this checkout / baseline: {medians['this checkout'] / medians[f'baseline {commit[:12]}']:.2f}x")
+                rate, per_mib = cold_read(hub, work, name.split()[0], daemons[name], big)
+                rates[name].append(rate)
+                cpu[name].append(per_mib)
+                print(f"round {round_ + 1}: {name}: {rate:,.0f} MB/s, {per_mib:,.0f} us CPU per MiB", flush=True)
+    compare(rates, base, "MB/s", "throughput")
+    compare(cpu, base, "us per MiB", "daemon CPU")
 
 
 if __name__ == "__main__":

@@ -27,11 +27,13 @@ class Transfer:
     started: float
     wait: float         # the reply's delay still to come
     left: float         # body bytes still to come
+    rate: float = float("inf")      # this response's own cap
 
 
 def simulate(limit, clock, seconds, per_request, total=float("inf"), delay=0.08, part=2 * MIB, step=0.002,
-             refuse_when=lambda in_flight: False):
-    """Run `limit` against a link: each response at most `per_request` B/s, all together at most
+             refuse_when=lambda in_flight: False, rate_jitter=0.0):
+    """Run `limit` against a link: each response at most `per_request` B/s (less by up to
+    `rate_jitter` of it, at random: a busy host's responses), all together at most
     `total`, each reply about `delay` late (jittered, as real replies are: without it every
     request would start, wait and end in lockstep); demand never runs out (a pull). Returns
     the bytes carried in the second half of the run per second, and the most requests that
@@ -45,17 +47,19 @@ def simulate(limit, clock, seconds, per_request, total=float("inf"), delay=0.08,
             if refuse_when(limit.in_flight):
                 limit.refused(1.0)
             else:
-                active.append(Transfer(clock.now, delay * jitter.uniform(0.5, 1.5), part))
+                active.append(Transfer(clock.now, delay * jitter.uniform(0.5, 1.5), part,
+                                       per_request * jitter.uniform(1 - rate_jitter, 1)))
         most = max(most, len(active))
         sending = [t for t in active if t.wait <= 0]
-        share = min(per_request, total / len(sending)) if sending else 0.0
+        share = total / len(sending) if sending else 0.0
         for transfer in active:
             if transfer.wait > 0:
                 transfer.wait -= step
             else:
-                transfer.left -= share * step
+                got = min(transfer.rate, share) * step
+                transfer.left -= got
                 if clock.now >= seconds / 2:
-                    carried += share * step
+                    carried += got
         clock.now += step
         for transfer in [t for t in active if t.left <= 0]:
             active.remove(transfer)
@@ -70,6 +74,17 @@ def test_grows_to_fill_a_link_capped_per_response():
     per_request = 2 * MIB / (0.08 + 2 * MIB / (10 * MB))   # a part's bytes over its whole time
     assert limit.limit == 32 and most == 32
     assert rate >= 0.9 * 32 * per_request
+
+
+def test_grows_to_fill_a_link_whose_responses_vary_in_rate():
+    # On a busy host one response runs at 60% of the cap, the next at 100%: the fastest of
+    # them is no yardstick for all (the mean of them then looks like a full link).
+    clock = Clock()
+    limit = OriginLimit(cap=32, clock=clock)
+    rate, most = simulate(limit, clock, 12, per_request=40 * MB, delay=0.03, rate_jitter=0.4)
+    assert limit.limit == 32 and most == 32
+    per_request = 2 * MIB / (0.03 + 2 * MIB / (0.8 * 40 * MB))
+    assert rate >= 0.8 * 32 * per_request
 
 
 def test_stops_growing_when_the_total_stops_growing():
@@ -162,13 +177,16 @@ def test_a_link_that_refuses_beyond_a_number_is_not_pushed_past_it():
 # The Controller, with real threads
 
 
-def hold_slots(controller, origin, count, stream, seconds, seen):
+def hold_slots(controller, origin, count, stream, seconds, seen, gate=None):
+    """Threads that each take a slot, note it, and hold it `seconds` (after `gate` is set, if given)."""
     def work():
         with controller.slot(origin, stream, deadline=time.monotonic() + 30) as slot:
             with seen["lock"]:
                 seen["now"] += 1
                 seen["most"] = max(seen["most"], seen["now"])
                 seen["order"].append(stream)
+            if gate is not None:
+                assert gate.wait(30)
             time.sleep(seconds)
             with seen["lock"]:
                 seen["now"] -= 1
@@ -198,22 +216,27 @@ def test_threads_never_exceed_the_cap():
 
 
 def start_and_queue(controller, threads, waiting):
+    """Start `threads` and return once `waiting` requests wait at the controller (however
+    slowly a loaded host starts threads)."""
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 10
-    while controller.stats().get("cdn", {}).get("waiting", 0) < waiting and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30
+    while controller.stats().get("cdn", {}).get("waiting", 0) < waiting:
+        assert time.monotonic() < deadline, "the threads never queued"
         time.sleep(0.001)
 
 
 def test_several_readers_share_an_origin_fairly():
     controller = Controller(max_in_flight=1, initial=1)
     seen = new_seen()
+    gate = threading.Event()        # the first request holds the slot until everyone queued
     # One reader queues 10 requests, then a second one 3: the second is served every other
     # time, not after the first reader's whole queue.
-    first = hold_slots(controller, "cdn", 10, "first", 0.1, seen)
-    second = hold_slots(controller, "cdn", 3, "second", 0.1, seen)
+    first = hold_slots(controller, "cdn", 10, "first", 0.0, seen, gate)
+    second = hold_slots(controller, "cdn", 3, "second", 0.0, seen, gate)
     start_and_queue(controller, first, 9)
-    start_and_queue(controller, second, 12)     # while the first request still holds the slot
+    start_and_queue(controller, second, 12)
+    gate.set()
     for thread in first + second:
         thread.join(30)
     order = seen["order"]
@@ -224,19 +247,19 @@ def test_several_readers_share_an_origin_fairly():
 def test_an_urgent_request_goes_before_queued_read_ahead():
     controller = Controller(max_in_flight=1, initial=1)
     seen = new_seen()
-    queued = hold_slots(controller, "cdn", 6, "ahead", 0.05, seen)
+    gate = threading.Event()
+    queued = hold_slots(controller, "cdn", 6, "ahead", 0.0, seen, gate)
 
     def urgent():
-        with controller.slot("cdn", "reader", deadline=time.monotonic() + 10, urgent=True):
-            seen["order"].append("urgent")
-    thread = threading.Thread(target=urgent)
-    for other in queued:
-        other.start()
-    time.sleep(0.02)                # one holds the slot, five wait
-    thread.start()
-    thread.join(10)
-    for other in queued:
-        other.join(10)
+        with controller.slot("cdn", "reader", deadline=time.monotonic() + 30, urgent=True):
+            with seen["lock"]:
+                seen["order"].append("urgent")
+    start_and_queue(controller, queued, 5)                          # one holds the slot, five wait
+    reader = threading.Thread(target=urgent)
+    start_and_queue(controller, [reader], 6)
+    gate.set()
+    for thread in [*queued, reader]:
+        thread.join(30)
     assert seen["order"].index("urgent") == 1
 
 

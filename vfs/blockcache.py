@@ -77,7 +77,7 @@ from typing import Protocol
 
 import trio
 
-from . import blockio, cachedir, errors
+from . import blockio, cachedir, errors, readahead
 from .atomic import write_atomically
 from .blockmemory import BlockKey, BlockMemory, Buffer
 from .cachedir import CacheDir
@@ -95,6 +95,7 @@ READ_ROUNDS = 3                        # a read retries when its block left memo
 PEEK_SCAN_FROM = 64                    # peek_many scans the blob folders for this many blobs
 STREAM_TRIES = 3                       # a one-pass read whose body breaks is reopened this often
 SWEEP_EVERY = 10.0                     # seconds between looks for idle blobs another process evicted
+FILL_PARALLEL = 4                      # blocks a fill fetches at once, at most
 
 
 class BlockSource(Protocol):
@@ -463,8 +464,9 @@ class BlobHandle:
         self._cache._load_ahead(self._blob, index)
 
     async def fill(self, source: BlockSource, on_block: Callable[[int], object] = lambda length: None,
-                   parallel: int = 4) -> None:
-        """Fetch every absent block, `parallel` at a time; the first failure is raised as itself."""
+                   parallel: int = FILL_PARALLEL) -> None:
+        """Fetch every absent block, the first failure raised as itself. As many blocks at a time
+        as hold the requests the link gives this file (readahead.py), `parallel` at most."""
         await self._cache._fill(self._blob, source, on_block, parallel)
 
     async def verify(self, describe: str = "") -> bool:
@@ -730,7 +732,8 @@ class BlockCache:
     async def _fill(self, blob: _Blob, source: BlockSource, on_block: Callable[[int], object],
                     parallel: int) -> None:
         blob.read_new_records()
-        slots = trio.Semaphore(parallel)
+        slots = readahead.Depth(lambda: readahead.blocks_ahead(source, self.block_size,
+                                                               min(parallel, max(1, self.buffer_count // 2))))
         failures: list[errors.LaminaError] = []
 
         async def fetch_one(index: int, cancel_scope: trio.CancelScope) -> None:

@@ -7,7 +7,7 @@ gets an `OriginLimit`, which learns how many requests are worth having in flight
 
 - It measures each request's own rate (its bytes over its time, the wait for the first
   byte included). Per epoch (a few request durations) it compares the epoch's rate per
-  request with the best of the last few epochs: their ratio is the efficiency, and the
+  request with the best epoch's of the last few: their ratio is the efficiency, and the
   total the origin carried is about (requests in flight, time-averaged) x rate per
   request, so "useful" = requests in flight x efficiency is how many requests' worth of
   bytes the link actually carried.
@@ -79,7 +79,11 @@ class OriginLimit:
         # Until a first answer: one request alone. A server that ignores Range answers each
         # request with the whole file; learning that from one costs one file's prefix, not 32.
         self.probing = True
-        self._best = collections.deque([0.0], maxlen=BEST_EPOCHS)   # per epoch: the best request's rate
+        # Per epoch: the fastest request's rate (what a part is sized by), and the rate per
+        # request of the epoch as a whole (the yardstick of efficiency: on a busy host requests
+        # vary, and the fastest of a few dozen would make any epoch's mean look like a full link).
+        self._fastest = collections.deque([0.0], maxlen=BEST_EPOCHS)
+        self._means: collections.deque[float] = collections.deque([], maxlen=BEST_EPOCHS)
         self._quota: tuple[int, float] | None = None    # (requests left, until when) from a RateLimit header
         self._epoch = _Epoch(clock())
         self._duration = 0.0            # smoothed seconds per request
@@ -128,7 +132,7 @@ class OriginLimit:
         self._epoch.completions += 1
         if seconds > 0:
             self._epoch.seconds += seconds
-            self._best[-1] = max(self._best[-1], received / seconds)
+            self._fastest[-1] = max(self._fastest[-1], received / seconds)
         self._duration = seconds if not self._duration else 0.8 * self._duration + 0.2 * seconds
         if headers:
             self.rate_limit_headers(headers)
@@ -168,7 +172,8 @@ class OriginLimit:
 
     @property
     def best_per_request(self) -> float:
-        return max(self._best)
+        """The fastest a request to this origin ran lately (bytes per second, the wait included)."""
+        return max(self._fastest)
 
     def _account(self):
         now = self.clock()
@@ -184,12 +189,16 @@ class OriginLimit:
     def _adapt(self):
         epoch, now = self._epoch, self.clock()
         self._epoch = _Epoch(now)
-        best = self.best_per_request
-        self._best.append(0.0)
+        self._fastest.append(0.0)
         elapsed = now - epoch.started
-        if not epoch.saturated or elapsed <= 0 or epoch.seconds <= 0 or best <= 0:
+        if elapsed <= 0 or epoch.seconds <= 0:
+            return
+        mean = epoch.bytes / epoch.seconds
+        best = max(self._means, default=mean)
+        self._means.append(mean)
+        if not epoch.saturated or best <= 0:
             return                      # the demand was below the limit: nothing learnt
-        efficiency = epoch.bytes / epoch.seconds / best
+        efficiency = mean / best
         if efficiency >= GROW_EFFICIENCY:
             self.limit = min(self.cap, self.limit * 2 if self.starting else self.limit + 1)
             return
@@ -308,6 +317,19 @@ class Controller:
             return {origin: {"limit": limit.limit, "in_flight": limit.in_flight, "most": limit.most_in_flight,
                              "waiting": len(self._waiters.get(origin, ()))}
                     for origin, limit in self._limits.items()}
+
+    def share(self, origin, stream=None) -> int:
+        """The requests `stream` may have in flight to `origin` now: the origin's limit split
+        evenly among the streams with requests in flight or waiting (this one included).
+
+        What a read-ahead sizes its demand by (readahead.py): the controller, not the number
+        of blocks ahead, decides how many requests carry a stream."""
+        with self._lock:
+            limit = self._limit(origin)
+            streams = {key[1] for key in self._streams if key[0] == origin}
+            streams.update(waiter.stream for waiter in self._waiters.get(origin, ()))
+            streams.add(stream)
+            return max(1, -(-int(limit.limit) // len(streams)))
 
     def slot(self, origin, stream=None, deadline: float | None = None, urgent: bool = False) -> Slot:
         """A Slot for one request to `origin` on behalf of `stream`, held for a `with` block.

@@ -310,6 +310,15 @@ class RangeFetcher:
         self._parts.close()
         self.pool.close()
 
+    def request_budget(self, url) -> tuple[int, int]:
+        """(part size, requests) for a read-ahead of `url`: its parts' size and its fair share of
+        the requests its origin may have in flight (see readahead.py)."""
+        with self._lock:
+            target = self._targets.get(url)
+        if target is None:              # not resolved yet: a first guess, learnt on the first answers
+            return parts.part_size(0.0, self.settings.part_size), concurrency.INITIAL_LIMIT
+        return self._part_size(url), self.link.share(origin(target.url), url)
+
     def _part_size(self, url):
         """Parts as big as the rate the origin's requests reach allows (see parts.py)."""
         with self._lock:

@@ -4,9 +4,13 @@ A FUSE read is answered in full (up to EOF) by looping over the blocks it touche
 open handle keeps a little state, and three policies decide what to fetch beyond it:
 
 - Sequential streams. A read that continues where the handle's last one ended (give or
-  take the kernel's reordering) doubles the handle's window, up to `max_ahead` bytes;
-  the blocks of the window are fetched in the background, several Range requests at
-  once, so one cold stream keeps the link busy. The first blocks of the window already
+  take the kernel's reordering) doubles the handle's window; the blocks of the window are
+  fetched in the background, each as parts side by side. How deep the window may grow is
+  counted in parts, not blocks (readahead.py): as many blocks as hold the requests the
+  concurrency controller gives this stream, plus one, within `max_ahead` bytes (half the
+  block buffers at most). So the controller decides how many requests carry one cold
+  stream, and a stream given few requests keeps few blocks. The first blocks of the
+  window already
   cached are read into memory ahead of the reader (and crc-checked, the first time),
   off the trio thread. A jump resets the window: random readers fetch only what they
   touch. A read whose bytes are in memory or in the page cache is answered on the spot.
@@ -31,7 +35,7 @@ from typing import TypeVar, TypeVarTuple, Unpack
 
 import trio
 
-from . import errors, warmup
+from . import errors, readahead, warmup
 from .blockcache import BlobHandle, BlockCache, BlockSource, WholeBody, fill_from, whole_body_opener
 from .fetch import received
 from .logs import where
@@ -59,7 +63,9 @@ class OpenFile:
     source: BlockSource
     size: int
     next_offset: int = 0
-    window: int = 0                 # blocks to keep fetched ahead of the reader
+    window: int = 0                 # blocks to keep fetched ahead of the reader (doubles up to the depth)
+    depth: int = 0                  # how deep the window may grow; asked again once per block read
+    depth_block: int = -1           # the block the last read ended in when the depth was asked
     reads: int = 0
 
     @property
@@ -76,7 +82,8 @@ class Reader:
                  warmup_parallel: int = 4):
         self.cache = cache
         # At most half the block buffers ahead of one stream: fetching further would reuse
-        # the buffer the stream is reading from for a block it will not need for a while.
+        # buffers of blocks fetched ahead before the reader got to them (and costs CPU on
+        # loopback, measured). Within it, the depth is counted in parts (readahead.py).
         self.max_window = max(1, min(max_ahead // cache.block_size, cache.buffer_count // 2))
         self.warmup_parallel = warmup_parallel
         self.direct_reads = direct_reads
@@ -138,10 +145,19 @@ class Reader:
             position += length
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    def depth(self, source: BlockSource) -> int:
+        """How many blocks a read-ahead of `source` keeps fetching at once (readahead.py)."""
+        return readahead.blocks_ahead(source, self.cache.block_size, self.max_window)
+
     def _track(self, handle: OpenFile, offset: int, end: int) -> bool:
         """Note this read in the handle's state; True if it continues the handle's stream."""
         continuing = handle.reads > 0 and abs(offset - handle.next_offset) <= SEQUENTIAL_SLACK
-        handle.window = min(self.max_window, max(1, handle.window * 2)) if continuing else 0
+        last = (end - 1) // self.cache.block_size
+        if continuing and last != handle.depth_block:
+            # The budget takes the controller's lock: asked once per block, not per FUSE read
+            # (a 1 GiB read is 1,024-8,192 of them, 64 blocks). The window moves per block anyway.
+            handle.depth, handle.depth_block = self.depth(handle.source), last
+        handle.window = min(handle.depth, max(1, handle.window * 2)) if continuing else 0
         handle.next_offset = end
         handle.reads += 1
         return continuing
@@ -200,8 +216,9 @@ class Reader:
             return
         self._warming.add(blob.content_id)
         spawn_guarded(self._nursery, f"{handle.source.describe}: warm-up", warmup.run,
-                      self, blob, handle.source, self.warmup_parallel, level=logging.INFO,
-                      extra=where(handle.source.describe))
+                      self, blob, handle.source,
+                      lambda: readahead.blocks_ahead(handle.source, self.cache.block_size, self.warmup_parallel),
+                      level=logging.INFO, extra=where(handle.source.describe))
 
 
 def ignores_range(source: BlockSource) -> bool:

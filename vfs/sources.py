@@ -43,6 +43,10 @@ class RemoteSource:
     def ignores_range(self) -> bool:
         return self.fetcher.ignores_range(self.url)
 
+    def request_budget(self) -> tuple[int, int]:
+        """(part size, requests) a read-ahead of this file should keep asked for (readahead.py)."""
+        return self.fetcher.request_budget(self.url)
+
     def open_whole_body(self, start: int, size: int) -> "WholeBody":
         self._refuse_if_offline()
         return self.fetcher.open_whole_body(self.url, size, start, self.describe)

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from . import readahead
+
 if TYPE_CHECKING:
     from .blockcache import BlobHandle, BlockSource
     from .reader import Reader
@@ -43,9 +45,10 @@ class Truncated(Exception):
         self.need = need
 
 
-async def run(reader: "Reader", blob: "BlobHandle", source: "BlockSource", parallel: int) -> None:
+async def run(reader: "Reader", blob: "BlobHandle", source: "BlockSource", parallel: Callable[[], int]) -> None:
     """Warm `blob` up if it is a GGUF or safetensors file (a background task: run it under
-    tasks.spawn_guarded, which logs a failed fetch at INFO: the loader's read reports it)."""
+    tasks.spawn_guarded, which logs a failed fetch at INFO: the loader's read reports it);
+    `parallel()` blocks at once, asked again as the link's budget changes (readahead.py)."""
     ranges = await loader_ranges(lambda start, end: reader.read_blocks(blob, source, start, end), blob.size)
     if ranges:
         order = block_order(ranges, reader.cache.block_size, blob.block_count)
@@ -92,9 +95,9 @@ def block_order(ranges: Ranges, block_size: int, blocks: int) -> list[int]:
     return order
 
 
-async def fetch_in_order(blob: "BlobHandle", source: "BlockSource", order: Sequence[int], parallel: int) -> None:
-    """Fetch the absent blocks of `order`, at most `parallel` at once, in that order."""
-    slots = trio.Semaphore(parallel)
+async def fetch_in_order(blob: "BlobHandle", source: "BlockSource", order: Sequence[int], parallel: Callable[[], int]) -> None:
+    """Fetch the absent blocks of `order`, at most `parallel()` at once, in that order."""
+    slots = readahead.Depth(parallel)
 
     async def fetch_one(index: int) -> None:
         try:
