@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -41,11 +42,11 @@ def workspace(hub, tmp_path, random_file):
     return tmp_path
 
 
-def run_cli(workspace, hub, *args, env=None, check=True):
-    command = [sys.executable, "-m", "vfs", *args]
+def run_cli(workspace, hub, *args, env=None, check=True, endpoint=None, python=("-m", "vfs")):
+    command = [sys.executable, *python, *args]
     if args[0] not in ("unmount",):
         command += ["-m", str(workspace / "models.yaml"), "--cache-dir", str(workspace / "cache"),
-                    "--endpoint", hub.endpoint]
+                    "--endpoint", endpoint or hub.endpoint]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120,
                             env=isolated_environment(workspace, env))
     if check:
@@ -142,6 +143,54 @@ def test_gc_without_a_size_drops_blobs_no_model_names(workspace, hub):
     out = run_cli(workspace, hub, "gc").stdout
     assert "evicted 2 blobs" in out
     assert json.loads(run_cli(workspace, hub, "list", "--json").stdout)[0]["cached_bytes"] == 5 * MiB + 3
+
+
+# The CLI in-process, then the modules it loaded: a cache-only command must never load the
+# kernel side (pyfuse3), nor build a reader or a fetcher it does not use.
+WHAT_IT_LOADED = """
+import json, sys
+from vfs.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "pyfuse3": "pyfuse3" in sys.modules, "mount": "vfs.mount" in sys.modules,
+                  "ops": "vfs.ops" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("command", [("list",), ("info", "big"), ("gc", "--max-size", "1M"), ("gc",),
+                                     ("verify", "big"), ("keep", "big"), ("unkeep", "big"), ("pull", "small")])
+def test_cache_only_commands_never_load_pyfuse3(workspace, hub, command):
+    run_cli(workspace, hub, "pull", "big")
+    out = run_cli(workspace, hub, *command, python=("-c", WHAT_IT_LOADED)).stdout
+    loaded = json.loads(out.splitlines()[-1])
+    assert loaded == {"code": 0, "pyfuse3": False, "mount": False, "ops": False}
+
+
+def unreachable_endpoint():
+    """An address nothing listens on: every connect is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_list_info_gc_and_verify_work_with_the_hub_unreachable(workspace, hub):
+    run_cli(workspace, hub, "pull", "big")
+    dead = unreachable_endpoint()
+    assert "1 of 1 files complete" in run_cli(workspace, hub, "pull", "big", endpoint=dead).stdout
+    with open(workspace / "models.yaml", "a") as manifest:      # a model this cache never resolved
+        manifest.write("  late:\n    path: /models/late/\n    backend: vllm\n    hf: org/late\n")
+    models = {m["name"]: m for m in json.loads(run_cli(workspace, hub, "list", "--json", endpoint=dead).stdout)}
+    assert models["big"]["cached_bytes"] == 5 * MiB + 3 and models["big"]["verified"] is True
+    assert models["late"]["ready"] is False and models["late"]["commit"] is None   # never resolved: said so
+    assert "big.gguf" in run_cli(workspace, hub, "info", "big", endpoint=dead).stdout
+    assert "1 ok" in run_cli(workspace, hub, "verify", "big", endpoint=dead).stdout
+    assert "evicted 0 blobs" in run_cli(workspace, hub, "gc", endpoint=dead).stdout
+    assert json.loads(run_cli(workspace, hub, "list", "--json", endpoint=dead).stdout)[0]["cached_bytes"] == 5 * MiB + 3
+
+
+def test_pull_of_an_uncached_model_needs_the_hub_and_says_so(workspace, hub):
+    result = run_cli(workspace, hub, "pull", "small", endpoint=unreachable_endpoint(), check=False)
+    assert result.returncode == 1
+    assert "org/big@main: Hub unreachable" in result.stderr      # the first model, in manifest order
 
 
 def test_add_puts_a_model_in_the_manifest(workspace, hub):

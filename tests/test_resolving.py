@@ -8,7 +8,7 @@ import pytest
 from conftest import eventually, needs_fuse
 from vfs.hub import Hub
 from vfs.manifest import parse_manifest
-from vfs.resolving import resolve_all
+from vfs.resolving import HubPolicy, resolve_all
 from vfs.ratelimit import RateGate, budget_spent_for
 from vfs.settings import Settings
 from vfs.snapshots import SnapshotStore
@@ -71,7 +71,7 @@ def test_stored_first_resolves_branches_without_the_hub_and_reports_them_for_a_r
     store = SnapshotStore(tmp_path / "cache")
     first = resolve_all(settings_for(hub, tmp_path), manifest, store)
     hub.clear_log()
-    again = resolve_all(settings_for(hub, tmp_path), manifest, store, stored_first=True)
+    again = resolve_all(settings_for(hub, tmp_path), manifest, store, policy=HubPolicy.STORED_FIRST)
     assert hub.log == []
     assert again.snapshots == first.snapshots
     assert sorted(again.to_recheck) == [(repo, "main") for repo in repos]

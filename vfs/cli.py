@@ -185,11 +185,11 @@ def cmd_mount(args):
         return keep_mount(args.argv, mountpoint, args.ready_fd, settings_for(args))
     from . import mount
     from .api import parse_address
+    from .assembly import HubPolicy, build_filesystem, open_cache_dir
     api_address = parse_address(args.api) if args.api else None
     settings = settings_for(args)
-    from .cachedir import CacheDir
-    claim = CacheDir(settings.cache_dir, settings.block_size).claim_for_mount()  # noqa: F841 - held till exit
-    fs = mount.build(settings, manifest, stored_first=True)
+    claim = open_cache_dir(settings).claim_for_mount()  # noqa: F841 - held till exit
+    fs = build_filesystem(settings, manifest, HubPolicy.STORED_FIRST)
     mount.run(fs, mountpoint, on_ready=lambda: report_ready(args, mountpoint), api_address=api_address)
     return 0
 
@@ -257,18 +257,10 @@ def cmd_unmount(args):
 
 def model_reports(args, names=None, with_files=True, manifest=None):
     """The reports of the models `names` (all for None), resolved from the lock or the stored
-    snapshots (the Hub only when never resolved)."""
-    from .blockcache import BlockCache
-    from .cachedir import CacheDir
-    from .resolving import collector_paused, resolve_manifest
-    from .report import model_report
-    settings = settings_for(args)
-    manifest = manifest or load(args)
-    cache = BlockCache(CacheDir(settings.cache_dir, settings.block_size))
-    with collector_paused():
-        snapshots = resolve_manifest(settings, manifest, stored_first=True).snapshots
-        return [model_report(spec, snapshots[spec.name], cache, with_files)
-                for spec in manifest.models if names is None or spec.name in names]
+    snapshots; the Hub only for what was never resolved, and not resolved if it cannot answer."""
+    from .assembly import HubPolicy, open_catalog
+    catalog = open_catalog(settings_for(args), manifest or load(args), HubPolicy.IF_REACHABLE)
+    return catalog.reports(names, with_files)
 
 
 def cmd_list(args):
@@ -286,7 +278,7 @@ def cmd_list(args):
 
 
 def cmd_info(args):
-    from .passthrough import file_passthrough, local_passthrough, mount_status
+    from .passthroughstatus import file_passthrough, local_passthrough, mount_status
     manifest = load(args)
     manifest.get(args.name)      # an unknown name is a usage error
     (data,) = model_reports(args, names={args.name}, manifest=manifest)

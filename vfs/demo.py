@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from . import mount
+from .assembly import HubPolicy, build_filesystem
 from .manifest import parse_manifest
 from .settings import from_environment
 
@@ -30,7 +31,7 @@ def run_demo(mountpoint=None):
     try:
         settings = from_environment(endpoint=simulator.endpoint, cache_dir=workdir / "cache", token="")
         manifest = parse_manifest(DEMO_MANIFEST, source="demo models.yaml")
-        fs = mount.build(settings, manifest)
+        fs = build_filesystem(settings, manifest, HubPolicy.FRESH)
         ready = lambda: print(TRY_THIS.format(endpoint=simulator.endpoint, mountpoint=target,
                                               python=sys.executable), flush=True)
         mount.run(fs, target, on_ready=ready)

@@ -2,7 +2,9 @@
 
 `pull` uses the same block cache code as a mount (same durability and verification
 rules), so a pull interrupted at any point resumes where it stopped, and a running mount
-picks up the blocks a pull stored.
+picks up the blocks a pull stored. Each command opens an assembly.Catalog under its own
+HubPolicy: only `pull` and `keep` may need the Hub (to fetch, or to resolve a model the
+cache never saw); `gc` and `verify` work from the cache alone.
 """
 
 import logging
@@ -10,10 +12,12 @@ import sys
 
 import trio
 
-from . import errors, mount
+from . import errors
+from .assembly import Catalog, HubPolicy, Sources, open_catalog
 from .progress import PullProgress
 from .localsource import LocalFile, sha256_of
 from .lockfile import LockedLocal, load_lock
+from .tree import FileRef
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +32,12 @@ def selected_models(manifest, names, everything=False):
     return [spec for spec in manifest.models if spec.name in wanted]
 
 
-def selected_files(fs, manifest, names, everything=False):
+def selected_files(catalog: Catalog, names, everything=False) -> list[FileRef]:
     """Hub file refs of the named models (all models when `everything`), one per content id."""
-    wanted = {spec.name for spec in selected_models(manifest, names, everything)}
-    unique = {}
-    for node in fs.tree.hub_files():
-        if node.model in wanted:
+    wanted = {spec.name for spec in selected_models(catalog.manifest, names, everything)}
+    unique: dict[str, FileRef] = {}
+    for node in catalog.tree.hub_files():
+        if node.model in wanted and isinstance(node.file, FileRef):
             unique.setdefault(node.file.content_id, node.file)
     return list(unique.values())
 
@@ -42,25 +46,29 @@ def local_models(manifest, names, everything=False):
     return [spec for spec in selected_models(manifest, names, everything) if spec.local is not None]
 
 
-def local_files(fs, specs):
+def local_files(catalog: Catalog, specs) -> list[LocalFile]:
     wanted = {spec.name for spec in specs}
-    return [node.file for node in fs.tree.files() if isinstance(node.file, LocalFile) and node.model in wanted]
+    return [node.file for node in catalog.tree.files() if isinstance(node.file, LocalFile) and node.model in wanted]
 
 
 def pull(settings, manifest, names, everything=False):
-    fs = mount.build(settings, manifest)
-    fs.cache.defer_discards = True          # a mount beside us may be serving these blobs
+    catalog = open_catalog(settings, manifest, HubPolicy.FRESH)
     local = local_models(manifest, names, everything)
     for spec in local:
         print(f"pull: {spec.name}: nothing to fetch; served from local files at {spec.local}")
-    refs = selected_files(fs, manifest, names, everything)
+    refs = selected_files(catalog, names, everything)
     if local and not refs:
         return 0
-    missing = {}
+    cache = catalog.cache
+    missing: dict[str, int] = {}
     for ref in refs:
-        missing[ref.model] = missing.get(ref.model, 0) + ref.size - fs.cache.peek(ref.content_id, ref.size).cached_bytes
+        missing[ref.model] = missing.get(ref.model, 0) + ref.size - cache.peek(ref.content_id, ref.size).cached_bytes
     progress = PullProgress(missing, settings.progress_bars)
-    failed = trio.run(_pull, fs, refs, progress)
+    sources = catalog.sources()
+    try:
+        failed = trio.run(_pull, catalog, sources, refs, progress)
+    finally:
+        sources.close()
     progress.finish()
     for ref in failed:
         print(f"pull: {ref.describe}: does not match {ref.content_id} after two tries", file=sys.stderr)
@@ -68,23 +76,23 @@ def pull(settings, manifest, names, everything=False):
     return 1 if failed else 0
 
 
-async def _pull(fs, refs, progress):
+async def _pull(catalog: Catalog, sources: Sources, refs: list[FileRef], progress: PullProgress) -> list[FileRef]:
     failed = []
     for ref in refs:
         for _ in range(2):     # a mismatch discards the blob; one more full try
-            if await _pull_one(fs, ref, progress):
+            if await _pull_one(catalog, sources, ref, progress):
                 break
         else:
             failed.append(ref)
     return failed
 
 
-async def _pull_one(fs, ref, progress):
-    with fs.cache.open(ref.content_id, ref.size) as blob:
+async def _pull_one(catalog: Catalog, sources: Sources, ref: FileRef, progress: PullProgress) -> bool:
+    with catalog.cache.open(ref.content_id, ref.size) as blob:
         async with trio.open_nursery() as nursery:
-            fs.cache.start(nursery)
+            catalog.cache.start(nursery)
             try:
-                await blob.fill(fs.source_for(ref, blob), progress.for_model(ref.model))
+                await blob.fill(sources.source_for(ref, blob), progress.for_model(ref.model))
             except errors.IntegrityError as exc:
                 log.error("%s", exc)
                 return False
@@ -96,12 +104,12 @@ async def _pull_one(fs, ref, progress):
 
 def verify(settings, manifest, names):
     """Re-hash cached blobs against their content ids; hash local files and report their sha256."""
-    fs = mount.build(settings, manifest, stored_first=True)
-    fs.cache.defer_discards = True          # a mount beside us may be serving these blobs
-    local = local_files(fs, local_models(manifest, names))
+    catalog = open_catalog(settings, manifest, HubPolicy.NEVER)
+    local = local_files(catalog, local_models(manifest, names))
     local_bad = _hash_local(local, load_lock(manifest.source))
-    refs = selected_files(fs, manifest, names)
-    outcomes = trio.run(_verify_all, fs, refs)
+    _tell_unresolved(catalog, "verify", names)
+    refs = selected_files(catalog, names)
+    outcomes = trio.run(_verify_all, catalog, refs)
     counts = {outcome: outcomes.count(outcome) for outcome in ("ok", "discarded", "kept", "incomplete")}
     kept = f", {counts['kept']} mismatched but held by another process (not discarded)" if counts["kept"] else ""
     if local:
@@ -140,12 +148,12 @@ def _against_lock(lock, local, digest):
     return f"  DIFFERS from {lock.path.name} ({said})"
 
 
-async def _verify_all(fs, refs):
+async def _verify_all(catalog: Catalog, refs: list[FileRef]) -> list[str]:
     """Per file: "ok", "discarded" (a mismatch, dropped), "kept" (a mismatch another process
     holds: left to it) or "incomplete"."""
     outcomes = []
     for ref in refs:
-        with fs.cache.open(ref.content_id, ref.size) as blob:
+        with catalog.cache.open(ref.content_id, ref.size) as blob:
             state = blob.state()
             if not state.complete:
                 print(f"{ref.describe}: incomplete ({state.cached_bytes} of {ref.size} bytes cached)")
@@ -163,14 +171,15 @@ async def _verify_all(fs, refs):
 def gc(settings, manifest, max_size):
     """Evict to `max_size` (LRU); without a size, drop blobs no manifest model names.
 
-    Blobs a running mount (or a pull) has open or is filling are skipped, whatever the size."""
-    fs = mount.build(settings, manifest, stored_first=True)
-    directory = fs.cache.directory
-    named = {node.file.content_id for node in fs.tree.hub_files()}
+    Blobs a running mount (or a pull) has open or is filling are skipped, whatever the size.
+    From the cache alone: a model never resolved in this cache has no blob here to keep."""
+    catalog = open_catalog(settings, manifest, HubPolicy.NEVER)
+    directory = catalog.directory
     if max_size is None:
-        eviction = directory.evict(float("inf"), protected=named | fs.cache.kept)
+        named = {node.file.content_id for node in catalog.tree.hub_files() if isinstance(node.file, FileRef)}
+        eviction = directory.evict(float("inf"), protected=named | catalog.kept)
     else:
-        eviction = directory.evict(max(0, directory.usage() - max_size), protected=fs.cache.kept)
+        eviction = directory.evict(max(0, directory.usage() - max_size), protected=catalog.kept)
     kept = f"; {eviction.in_use} in use by another process, kept" if eviction.in_use else ""
     print(f"gc: evicted {len(eviction.evicted)} blobs{kept}; cache now {directory.usage()} bytes")
     return 0
@@ -180,11 +189,23 @@ def keep(settings, manifest, name, keep=True):
     if manifest.get(name).local is not None:
         print(f"{name} is served from local files: nothing of it is cached, nothing to keep")
         return 0
-    fs = mount.build(settings, manifest, stored_first=True)
-    refs = selected_files(fs, manifest, [name])
+    # Keeping names content ids: a model never resolved here is resolved at the Hub first.
+    catalog = open_catalog(settings, manifest, HubPolicy.STORED_FIRST if keep else HubPolicy.NEVER)
     if keep:
-        fs.cache.directory.keep(name, {ref.content_id for ref in refs})
+        refs = selected_files(catalog, [name])
+        catalog.directory.keep(name, {ref.content_id for ref in refs})
         print(f"kept {name}: {len(refs)} files kept out of eviction")
     else:
-        print(f"no longer keeping {name}" if fs.cache.directory.unkeep(name) else f"{name} was not kept")
+        print(f"no longer keeping {name}" if catalog.directory.unkeep(name) else f"{name} was not kept")
     return 0
+
+
+def _unresolved(catalog: Catalog, names=()) -> list[str]:
+    """Hub models (of `names`, or all) that neither the lock nor the store could resolve."""
+    return [spec.name for spec in selected_models(catalog.manifest, names)
+            if spec.hf is not None and catalog.snapshots.get(spec.name) is None]
+
+
+def _tell_unresolved(catalog: Catalog, command: str, names) -> None:
+    for name in _unresolved(catalog, names):
+        print(f"{command}: {name}: never resolved in this cache: nothing of it to check")

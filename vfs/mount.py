@@ -1,6 +1,7 @@
-"""Wiring and lifecycle of a mount: resolve, build, pyfuse3.init/main/close, signals, readiness.
+"""The lifecycle of a mount: pyfuse3.init/main/close, signals, readiness, the mountpoint.
 
-Order matters here. Everything that can fail for a user-visible reason (manifest, Hub,
+What a mount serves is built by assembly.build_filesystem; this module makes its kernel
+side (Operations, passthrough) and runs it. Order matters here. Everything that can fail for a user-visible reason (manifest, Hub,
 cache, mountpoint) fails before pyfuse3.init, with a clear message and nothing mounted.
 After init, the daemon must not stat its own mountpoint until pyfuse3.main is running
 (the kernel would wait on a reply nobody sends). The kernel resets the mount's
@@ -14,7 +15,6 @@ import logging
 import os
 import signal
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
@@ -22,175 +22,22 @@ import trio
 
 from . import daemons, errors
 from .api import Api
-from .blockcache import BlockCache
-from .cachedir import CacheDir
-from .fetch import RangeFetcher
-from .hub import resolve_url
-from .localsource import LocalFile, LocalSnapshot, open_local
-from .manifest import load_manifest, refuse_overlap
+from .assembly import Filesystem
 from .notify import Notifier, keep_informed, status_of
 from .ops import Operations
 from .passthrough import Passthrough
-from .offline import PROBE_SECONDS, HubStatus, hub_answers
-from .resolving import collector_paused, moved, resolve_all, resolve_manifest
-from .reader import OpenFile, Reader
-from .report import model_report
-from .snapshots import SnapshotStore
-from .sources import HfCacheSource, RemoteSource, hf_cached_blob
+from .offline import PROBE_SECONDS, hub_answers
 from .tasks import guard
-from .tree import Tree
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Filesystem:
-    """Everything one mount serves, built before anything is mounted."""
-
-    settings: object
-    manifest: object
-    snapshots: dict
-    tree: Tree
-    cache: BlockCache
-    fetcher: RangeFetcher
-    reader: Reader
-    ops: Operations | None = None
-    nursery: object = None
-    to_recheck: list = field(default_factory=list)    # branches served from the store at start
-    lock: object = None                                # the models.lock resolved from, if any
-    hub_status: HubStatus = field(default_factory=HubStatus)   # offline: asked, or found at start
-    mountpoint: Path | None = None                     # set by run(): local paths must stay apart from it
-
-    def open_file(self, node):
-        ref = node.file
-        if isinstance(ref, LocalFile):
-            return open_local(ref)      # no block cache: the bytes already are on a local disk
-        blob = self.cache.open(ref.content_id, ref.size)
-        try:
-            handle = OpenFile(blob, self.source_for(ref, blob), ref.size)
-        except BaseException:
-            blob.close()
-            raise
-        self.reader.opened(handle)
-        return handle
-
-    def source_for(self, ref, blob):
-        url = resolve_url(self.settings.endpoint, ref.repo, ref.commit, ref.repo_path)
-        remote = RemoteSource(self.fetcher, url, ref.describe, self.hub_status)
-        local = hf_cached_blob(self.settings.hf_hub_cache, ref)
-        return remote if local is None else HfCacheSource(local, remote, blob)
-
-    def operations(self):
-        if self.ops is None:
-            passthrough = Passthrough(self.cache, self.settings.passthrough,
-                                      local=self.settings.local_passthrough)
-            self.ops = Operations(self.tree, self.reader, self.cache, self.open_file, passthrough)
-        return self.ops
-
-    def reports(self):
-        return [model_report(spec, self.snapshots.get(spec.name), self.cache) for spec in self.manifest.models]
-
-    async def fill(self, ref, on_block):
-        """Fetch all of `ref`'s bytes into the cache (the API's /download)."""
-        with self.cache.open(ref.content_id, ref.size) as blob:     # never evicted while open
-            await blob.fill(self.source_for(ref, blob), on_block)
-
-    async def forget_content(self, content_id):
-        """Make the kernel drop pages it cached from bytes that failed verification."""
-        inodes = [node.inode for node in self.tree.hub_files() if node.file.content_id == content_id]
-        if self.ops is not None and inodes:
-            await trio.to_thread.run_sync(_invalidate_data, inodes)
-
-    async def refresh(self):
-        """Reload the manifest and re-resolve; the mount shows the new tree. Returns entries changed."""
-        manifest = await trio.to_thread.run_sync(load_manifest, self.manifest.source)
-        if self.mountpoint is not None:
-            refuse_overlap(manifest, self.mountpoint)
-        # The lock is read again too: a locked commit moves only when the lock file says so.
-        resolved = await trio.to_thread.run_sync(lambda: resolve_manifest(self.settings, manifest))
-        self.lock = resolved.lock
-        return await self.apply(manifest, resolved.snapshots)
-
-    async def recheck_branches(self):
-        """Ask the Hub where the branches served from the store point now; apply any move.
-
-        Started once the mount serves: a cached remount is ready without waiting on the Hub,
-        and a moved branch reaches readers the way /refresh brings it."""
-        if not self.to_recheck:
-            return
-        manifest, current, lock = self.manifest, self.snapshots, self.lock
-        resolved = await trio.to_thread.run_sync(
-            lambda: resolve_all(self.settings, manifest, SnapshotStore(self.settings.cache_dir), lock=lock))
-        # Local models keep the scan they were served with: only /refresh scans them again.
-        resolved.snapshots.update((name, snapshot) for name, snapshot in current.items()
-                                if isinstance(snapshot, LocalSnapshot) and name in resolved.snapshots)
-        changed = moved(current, resolved.snapshots)
-        if not resolved.hub_reachable:
-            log.warning("branches not re-checked: the Hub is unreachable; serving the stored commits")
-            self.hub_status.found_unreachable()
-            return                                      # re-checked once the Hub answers again
-        if changed and self.manifest is manifest:       # a /refresh meanwhile has the newer answer
-            log.info("branches moved for %d models (%s); applying", len(changed), ", ".join(changed[:5]))
-            await self.apply(manifest, resolved.snapshots)
-        self.to_recheck = []
-
-    async def apply(self, manifest, snapshots):
-        """Serve `manifest` resolved to `snapshots` from now on. Returns the entries changed."""
-        with collector_paused():
-            tree = Tree.build(manifest, snapshots, previous=self.tree)
-        stale = tree.changed_entries(self.tree)
-        self.manifest, self.snapshots, self.tree = manifest, snapshots, tree
-        self.cache.kept = kept_content(manifest, snapshots, self.cache.directory)
-        if self.ops is not None:
-            self.ops.replace_tree(tree)
-            # Synchronously, in a worker: when /refresh answers, the kernel has forgotten them.
-            await trio.to_thread.run_sync(_invalidate_entries, stale)
-        log.info("refreshed %s: %d models, %d entries changed", manifest.source, len(manifest.models), len(stale))
-        return len(stale)
-
-
-def _invalidate_data(inodes):
-    for inode in inodes:
-        try:
-            pyfuse3.invalidate_inode(inode)
-        except OSError as exc:
-            log.warning("could not drop the kernel's cached pages of inode %d: %s", inode, exc.strerror)
-
-
-def _invalidate_entries(entries):
-    for parent, name in entries:
-        try:
-            pyfuse3.invalidate_entry(parent, os.fsencode(name))
-        except FileNotFoundError:
-            pass        # the kernel never looked it up
-
-
-def build(settings, manifest, stored_first=False):
-    """Everything a mount serves. `stored_first`: branches answered from the store when
-    they can be (the mount re-checks them once serving), else resolved at the Hub now."""
-    directory = CacheDir(settings.cache_dir, settings.block_size)
-    with collector_paused():
-        resolved = resolve_manifest(settings, manifest, stored_first=stored_first)
-        snapshots = resolved.snapshots
-        tree = Tree.build(manifest, snapshots)
-    cache = BlockCache(directory, settings.fetch_workers, settings.max_size, settings.min_free_fraction,
-                       kept=kept_content(manifest, snapshots, directory), memory=settings.memory)
-    directory.make_blob_directories(node.file.content_id for node in tree.hub_files())
-    fs = Filesystem(settings, manifest, snapshots, tree, cache, RangeFetcher(settings), Reader(cache),
-                    to_recheck=resolved.to_recheck, lock=resolved.lock, hub_status=HubStatus(asked=settings.offline))
-    if not resolved.hub_reachable:
-        fs.hub_status.found_unreachable()
-    cache.on_discard = fs.forget_content
-    return fs
-
-
-def kept_content(manifest, snapshots, directory):
-    """Content ids eviction must keep: `keep: true` models and models kept with `keep`."""
-    kept = set().union(*directory.kept().values())
-    for spec in manifest.models:
-        if spec.keep and spec.hf and snapshots.get(spec.name):
-            kept |= {f.content_id for f in snapshots[spec.name].files}
-    return kept
+def operations(fs: Filesystem) -> Operations:
+    """The kernel side of `fs`, made once: the pyfuse3 Operations and the passthrough policy."""
+    if fs.ops is None:
+        passthrough = Passthrough(fs.cache, fs.settings.passthrough, local=fs.settings.local_passthrough)
+        fs.ops = Operations(fs.tree, fs.reader, fs.cache, fs.open_file, passthrough)
+    return fs.ops
 
 
 def mount_options(settings):
@@ -294,26 +141,27 @@ def run(fs: Filesystem, mountpoint, on_ready=lambda: None, api_address=None):
     mountpoint = fs.mountpoint = Path(mountpoint)
     prepare_mountpoint(mountpoint)
     limit_malloc_arenas()
+    ops = operations(fs)
     try:
-        pyfuse3.init(fs.operations(), str(mountpoint), mount_options(fs.settings))
+        pyfuse3.init(ops, str(mountpoint), mount_options(fs.settings))
     except RuntimeError as exc:
         # libfuse says only "fuse_session_mount failed"; its own reason went to stderr.
         raise errors.LaminaError(f"could not mount {mountpoint}: {exc} (is /dev/fuse there, and may this "
                                  "process mount? A sandbox without /dev/fuse or CAP_SYS_ADMIN cannot)") from None
     notifier = Notifier(fs.settings.notify_socket, fs.settings.watchdog_usec, fs.settings.watchdog_pid)
     try:
-        trio.run(_serve, fs, mountpoint, on_ready, api_address, notifier)
+        trio.run(_serve, fs, ops, mountpoint, on_ready, api_address, notifier)
     finally:
         notifier.stopping()
-        fs.ops.passthrough.clear_status()
+        ops.passthrough.clear_status()
         pyfuse3.close(unmount=True)
         notifier.close()
-        fs.fetcher.close()
+        fs.sources.close()
         daemons.forget(mountpoint)
     log.info("unmounted %s", mountpoint)
 
 
-async def _serve(fs, mountpoint, on_ready, api_address, notifier):
+async def _serve(fs, ops, mountpoint, on_ready, api_address, notifier):
     async with trio.open_nursery() as nursery:
         fs.cache.start(nursery)
         fs.reader.start(nursery)
@@ -326,9 +174,9 @@ async def _serve(fs, mountpoint, on_ready, api_address, notifier):
         # A first request through the mount proves the handshake is done.
         await trio.to_thread.run_sync(os.stat, mountpoint)
         set_read_ahead(mountpoint, fs.settings.read_ahead_kb)
-        fs.ops.passthrough.after_init()
-        fs.ops.passthrough.start(nursery)
-        await trio.to_thread.run_sync(fs.ops.passthrough.write_status)
+        ops.passthrough.after_init()
+        ops.passthrough.start(nursery)
+        await trio.to_thread.run_sync(ops.passthrough.write_status)
         api.serving = True
         if not fs.settings.offline and any(spec.hf for spec in fs.manifest.models):
             nursery.start_soon(_connect_to_hub, fs.fetcher)

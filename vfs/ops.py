@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -36,7 +36,7 @@ XATTR_PREFIX = "user.lamina."
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
-FileOpener = Callable[[Node], "OpenFile | LocalHandle"]     # mount.Filesystem.open_file
+FileOpener = Callable[[Node], "OpenFile | LocalHandle"]     # assembly.Filesystem.open_file
 
 
 def handler(function: Handler) -> Handler:
@@ -88,7 +88,7 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, tree: Tree, reader: Reader, cache: "BlockCache", open_file: FileOpener,
                  passthrough: "Passthrough | None" = None):
-        """`open_file(node) -> OpenFile` builds a handle's read state (wired in mount.py);
+        """`open_file(node) -> OpenFile` builds a handle's read state (assembly.py);
         `passthrough` (a passthrough.Passthrough) decides which opens the kernel serves itself."""
         super().__init__()
         self.tree, self.reader, self.cache = tree, reader, cache
@@ -107,6 +107,22 @@ class Operations(pyfuse3.Operations):
         self._retired.update((inode, node) for inode, node in self.tree.nodes.items()
                              if inode not in tree.nodes)
         self.tree = tree
+
+    def forget_pages(self, inodes: Iterable[int]) -> None:
+        """Make the kernel drop the pages it cached of `inodes` (blocking: run in a worker)."""
+        for inode in inodes:
+            try:
+                pyfuse3.invalidate_inode(inode)
+            except OSError as exc:
+                log.warning("could not drop the kernel's cached pages of inode %d: %s", inode, exc.strerror)
+
+    def forget_entries(self, entries: Iterable[tuple[int, str]]) -> None:
+        """Make the kernel forget the (parent inode, name) entries a refresh changed (blocking)."""
+        for parent, name in entries:
+            try:
+                pyfuse3.invalidate_entry(parent, os.fsencode(name))
+            except FileNotFoundError:
+                pass        # the kernel never looked it up
 
     def _node(self, inode: int) -> Node:
         node = self.tree.node(inode) or self._retired.get(inode)

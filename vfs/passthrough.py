@@ -42,7 +42,6 @@ log line says why, once per reason.
 
 import errno
 import fcntl
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -50,16 +49,15 @@ from pathlib import Path
 
 import pyfuse3
 
-from .atomic import write_atomically
 from .blockcache import BlobHandle, BlockCache
 from .localsource import LocalHandle
+from .passthroughstatus import STATUS_FILE, write_status
 from .tasks import spawn_guarded
 
 log = logging.getLogger(__name__)
 
 CAP_SYS_ADMIN = 21
 STACKED_FILESYSTEMS = ("overlay", "fuse", "ecryptfs")   # a backing file there is one layer deep
-STATUS_FILE = "passthrough.json"                          # in the cache dir while a mount runs
 
 
 def has_cap_sys_admin() -> bool:
@@ -359,38 +357,3 @@ class Passthrough:
             (self.cache.directory.root / STATUS_FILE).unlink()
         except FileNotFoundError:
             pass
-
-
-def write_status(cache_root: Path, off_reason: str | None, local: bool = True) -> None:
-    status = {"pid": os.getpid(), "on": off_reason is None, "reason": off_reason, "local": local}
-    write_atomically(cache_root / STATUS_FILE, (json.dumps(status) + "\n").encode())
-
-
-def mount_status(cache_root: Path) -> dict | None:
-    """The passthrough status of the live mount on this cache, or None without one."""
-    try:
-        status = json.loads((Path(cache_root) / STATUS_FILE).read_text())
-        os.kill(status["pid"], 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return status
-
-
-def file_passthrough(status: dict | None, verified: bool) -> str:
-    """`info`'s word on one file: would the mount on this cache serve it by passthrough?"""
-    if status is None:
-        return "no mount"
-    if not status["on"]:
-        return f"no: {status['reason']}"
-    return "yes" if verified else "no: not complete and verified yet"
-
-
-def local_passthrough(status: dict | None) -> str:
-    """`info`'s word on a local model's files: would the mount on this cache pass them through?"""
-    if status is None:
-        return "no mount"
-    if not status["on"]:
-        return f"no: {status['reason']}"
-    if not status.get("local", True):
-        return "no: local files are served by the daemon (--no-local-passthrough)"
-    return "yes, unless open for writing elsewhere"

@@ -6,11 +6,13 @@ Start-up must not grow with the number of models or with the Hub's latency:
   one resolve and one tree listing, not a thousand.
 - A model the lockfile names (and agrees with) is resolved from the lock alone: no Hub call.
 - A 40-hex revision needs no resolve; its tree comes from the store when it was ever listed.
-- With `stored_first`, a branch whose last answer is stored is served from the store at
-  once; it is reported in `Resolved.to_recheck`, and the mount re-checks it in the
-  background and applies a move the way /refresh does.
-- What is left goes to the Hub, RESOLVE_PARALLEL groups at a time. The threads share one
-  RateGate (ratelimit.py), so a 429 or a spent RateLimit budget pauses all of them.
+- Past that, the caller's HubPolicy decides. Unless it is FRESH, a branch whose last
+  answer is stored is served from the store at once; it is reported in
+  `Resolved.to_recheck`, and the mount re-checks it in the background and applies a move
+  the way /refresh does.
+- What is left goes to the Hub (never, under HubPolicy.NEVER), RESOLVE_PARALLEL groups at
+  a time. The threads share one RateGate (ratelimit.py), so a 429 or a spent RateLimit
+  budget pauses all of them.
 
 Once one group finds the Hub unreachable, the groups not yet started go straight to the
 store instead of each waiting out their own retries.
@@ -18,12 +20,13 @@ store instead of each waiting out their own retries.
 
 import concurrent.futures
 import contextlib
+import enum
 import gc
 import logging
 from dataclasses import dataclass, field
 
 from .cachedir import CacheDir
-from .errors import ManifestError, UsageError
+from .errors import HubUnreachable, ManifestError, UsageError
 from .localsource import LocalSnapshot, sha256_of
 from .localsource import scan as scan_local
 from .lockfile import Lock, LockedLocal, identity_of, load_lock, lock_path_for, write_lock
@@ -33,6 +36,30 @@ from .snapshots import Snapshot, SnapshotStore, path_index, select_files
 log = logging.getLogger(__name__)
 
 RESOLVE_PARALLEL = 8        # Hub requests in flight while resolving; the Hub's rate limits are per token
+
+
+class HubPolicy(enum.Enum):
+    """When a command asks the Hub where a model's revision points (metadata, not bytes).
+
+    The lock and the store answer first under every policy but FRESH; what they cannot
+    answer is left to the Hub, or left unresolved (the model is reported "not resolved")."""
+
+    FRESH = "fresh"                 # every branch asked now; the store when unreachable (pull, /refresh, demo)
+    STORED_FIRST = "stored-first"   # the Hub only for what was never resolved; it must answer (mount, keep)
+    IF_REACHABLE = "if-reachable"   # as STORED_FIRST, but a Hub that cannot answer leaves it unresolved (list, info)
+    NEVER = "never"                 # the lock and the store only: works with the Hub down (gc, verify)
+
+    @property
+    def stored_first(self) -> bool:
+        return self is not HubPolicy.FRESH
+
+    @property
+    def asks_hub(self) -> bool:
+        return self is not HubPolicy.NEVER
+
+    @property
+    def unresolved_ok(self) -> bool:
+        return self in (HubPolicy.IF_REACHABLE, HubPolicy.NEVER)
 
 
 @dataclass
@@ -78,10 +105,10 @@ def collector_paused():
         gc.freeze()
 
 
-def resolve_manifest(settings, manifest, *, stored_first=False) -> Resolved:
+def resolve_manifest(settings, manifest, policy: HubPolicy = HubPolicy.FRESH) -> Resolved:
     """resolve_all with the manifest's lock, if it has one (see lock_for)."""
     lock = lock_for(settings, manifest)
-    resolved = resolve_all(settings, manifest, SnapshotStore(settings.cache_dir), lock=lock, stored_first=stored_first)
+    resolved = resolve_all(settings, manifest, SnapshotStore(settings.cache_dir), lock=lock, policy=policy)
     resolved.lock = lock
     return resolved
 
@@ -114,10 +141,10 @@ def hashed_local(spec, snapshot) -> LockedLocal:
     return LockedLocal(spec.local, tuple((f.path, f.size, sha256_of(f)) for f in snapshot.files))
 
 
-def resolve_all(settings, manifest, store: SnapshotStore, *, lock=None, stored_first=False,
-            hub=None) -> Resolved:
+def resolve_all(settings, manifest, store: SnapshotStore, *, lock=None, policy: HubPolicy = HubPolicy.FRESH,
+                hub=None) -> Resolved:
     """Snapshots for every model of `manifest` (see the module docstring for the order);
-    a local model's is a LocalSnapshot, scanned now."""
+    a local model's is a LocalSnapshot, scanned now; None for one left unresolved."""
     snapshots: dict[str, Snapshot | LocalSnapshot | None] = {spec.name: None for spec in manifest.models}
     groups: dict = {}
     for spec in manifest.models:
@@ -133,23 +160,26 @@ def resolve_all(settings, manifest, store: SnapshotStore, *, lock=None, stored_f
             groups.setdefault((spec.hf, spec.revision), []).append(spec)
     resolved = Resolved(snapshots)
     online = not settings.offline
-    stored, remote = _split_stored(store, groups, stored_first)
+    stored, remote = _split_stored(store, groups, policy.stored_first)
     for key, (commit, tree, is_branch) in stored.items():
         _select_all(groups[key], commit, tree, snapshots)
         if is_branch:           # a commit never moves: nothing to re-check
             resolved.to_recheck.append(key)
-    if remote:
+    if remote and policy.asks_hub:
         own_hub = hub is None
         if own_hub:
             from .hub import Hub    # a start the store answers alone never builds a Hub client
             hub = Hub(settings, store)
         try:
-            for key, (commit, tree) in _resolve_remote(hub, groups, remote, online).items():
-                _select_all(groups[key], commit, tree, snapshots)
+            answers = _resolve_remote(hub, groups, remote, online, policy.unresolved_ok)
         finally:
             if own_hub:
                 hub.close()         # its idle connections to the Hub
-    resolved.hub_reachable = online and (hub is None or hub.reachable)
+        for key, (commit, tree) in answers.items():
+            _select_all(groups[key], commit, tree, snapshots)
+        resolved.hub_reachable = online and hub.reachable and len(answers) == len(remote)
+    else:
+        resolved.hub_reachable = online
     return resolved
 
 
@@ -169,11 +199,12 @@ def _split_stored(store, groups, stored_first):
     return stored, remote
 
 
-def _resolve_remote(hub, groups, keys, online):
+def _resolve_remote(hub, groups, keys, online, unresolved_ok=False):
     """key -> (commit, tree) for the groups that need the Hub, RESOLVE_PARALLEL at a time.
 
     Every group is waited for; the first failure in manifest order is raised, so the
-    message a user sees does not depend on thread timing.
+    message a user sees does not depend on thread timing. With `unresolved_ok`, a group
+    the Hub could not be reached for is left out instead (and logged).
     """
     if not keys:
         return {}
@@ -184,7 +215,15 @@ def _resolve_remote(hub, groups, keys, online):
     with concurrent.futures.ThreadPoolExecutor(min(RESOLVE_PARALLEL, len(keys)), "lamina-resolve") as pool:
         futures = {key: pool.submit(resolve_group, key) for key in keys}
         concurrent.futures.wait(futures.values())
-    return {key: future.result() for key, future in futures.items()}
+    answers = {}
+    for key, future in futures.items():
+        try:
+            answers[key] = future.result()
+        except HubUnreachable as exc:
+            if not unresolved_ok:
+                raise
+            log.warning("%s; reported as not resolved", exc)
+    return answers
 
 
 def _select_all(specs, commit, tree, snapshots):
