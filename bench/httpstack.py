@@ -125,7 +125,7 @@ def parse_args(argv):
 
 
 def fetcher_with(stack, settings):
-    fetcher = RangeFetcher(settings)
+    fetcher = RangeFetcher(settings, settings.block_size)
     options = STACKS[stack]
     if options is not None:
         fetcher.pool.close()

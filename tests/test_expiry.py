@@ -34,7 +34,7 @@ def files(hub):
 @pytest.fixture
 def fetcher(hub, tmp_path):
     settings = Settings(endpoint=hub.endpoint, cache_dir=tmp_path / "cache", read_timeout=2.0, read_deadline=10.0)
-    fetcher = RangeFetcher(settings)
+    fetcher = RangeFetcher(settings, settings.block_size)
     yield fetcher
     fetcher.pool.close()
 

@@ -54,7 +54,7 @@ def settings_for(hub, tmp_path, **overrides):
 
 @pytest.fixture
 def fetcher(hub, tmp_path):
-    fetcher = RangeFetcher(settings_for(hub, tmp_path))
+    fetcher = RangeFetcher(settings := settings_for(hub, tmp_path), settings.block_size)
     yield fetcher
     fetcher.pool.close()
 
@@ -128,7 +128,7 @@ def test_idle_connections_per_origin_are_bounded(hub, files):
 def test_a_connection_the_server_closed_while_idle_is_replaced_without_a_retry(files, tmp_path, caplog):
     with HubSimulator() as first:
         first.add_repo("org/m", files=dict(files))
-        fetcher = RangeFetcher(settings_for(first, tmp_path))
+        fetcher = RangeFetcher(settings := settings_for(first, tmp_path), settings.block_size)
         assert fetcher.read_range(url_of(first, BIG), 0, 10) == files[BIG][:10]
         ports = [urlsplit(first.endpoint).port, urlsplit(first.cdn_endpoint).port]
     # The same origins come back; the pooled connections are dead (the server closed them).
@@ -272,7 +272,7 @@ def proxy():
 def proxied_fetcher(hub, tmp_path, env):
     settings = from_environment({"HF_HOME": str(tmp_path / "hf-home"), **env}, endpoint=hub.endpoint,
                                 cache_dir=tmp_path / "cache", read_timeout=2.0, read_deadline=2.0, max_retries=1)
-    return RangeFetcher(settings)
+    return RangeFetcher(settings, settings.block_size)
 
 
 def test_http_proxy_from_the_environment_carries_every_request(hub, files, proxy, tmp_path):

@@ -107,7 +107,7 @@ def content(hub):
 
 def fetcher_for(hub, **overrides):
     values = dict(endpoint=hub.endpoint, read_timeout=5.0, read_deadline=30.0, part_size=2 * MiB)
-    return RangeFetcher(Settings(**{**values, **overrides}))
+    return RangeFetcher(settings := Settings(**{**values, **overrides}), settings.block_size)
 
 
 URL = "{}/org/m/resolve/main/big.bin"

@@ -68,9 +68,10 @@ def open_block_cache(settings: Settings, directory: CacheDir, kept: Iterable[str
 class Sources:
     """Where a Hub file's missing bytes come from: a copy in the Hugging Face cache, else the Hub."""
 
-    def __init__(self, settings: Settings, hub_status: HubStatus | None = None):
+    def __init__(self, settings: Settings, block_size: int, hub_status: HubStatus | None = None):
+        """`block_size`: the cache directory's, which the fetcher's failure memory is keyed on."""
         self.settings = settings
-        self.fetcher = RangeFetcher(settings)
+        self.fetcher = RangeFetcher(settings, block_size)
         self.hub_status = hub_status if hub_status is not None else HubStatus(asked=settings.offline)
 
     def source_for(self, ref: FileRef, blob: BlobHandle) -> BlockSource:
@@ -116,7 +117,7 @@ class Catalog:
 
     def sources(self) -> Sources:
         """What `pull` fetches through (the caller closes it)."""
-        return Sources(self.settings)
+        return Sources(self.settings, self.directory.block_size)
 
     def reports(self, names: Iterable[str] | None = None, with_files: bool = True) -> list[dict]:
         wanted = None if names is None else set(names)
@@ -243,7 +244,7 @@ def build_filesystem(settings: Settings, manifest: Manifest, policy: HubPolicy =
     cache = open_block_cache(settings, directory, kept_content(manifest, resolved.snapshots, directory))
     directory.make_blob_directories(node.file.content_id for node in tree.hub_files()
                                     if isinstance(node.file, FileRef))
-    sources = Sources(settings)
+    sources = Sources(settings, directory.block_size)
     fs = Filesystem(settings, manifest, resolved.snapshots, tree, cache, sources, Reader(cache),
                     to_recheck=resolved.to_recheck, lock=resolved.lock)
     if not resolved.hub_reachable:

@@ -27,6 +27,7 @@ except ImportError:             # a platform without its wheel: correct, only sl
 
 # What a filesystem says when O_DIRECT cannot do this file or this alignment.
 NO_DIRECT_IO = (errno.EINVAL, errno.EOPNOTSUPP)
+HASH_CHUNK = 8 * 1024 * 1024    # a verification reads the blob this much at a time
 
 
 def open_direct(path: Path, block_size: int) -> int | None:
@@ -90,7 +91,7 @@ def drop_cached(fd: int, offset: int, length: int) -> None:
         pass                    # advice only: a file system without it keeps its pages
 
 
-def file_chunks(data_fd: int, direct_fd: int | None, size: int, chunk: int = 8 * 1024 * 1024) -> Iterator[memoryview]:
+def file_chunks(data_fd: int, direct_fd: int | None, size: int, chunk: int = HASH_CHUNK) -> Iterator[memoryview]:
     """The file's bytes in order, as views of one private buffer (each valid until the next).
 
     For hashing a whole blob: through O_DIRECT, so a verification does not fill the page

@@ -1,7 +1,8 @@
 """A fixed set of page-aligned block buffers, kept as a small LRU cache of whole blocks.
 
-Every block a stream reads passes through one of these: downloads land in them, cached
-blocks are loaded into them from disk with O_DIRECT, and readers are served from them.
+Every block a stream reads passes through one of these: downloads land in them and are
+written out with O_DIRECT, cached blocks are loaded into them from disk (buffered reads:
+blockcache.BlockCache._load_into_memory says why), and readers are served from them.
 Why not the page cache: filling fresh page-cache pages is the costliest thing the daemon
 does per byte (measured: a buffered 1 GiB write into a new file runs at ~0.5 GB/s here,
 the same with O_DIRECT from a reused buffer at ~2 GB/s), and each byte would take it

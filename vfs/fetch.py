@@ -40,7 +40,8 @@ repository the token cannot read never become a storm of refused requests; a new
 is tried at once.
 
 A read that failed (retries exhausted, or refused) makes reads in the same block of the
-same file fail at once, with the same error object, for RECENT_FAILURE seconds: the
+same file fail at once, with the same error object, for RECENT_FAILURE seconds (the block
+is the cache's: its size comes from the cache directory, not from the settings): the
 kernel asks again for the first page right after a failed read-ahead, and a reader must
 not wait out the deadline twice, nor see one failure logged twice because a block fetch
 and a small first-touch read of that block failed side by side.
@@ -70,10 +71,8 @@ CHUNK = 1024 * 1024
 IGNORES_RANGE_MEMORY = 600.0    # seconds an origin seen ignoring Range is treated so
 MAX_SKIP = 16 * 1024 * 1024     # a first-touch read skips at most this much of a whole body
 PARKED_SECONDS = 10.0           # a whole body received for a ranged read waits this long to be used
-RECENT_FAILURE = 2.0
+RECENT_FAILURE = 2.0            # seconds a failed block's reads fail at once with the same error
 REDIRECTS = (301, 302, 303, 307, 308)
-
-
 THROTTLED = frozenset({429, 503})
 
 
@@ -113,8 +112,10 @@ class _Target:
 
 
 class RangeFetcher:
-    def __init__(self, settings):
+    def __init__(self, settings, block_size):
+        """`block_size`: the cache directory's (CacheDir.block_size), the span a failure is remembered for."""
         self.settings = settings
+        self.block_size = block_size
         # Idle connections for every request that may be in flight, plus first-touch reads:
         # each part reuses one (keep-alive), none pays a new handshake.
         self.pool = connections.Pool(settings.connect_timeout, settings.read_timeout, dict(settings.proxies),
@@ -188,7 +189,7 @@ class RangeFetcher:
         view = memoryview(view).cast("B")
         if not view.nbytes:
             return
-        key = (url, start // self.settings.block_size)
+        key = (url, start // self.block_size)
         with self._lock:
             recent = self._recent_failure(key, time.monotonic())
         if recent is not None:

@@ -126,12 +126,18 @@ def set_read_ahead(mountpoint, kilobytes):
     return False
 
 
-def limit_malloc_arenas(arenas=2):
-    """Cap glibc's malloc arenas before worker threads start. Each thread that frees an
-    8 MiB block buffer otherwise keeps it cached in an arena of its own: measured here,
-    peak RSS of a cold 1 GiB read went from 140-190 MiB to 190-390 MiB without the cap."""
+M_ARENA_MAX = -8        # glibc's mallopt parameter number
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
+    """Cap glibc's malloc arenas before worker threads start. Each thread that frees a big
+    buffer (a first touch's bytes, up to reader.DIRECT_READ_MAX) otherwise keeps it cached
+    in an arena of its own. Measured when block buffers were still malloc'd (8 MiB): peak
+    RSS of a cold 1 GiB read went from 140-190 MiB to 190-390 MiB without the cap. Block
+    buffers are mmap'd now (blockmemory.py), so what the cap saves today is smaller."""
     try:
-        ctypes.CDLL(None).mallopt(-8, arenas)      # -8: M_ARENA_MAX
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas)
     except (OSError, AttributeError):
         pass                                        # not glibc: its allocator, its habits
 

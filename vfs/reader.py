@@ -7,19 +7,20 @@ open handle keeps a little state, and three policies decide what to fetch beyond
   take the kernel's reordering) doubles the handle's window; the blocks of the window are
   fetched in the background, each as parts side by side. How deep the window may grow is
   counted in parts, not blocks (readahead.py): as many blocks as hold the requests the
-  concurrency controller gives this stream, plus one, within `max_ahead` bytes (half the
+  concurrency controller gives this stream, plus one, within MAX_AHEAD bytes (half the
   block buffers at most). So the controller decides how many requests carry one cold
   stream, and a stream given few requests keeps few blocks. The first blocks of the
-  window already
-  cached are read into memory ahead of the reader (and crc-checked, the first time),
-  off the trio thread. A jump resets the window: random readers fetch only what they
-  touch. A read whose bytes are in memory or in the page cache is answered on the spot.
+  window already cached are read into memory ahead of the reader (and crc-checked, the
+  first time), off the trio thread. A jump resets the window: random readers fetch only
+  what they touch. A read whose bytes are in memory or in the page cache is answered on
+  the spot.
 - Cold first touches. A read that jumps to a block nobody has fetched or is fetching
-  would otherwise wait for the whole block (8 MiB: milliseconds). It is answered by a
-  Range request for exactly its bytes while the block is fetched around it, so the time
-  to first byte is one small request. The Hub's redirect is resolved when the file is
-  opened; a first read arriving before that ends waits for it (fetch.py resolves each
-  URL once at a time) rather than resolving it a second time.
+  would otherwise wait for the whole block (16 MiB by default: a transfer, not a round
+  trip). It is answered by a Range request for exactly its bytes (DIRECT_READS at once)
+  while the block is fetched around it, so the time to first byte is one small request.
+  The Hub's redirect is resolved when the file is opened; a first read arriving before
+  that ends waits for it (fetch.py resolves each URL once at a time) rather than
+  resolving it a second time.
 - Warm-up. The first read at offset 0 of a GGUF or safetensors file starts `warmup`,
   which fetches the file's blocks in the order its loader will touch them.
 
@@ -47,7 +48,11 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 SEQUENTIAL_SLACK = 2 * MIB      # the kernel may deliver a stream's reads slightly out of order
+MAX_AHEAD = 64 * MIB            # how far a stream's window may reach ahead of the reader, at most
+DIRECT_READS = 4                # cold first touches answered by their own small request at once
 DIRECT_READ_MAX = 4 * MIB       # a bigger first touch just waits for its blocks
+WARMUP_PARALLEL = 4             # blocks a warm-up keeps fetching at once
+RESOLVES_ON_OPEN = 2            # threads following the Hub's redirect for files just opened
 LOAD_AHEAD = 4                  # cached blocks read into memory ahead of a stream
 SCRATCH_SIZE = 4 * MIB          # above FUSE's largest read (1 MiB today)
 
@@ -78,8 +83,9 @@ class OpenFile:
 
 
 class Reader:
-    def __init__(self, cache: BlockCache, max_ahead: int = 64 * MIB, direct_reads: int = 4,
-                 warmup_parallel: int = 4):
+    def __init__(self, cache: BlockCache, max_ahead: int = MAX_AHEAD, direct_reads: int = DIRECT_READS,
+                 warmup_parallel: int = WARMUP_PARALLEL):
+        """Derived from the cache (its block size and buffers), so built once the cache directory is open."""
         self.cache = cache
         # At most half the block buffers ahead of one stream: fetching further would reuse
         # buffers of blocks fetched ahead before the reader got to them (and costs CPU on
@@ -100,7 +106,7 @@ class Reader:
         `nursery`, one per mount; without it the reader does none of it."""
         self._nursery = nursery
         self._first_reads = Workers(self.direct_reads, "lamina-first-read")
-        self._resolves = Workers(2, "lamina-resolve")
+        self._resolves = Workers(RESOLVES_ON_OPEN, "lamina-resolve")
 
     def opened(self, handle: OpenFile) -> None:
         """A handle was opened: get its source ready (the Hub's redirect) before its first read."""

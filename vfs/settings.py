@@ -136,8 +136,6 @@ def from_environment(env=None, **overrides):
         "watchdog_usec": _integer(env.get("WATCHDOG_USEC")),
         "watchdog_pid": _integer(env.get("WATCHDOG_PID")),
         "stored_fds": listened_fds(env.get("LISTEN_FDS"), env.get("LISTEN_PID"), env.get("LISTEN_FDNAMES")),
-
-
         "ca_bundle": _ca_bundle_from_env(env),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
