@@ -105,8 +105,9 @@ class CacheDir:
         under_floor = int(disk.total * min_free_fraction) - (disk.free - extra)
         return max(0, over_cap, under_floor)
 
-    def evict(self, amount: int, protected: Container[str]) -> Eviction:
-        """Remove least recently used blobs not in `protected` until `amount` bytes are freed.
+    def evict(self, amount: float, protected: Container[str]) -> Eviction:
+        """Remove least recently used blobs not in `protected` until `amount` bytes are freed
+        (math.inf: every one not protected).
 
         A blob another process holds (open or filling) is skipped, never removed."""
         freed, result = 0, Eviction([])

@@ -43,6 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from email.message import Message
 
 from . import errors
 
@@ -58,6 +59,8 @@ MAX_PAUSE = 60.0
 MAX_STREAMS_REMEMBERED = 4096
 WAITER_POLL = 0.25              # a waiter looks again this often (a pause or a quota may have ended)
 _RATELIMIT_PAIRS = re.compile(r"\b(r|t|remaining|reset)\s*=\s*(\d+)", re.IGNORECASE)
+
+Headers = Mapping[str, str] | Message       # an answer's headers: http.client's, or a plain mapping
 
 
 class NoSlot(errors.FetchError):
@@ -123,7 +126,7 @@ class OriginLimit:
 
     # -- outcomes
 
-    def finished(self, received: int, seconds: float, headers: Mapping[str, str] | None = None) -> None:
+    def finished(self, received: int, seconds: float, headers: Headers | None = None) -> None:
         """A request ended with its answer read; `received` body bytes in `seconds`."""
         self.probing = False
         self._account()
@@ -155,7 +158,7 @@ class OriginLimit:
         if timed_out:
             self._decrease()
 
-    def rate_limit_headers(self, headers: Mapping[str, str]) -> None:
+    def rate_limit_headers(self, headers: Headers) -> None:
         """Honour `RateLimit: "policy";r=N;t=S` (or remaining=/reset=, or RateLimit-Remaining/-Reset)."""
         headers = {name.lower(): value for name, value in headers.items()}
         fields = {k.lower(): int(v) for k, v in _RATELIMIT_PAIRS.findall(headers.get("ratelimit") or "")}
@@ -279,7 +282,7 @@ class Slot:
         """The answer's head arrived (the slot is still held until the body is read)."""
         self._controller._update(self.origin, OriginLimit.answered)
 
-    def finished(self, received: int, headers: Mapping[str, str] | None = None) -> None:
+    def finished(self, received: int, headers: Headers | None = None) -> None:
         self._report(lambda limit: limit.finished(received, time.monotonic() - self._started, headers))
 
     def refused(self, wait: float | None = None) -> None:

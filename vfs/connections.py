@@ -33,7 +33,9 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import errors, tls
 from .metrics import STATS
@@ -45,9 +47,13 @@ USER_AGENT = "lamina-llm-cache"
 TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
 # What a request on a connection the server already closed raises before any answer.
 _STALE = (ConnectionError, http.client.RemoteDisconnected, ssl.SSLEOFError)
+# urllib's NO_PROXY matching, as requests uses it: undocumented, so absent from the type stubs.
+_bypasses_proxy: Callable[[str, Mapping[str, str]], bool] = getattr(urllib.request, "proxy_bypass_environment")
+
+Origin = tuple[str, str | None, int | None]     # (scheme, host, port)
 
 
-def origin(url: str) -> tuple:
+def origin(url: str) -> Origin:
     """(scheme, host, port) of `url`: what a connection is kept for, and what a token may go to."""
     parts = urllib.parse.urlsplit(url)
     return (parts.scheme, parts.hostname, parts.port)
@@ -58,11 +64,11 @@ class _Connection:
     """An http.client connection, the origin it talks to, and how requests on it are written."""
 
     http: http.client.HTTPConnection
-    origin: tuple
+    origin: Origin
     absolute_form: bool = False       # through an http proxy: the request line names the URL
-    headers: dict = field(default_factory=dict)     # sent with every request (proxy credentials)
+    headers: dict[str, str] = field(default_factory=dict)     # sent with every request (proxy credentials)
 
-    def close(self):
+    def close(self) -> None:
         self.http.close()
 
 
@@ -70,21 +76,23 @@ class _Connection:
 class _Proxy:
     host: str
     port: int
-    headers: dict
+    headers: dict[str, str]
 
 
 class Pool:
-    def __init__(self, connect_timeout, read_timeout, proxies=None, max_idle=MAX_IDLE, ca_bundle=None):
+    def __init__(self, connect_timeout: float, read_timeout: float, proxies: Mapping[str, str] | None = None,
+                 max_idle: int = MAX_IDLE, ca_bundle: Path | None = None):
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.ca_bundle = ca_bundle
         self.proxies = dict(proxies or {})
         self.max_idle = max_idle
-        self._idle = {}                 # origin -> [connection], the last one returned at the end
+        self._idle: dict[Origin, list[_Connection]] = {}    # the last one returned at the end
         self._lock = threading.Lock()
-        self._ssl, self._ssl_lock = None, threading.Lock()
+        self._ssl: ssl.SSLContext | None = None
+        self._ssl_lock = threading.Lock()
 
     @contextlib.contextmanager
-    def request(self, method, url, headers):
+    def request(self, method: str, url: str, headers: Mapping[str, str]) -> Iterator[http.client.HTTPResponse]:
         """The response to one request; its connection is lent for the `with` block only.
 
         Each request is counted by method and status, with the time to its answer's head."""
@@ -103,7 +111,7 @@ class Pool:
             raise
         self._give_back(connection, response)
 
-    def connect_ahead(self, url):
+    def connect_ahead(self, url: str) -> None:
         """Open a connection to `url`'s origin and leave it idle, unless one is idle already."""
         key = origin(url)
         with self._lock:
@@ -111,14 +119,15 @@ class Pool:
                 return
         self._park(self._connect(key))
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, {}
         for connections in idle.values():
             for connection in connections:
                 connection.close()
 
-    def _exchange(self, method, url, headers):
+    def _exchange(self, method: str, url: str,
+                  headers: Mapping[str, str]) -> tuple[_Connection, http.client.HTTPResponse]:
         key = origin(url)
         reused = self._take(key)
         if reused is not None:
@@ -129,12 +138,12 @@ class Pool:
         connection = self._connect(key)
         return connection, _send_or_close(connection, method, url, headers)
 
-    def _take(self, key):
+    def _take(self, key: Origin) -> _Connection | None:
         with self._lock:
             idle = self._idle.get(key)
             return idle.pop() if idle else None
 
-    def _give_back(self, connection, response):
+    def _give_back(self, connection: _Connection, response: http.client.HTTPResponse) -> None:
         if response.length == 0 and not response.isclosed():
             response.read()             # HEAD, or an empty body: marks the exchange complete
         if response.isclosed() and not response.will_close:
@@ -142,7 +151,7 @@ class Pool:
         else:
             connection.close()
 
-    def _park(self, connection):
+    def _park(self, connection: _Connection) -> None:
         with self._lock:
             idle = self._idle.setdefault(connection.origin, [])
             if len(idle) < self.max_idle:
@@ -150,9 +159,11 @@ class Pool:
                 return
         connection.close()
 
-    def _connect(self, key):
+    def _connect(self, key: Origin) -> _Connection:
         """A new connection to `key`'s origin, connected, its sends and receives under read_timeout."""
         scheme, host, port = key
+        if host is None:
+            raise errors.FetchError(f"a {scheme} URL without a host")
         proxy = self._proxy_for(scheme, host, port)
         raw = self._new_http(scheme, host, port, proxy)
         try:
@@ -162,9 +173,10 @@ class Pool:
             raw.close()
             raise
         through_proxy = proxy is not None and scheme == "http"
-        return _Connection(raw, key, absolute_form=through_proxy, headers=proxy.headers if through_proxy else {})
+        headers = proxy.headers if proxy is not None and through_proxy else {}
+        return _Connection(raw, key, absolute_form=through_proxy, headers=headers)
 
-    def _new_http(self, scheme, host, port, proxy):
+    def _new_http(self, scheme: str, host: str, port: int | None, proxy: _Proxy | None) -> http.client.HTTPConnection:
         address = (proxy.host, proxy.port) if proxy else (host, port)
         if scheme == "http":
             return http.client.HTTPConnection(*address, timeout=self.connect_timeout)
@@ -175,13 +187,13 @@ class Pool:
             raw.set_tunnel(host, port, headers=proxy.headers)   # the credentials go in the CONNECT only
         return raw
 
-    def _proxy_for(self, scheme, host, port):
+    def _proxy_for(self, scheme: str, host: str, port: int | None) -> _Proxy | None:
         url = self.proxies.get(scheme) or self.proxies.get("all")
-        if not url or urllib.request.proxy_bypass_environment(_host_port(host, port), self.proxies):
+        if not url or _bypasses_proxy(_host_port(host, port), self.proxies):
             return None
         return _parse_proxy(url, scheme)
 
-    def _ssl_context(self):
+    def _ssl_context(self) -> ssl.SSLContext:
         # Built on first use: loading the CA store costs milliseconds an http-only mount never pays.
         with self._ssl_lock:
             if self._ssl is None:
@@ -189,7 +201,8 @@ class Pool:
             return self._ssl
 
 
-def _send_or_close(connection, method, url, headers):
+def _send_or_close(connection: _Connection, method: str, url: str,
+                   headers: Mapping[str, str]) -> http.client.HTTPResponse:
     """The response's head; a connection that failed is closed (its state is unknown)."""
     target = url if connection.absolute_form else _path_and_query(url)
     all_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **connection.headers, **headers}
@@ -201,16 +214,16 @@ def _send_or_close(connection, method, url, headers):
         raise
 
 
-def _path_and_query(url):
+def _path_and_query(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
-def _host_port(host, port):
+def _host_port(host: str, port: int | None) -> str:
     return host if port is None else f"{host}:{port}"
 
 
-def _parse_proxy(url, scheme):
+def _parse_proxy(url: str, scheme: str) -> _Proxy:
     """The proxy for `scheme` requests; errors name the scheme, never the URL (it may hold credentials)."""
     parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme != "http":
@@ -221,7 +234,7 @@ def _parse_proxy(url, scheme):
         port = None
     if not parts.hostname or port is None:
         raise errors.FetchError(f"the proxy for {scheme} is not a valid host:port URL")
-    headers = {}
+    headers: dict[str, str] = {}
     if parts.username is not None:
         credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
         headers["Proxy-Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()

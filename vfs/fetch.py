@@ -54,15 +54,17 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from http.client import HTTPResponse
+from typing import NoReturn
 
 from . import concurrency, connections, errors, parts, signedurl, tls, tokens
-from .connections import TRANSPORT_ERRORS, origin
+from .connections import TRANSPORT_ERRORS, Origin, origin
 from .logs import where
 from .metrics import STATS
 from .retry import RETRY_STATUSES, Attempts, Retryable, server_hint
-from .settings import token_source
+from .settings import Settings, token_source
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +77,25 @@ RECENT_FAILURE = 2.0            # seconds a failed block's reads fail at once wi
 REDIRECTS = (301, 302, 303, 307, 308)
 THROTTLED = frozenset({429, 503})
 
+FailureKey = tuple[str, int]      # (url, block index of the cache)
+
 
 class _Retry(Exception):
     """One attempt failed in a way worth another try; `wait` is the server's hint."""
 
-    def __init__(self, reason, wait=None, status=None, timed_out=False):
+    def __init__(self, reason: str, wait: float | None = None, status: int | None = None, timed_out: bool = False):
         super().__init__(reason)
         self.wait, self.status, self.timed_out = wait, status, timed_out
+        self.got = 0                            # bytes the failed attempt received first
+        self.fresh_refusal: int | None = None   # the CDN's status refusing a URL signed this attempt
 
     @property
-    def throttled(self):
+    def throttled(self) -> bool:
         """The origin asked us to slow down (not a failure of this request's own)."""
         return self.status in THROTTLED
 
     @property
-    def retryable(self):
+    def retryable(self) -> Retryable:
         # Being asked to slow down is not held against max_retries: it slows reads, it does not fail them.
         return Retryable(hint=self.wait, counted=not self.throttled)
 
@@ -103,16 +109,16 @@ class _Target:
     refresh_at: float = math.inf  # time.monotonic() after which it is resolved again
 
     @classmethod
-    def received(cls, url):
+    def received(cls, url: str) -> "_Target":
         now = time.monotonic()
         return cls(url, now, now + signedurl.refresh_after(url, time.time()))
 
-    def fresh(self, now):
+    def fresh(self, now: float) -> bool:
         return now < self.refresh_at
 
 
 class RangeFetcher:
-    def __init__(self, settings, block_size):
+    def __init__(self, settings: Settings, block_size: int):
         """`block_size`: the cache directory's (CacheDir.block_size), the span a failure is remembered for."""
         self.settings = settings
         self.block_size = block_size
@@ -122,16 +128,16 @@ class RangeFetcher:
                                      max_idle=settings.max_in_flight + 4, ca_bundle=settings.ca_bundle)
         self.link = concurrency.Controller(settings.max_in_flight)
         self._parts = parts.PartReader(2 * settings.max_in_flight)
-        self._range_ignored = {}    # origin -> time.monotonic() it last answered a Range with 200
-        self._parked = {}           # url -> (WholeBody a ranged read received, until when it is kept)
-        self._targets = {}          # resolve URL -> _Target the bytes come from (after redirects)
-        self._resolving = {}        # resolve URL -> Event set when the resolve under way ends
-        self._failures = {}         # (url, block index) -> (when, error) of recent failures
+        self._range_ignored: dict[Origin, float] = {}   # origin -> when it last answered a Range with 200
+        self._parked: dict[str, tuple[WholeBody, float]] = {}   # url -> (a whole body a ranged read got, kept until)
+        self._targets: dict[str, _Target] = {}          # resolve URL -> where the bytes come from (after redirects)
+        self._resolving: dict[str, threading.Event] = {}    # resolve URL -> set when the resolve under way ends
+        self._failures: dict[FailureKey, tuple[float, errors.LaminaError]] = {}     # -> (when, error), recent ones
         self._lock = threading.Lock()
         self.tokens = token_source(settings)
         self.refusals = tokens.RefusalBackoff()
 
-    def _headers_for(self, url, extra=None):
+    def _headers_for(self, url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The headers of a request to `url`: the token of the moment, to the Hub's own origin only.
 
         AccessDenied at once, without a request, while the Hub's last refusal of that token for
@@ -147,7 +153,7 @@ class RangeFetcher:
             headers["Authorization"] = f"Bearer {token}"
         return headers
 
-    def _hub_answered(self, url, headers, response):
+    def _hub_answered(self, url: str, headers: Mapping[str, str], response: HTTPResponse) -> None:
         """Keep the refusal backoff of the token `headers` carried to the Hub up to date; raise
         the Hub's refusal (401/403) here, so the backoff holds the very error readers get."""
         if origin(url) != origin(self.settings.endpoint):
@@ -160,7 +166,7 @@ class RangeFetcher:
         if response.status < 400:
             self.refusals.accepted(sent, _repo_of(url))
 
-    def read_range(self, url, start, length, what="", skip_whole=True):
+    def read_range(self, url: str, start: int, length: int, what: str = "", skip_whole: bool = True) -> bytearray:
         """Exactly `length` bytes of `url` from `start`, or a LaminaError within the deadline.
 
         From a server that ignores Range, the whole body that answered is read up to
@@ -170,7 +176,7 @@ class RangeFetcher:
         # read_range_into.
         return received(length, lambda view: self._read_first_touch(url, start, view, what, skip_whole))
 
-    def _read_first_touch(self, url, start, view, what, skip_whole):
+    def _read_first_touch(self, url: str, start: int, view: memoryview, what: str, skip_whole: bool) -> None:
         try:
             self.read_range_into(url, start, view, what, urgent=True)
         except errors.RangeIgnored:
@@ -183,7 +189,7 @@ class RangeFetcher:
             finally:
                 body.close()
 
-    def read_range_into(self, url, start, view, what="", urgent=False):
+    def read_range_into(self, url: str, start: int, view: memoryview, what: str = "", urgent: bool = False) -> None:
         """Fill the writable buffer `view` with the bytes of `url` from `start`, exactly, or raise
         a LaminaError within the deadline (then `view` holds a part of them, or nothing)."""
         view = memoryview(view).cast("B")
@@ -203,18 +209,18 @@ class RangeFetcher:
         except errors.LaminaError as exc:
             raise self._remember_failure(key, exc).with_traceback(None) from None
 
-    def ignores_range(self, url) -> bool:
+    def ignores_range(self, url: str) -> bool:
         """Whether the server of `url`'s bytes was seen answering Range with the whole body lately."""
         with self._lock:
             target = self._targets.get(url)
         return target is not None and self._range_ignored_at(target)
 
-    def _range_ignored_at(self, target):
+    def _range_ignored_at(self, target: _Target) -> bool:
         with self._lock:
             seen = self._range_ignored.get(origin(target.url))
         return seen is not None and time.monotonic() - seen < IGNORES_RANGE_MEMORY
 
-    def open_whole_body(self, url, size, start, what=""):
+    def open_whole_body(self, url: str, size: int, start: int, what: str = "") -> "WholeBody":
         """The bytes of `url` from `start` (or from 0) to its end, to be read in order (WholeBody).
 
         Asked with an open-ended Range: a server that honours it after all sends only what is
@@ -230,7 +236,7 @@ class RangeFetcher:
             except _Retry as problem:
                 self._wait_or_give_up(problem, attempts, what, start)
 
-    def _open_whole_body(self, url, size, start, deadline):
+    def _open_whole_body(self, url: str, size: int, start: int, deadline: float) -> "WholeBody":
         target = self.resolve(url)
         key = origin(target.url)
         slot = self.link.slot(key, url, deadline)
@@ -255,7 +261,7 @@ class RangeFetcher:
             exchange.__exit__(*sys.exc_info())
             raise
 
-    def _check_whole_body(self, url, target, response, size, start):
+    def _check_whole_body(self, url: str, target: _Target, response: HTTPResponse, size: int, start: int) -> int:
         """Where this answer's body begins in the file: `start`, or 0 for a whole body."""
         length = response.headers.get("content-length")
         if response.status == 206:
@@ -271,12 +277,12 @@ class RangeFetcher:
         self._check_response(url, target, response, start, size - 1, time.monotonic())
         raise errors.FetchError(f"unexpected HTTP {response.status}")
 
-    def _unless_range_ignored(self, url, target):
+    def _unless_range_ignored(self, url: str, target: _Target) -> None:
         if self._range_ignored_at(target):
             # Asking would only fetch the whole file again to use a slice of it.
             raise errors.RangeIgnored(f"{_safe(url)} ignores Range")
 
-    def _park(self, url, body):
+    def _park(self, url: str, body: "WholeBody") -> None:
         """Keep a whole body a ranged read received, for `open_whole_body` (a few seconds at most)."""
         with self._lock:
             older = self._parked.pop(url, None)
@@ -284,7 +290,7 @@ class RangeFetcher:
         if older is not None:
             older[0].close()
 
-    def _claim(self, url):
+    def _claim(self, url: str) -> "WholeBody | None":
         """The body parked for `url`, if any; parked bodies nobody claimed in time are closed."""
         now = time.monotonic()
         with self._lock:
@@ -294,7 +300,7 @@ class RangeFetcher:
             body.close()
         return found[0] if found is not None else None
 
-    def _note_range_ignored(self, target):
+    def _note_range_ignored(self, target: _Target) -> None:
         with self._lock:
             first = origin(target.url) not in self._range_ignored
             self._range_ignored[origin(target.url)] = time.monotonic()
@@ -302,7 +308,7 @@ class RangeFetcher:
             log.warning("%s ignored the Range header; its files are read in one pass from now on",
                         _safe(target.url))
 
-    def close(self):
+    def close(self) -> None:
         """Let the part threads go and close idle connections (at unmount)."""
         with self._lock:
             parked, self._parked = self._parked, {}
@@ -311,7 +317,7 @@ class RangeFetcher:
         self._parts.close()
         self.pool.close()
 
-    def request_budget(self, url) -> tuple[int, int]:
+    def request_budget(self, url: str) -> tuple[int, int]:
         """(part size, requests) for a read-ahead of `url`: its parts' size and its fair share of
         the requests its origin may have in flight (see readahead.py)."""
         with self._lock:
@@ -320,33 +326,33 @@ class RangeFetcher:
             return parts.part_size(0.0, self.settings.part_size), concurrency.INITIAL_LIMIT
         return self._part_size(url), self.link.share(origin(target.url), url)
 
-    def _part_size(self, url):
+    def _part_size(self, url: str) -> int:
         """Parts as big as the rate the origin's requests reach allows (see parts.py)."""
         with self._lock:
             target = self._targets.get(url)
         rate = self.link.limit(origin(target.url)).best_per_request if target is not None else 0.0
         return parts.part_size(rate, self.settings.part_size)
 
-    def prepare(self, url):
+    def prepare(self, url: str) -> None:
         """Resolve `url` and open a connection to where its bytes come from, ahead of a first read."""
         self._connect_ahead(self.resolve(url).url)
 
-    def connect_to_hub(self):
+    def connect_to_hub(self) -> None:
         """Open a connection to the Hub ahead of the first file's resolve (at mount time)."""
         self._connect_ahead(self.settings.endpoint)
 
-    def _connect_ahead(self, url):
+    def _connect_ahead(self, url: str) -> None:
         try:
             self.pool.connect_ahead(url)
         except (errors.LaminaError, *TRANSPORT_ERRORS) as exc:
             # A read meets the same problem, retries it and says so.
             log.debug("connecting ahead to %s failed: %s", _safe(url), type(exc).__name__)
 
-    def _recent_failure(self, key, now):
+    def _recent_failure(self, key: FailureKey, now: float) -> errors.LaminaError | None:
         when, error = self._failures.get(key, (0.0, None))
         return error if now - when < RECENT_FAILURE else None
 
-    def _remember_failure(self, key, error):
+    def _remember_failure(self, key: FailureKey, error: errors.LaminaError) -> errors.LaminaError:
         """The error to raise: one already remembered for `key` (a concurrent read's), or this one."""
         now = time.monotonic()
         with self._lock:
@@ -358,7 +364,8 @@ class RangeFetcher:
             self._failures[key] = (now, error)
         return error
 
-    def _read_with_retries(self, url, start, view, what, deadline, urgent=False):
+    def _read_with_retries(self, url: str, start: int, view: memoryview, what: str, deadline: float,
+                           urgent: bool = False) -> None:
         attempts = Attempts(self.settings.max_retries, deadline)
         got, last, fresh_refused = 0, None, False
         while True:
@@ -366,21 +373,21 @@ class RangeFetcher:
                 self._read_into(url, start + got, view[got:], deadline, urgent)
                 return
             except _Retry as problem:
-                got += getattr(problem, "got", 0)
+                got += problem.got
                 last = str(problem)
                 # One fresh URL refused can be a URL signed for a moment that ran out on the
                 # way (a loaded host, a tiny lifetime); two in a row is the CDN saying no.
-                if getattr(problem, "fresh_refusal", None) and fresh_refused:
+                if problem.fresh_refusal and fresh_refused:
                     raise errors.AccessDenied(f"the CDN refused (HTTP {problem.fresh_refusal}) two URLs "
                                               "the Hub had just signed for this file") from None
-                fresh_refused = bool(getattr(problem, "fresh_refusal", None))
+                fresh_refused = bool(problem.fresh_refusal)
                 self._wait_or_give_up(problem, attempts, what, start + got)
             except concurrency.NoSlot as exc:
                 # The origin's pause (Retry-After) outlasted the deadline: say why it paused.
                 cause = f"{last} (gave up after {attempts.failed} tries)" if last else str(exc)
                 raise errors.FetchError(f"{what}: offset {start + got}: {cause}") from None
 
-    def _wait_or_give_up(self, problem, attempts, what, offset):
+    def _wait_or_give_up(self, problem: _Retry, attempts: Attempts, what: str, offset: int) -> None:
         wait = attempts.wait_after(problem.retryable)
         if wait is None:
             raise errors.FetchError(f"{what}: offset {offset}: {problem} (gave up after {attempts.failed} tries)")
@@ -388,7 +395,7 @@ class RangeFetcher:
         STATS.fetch_retried()
         time.sleep(wait)
 
-    def _read_into(self, url, start, view, deadline, urgent=False):
+    def _read_into(self, url: str, start: int, view: memoryview, deadline: float, urgent: bool = False) -> int:
         """One attempt: fill `view` from `start`; on failure raise _Retry carrying bytes got."""
         asked_at = time.monotonic()
         target = self.resolve(url)
@@ -424,7 +431,8 @@ class RangeFetcher:
                 _report(slot, problem)
                 raise
 
-    def _check_response(self, url, target, response, start, end, asked_at):
+    def _check_response(self, url: str, target: _Target, response: HTTPResponse, start: int, end: int,
+                        asked_at: float) -> int:
         """Bytes to skip before the asked range begins (0 unless the server ignored Range)."""
         status = response.status
         if status == 206:
@@ -441,7 +449,7 @@ class RangeFetcher:
             self._cdn_refused(url, target, status, asked_at)
         self._raise_for_status(url, response)
 
-    def _cdn_refused(self, url, target, status, asked_at):
+    def _cdn_refused(self, url: str, target: _Target, status: int, asked_at: float) -> NoReturn:
         """The CDN refused its signed URL: resolve again now. A URL the Hub signed during this
         very attempt is marked, so the read gives up (EACCES) when a second one is refused."""
         self._replace_target(url, target, None)
@@ -452,7 +460,7 @@ class RangeFetcher:
         raise _Retry(f"the CDN refused its signed URL (HTTP {status}: expired, or signed for another range); "
                      "resolving it again", wait=0.0)
 
-    def _replace_target(self, url, old, new):
+    def _replace_target(self, url: str, old: _Target, new: _Target | None) -> None:
         """Swap `url`'s target for `new` (None: forget it), unless another thread already did."""
         with self._lock:
             if self._targets.get(url) is old:
@@ -461,7 +469,7 @@ class RangeFetcher:
                 else:
                     self._targets[url] = new
 
-    def _raise_for_status(self, url, response):
+    def _raise_for_status(self, url: str, response: HTTPResponse) -> NoReturn:
         status = response.status
         if status in (401, 403):
             raise _hub_refusal(response)
@@ -473,7 +481,7 @@ class RangeFetcher:
             raise _Retry(f"HTTP {status}", server_hint(response.headers), status=status)
         raise errors.FetchError(f"unexpected HTTP {status}")
 
-    def _read_body(self, response, view, skip):
+    def _read_body(self, response: HTTPResponse, view: memoryview, skip: int) -> int:
         got = 0
         try:
             _discard(response, skip)
@@ -496,7 +504,7 @@ class RangeFetcher:
             raise _with_progress(_Retry(f"short body ({got} of {len(view)} bytes)"), got)
         return got
 
-    def resolve(self, url):
+    def resolve(self, url: str) -> _Target:
         """Where the bytes of `url` come from: follows the Hub's redirects, remembers the
         target until it is due to be asked for again (its signature's expiry) or refused.
 
@@ -525,11 +533,11 @@ class RangeFetcher:
             with self._lock:
                 self._resolving.pop(url).set()
 
-    def _fresh_target(self, url):
+    def _fresh_target(self, url: str) -> _Target | None:
         target = self._targets.get(url)
         return target if target is not None and target.fresh(time.monotonic()) else None
 
-    def _follow_redirects(self, url):
+    def _follow_redirects(self, url: str) -> str:
         """Follow the Hub's redirects; each hop and the Hub's own answer must look like the Hub's."""
         current, seen = url, {url}
         for _ in range(MAX_REDIRECTS + 1):
@@ -553,7 +561,7 @@ class RangeFetcher:
             self._raise_for_status(url, response)
         raise errors.FetchError(f"too many redirects (more than {MAX_REDIRECTS}): a redirect loop")
 
-    def _head(self, url):
+    def _head(self, url: str) -> HTTPResponse:
         """The answer to a HEAD of `url` (status and headers; its connection is back in the pool)."""
         deadline = time.monotonic() + self.settings.connect_timeout + self.settings.read_timeout
         headers = self._headers_for(url)
@@ -579,13 +587,13 @@ def received(length: int, fill: Callable[[memoryview], object]) -> bytearray:
     return buffer
 
 
-def _hub_refusal(response):
+def _hub_refusal(response: HTTPResponse) -> errors.AccessDenied:
     gated = response.headers.get("x-error-code") == "GatedRepo"
     hint = "the repository is gated: accept its terms on the Hub and set HF_TOKEN" if gated else "check HF_TOKEN"
     return errors.AccessDenied(f"the Hub refused access (HTTP {response.status}); {hint}")
 
 
-def _transport_failure(url, exc):
+def _transport_failure(url: str, exc: BaseException) -> errors.LaminaError | _Retry:
     """What a failed request becomes: a refused TLS certificate is final (another try meets the
     same certificate) and says so; anything else is worth another try."""
     refusal = tls.refused_certificate(exc)
@@ -594,7 +602,7 @@ def _transport_failure(url, exc):
     return _Retry(f"request failed: {type(exc).__name__}")
 
 
-def _repo_of(url):
+def _repo_of(url: str) -> str:
     """The repository part of a Hub URL (`/org/name` of `/org/name/resolve/...`): refusals are per repository."""
     path = urllib.parse.urlsplit(url).path
     return path.split("/resolve/", 1)[0]
@@ -606,12 +614,13 @@ class WholeBody:
     It holds its request's concurrency slot and connection until `close`; reads are
     blocking (worker threads), one thread at a time."""
 
-    def __init__(self, exchange, response, slot, position):
+    def __init__(self, exchange: contextlib.AbstractContextManager, response: HTTPResponse, slot: concurrency.Slot,
+                 position: int):
         self._exchange, self._response, self._slot = exchange, response, slot
         self.position = position
         self._received = 0
 
-    def readinto(self, view):
+    def readinto(self, view: memoryview) -> None:
         """Fill `view` exactly with the next bytes, or raise FetchError."""
         view = memoryview(view).cast("B")
         got = 0
@@ -630,19 +639,21 @@ class WholeBody:
         if got < len(view):
             raise errors.FetchError(f"body ended at offset {self.position}, before the file's end")
 
-    def discard(self, count):
-        scratch = memoryview(bytearray(min(count, CHUNK))) if count else None
+    def discard(self, count: int) -> None:
+        if count <= 0:
+            return
+        scratch = memoryview(bytearray(min(count, CHUNK)))
         while count > 0:
             step = min(count, CHUNK)
             self.readinto(scratch[:step])
             count -= step
 
-    def close(self):
+    def close(self) -> None:
         self._slot.finished(self._received)
         self._exchange.__exit__(None, None, None)
 
 
-def _check_partial(response, start, end):
+def _check_partial(response: HTTPResponse, start: int, end: int) -> None:
     expected = f"bytes {start}-{end}/"
     content_range = response.headers.get("content-range", "")
     if not content_range.startswith(expected):
@@ -652,7 +663,7 @@ def _check_partial(response, start, end):
         raise errors.FetchError(f"wrong Content-Length {length}, asked for {end - start + 1} bytes")
 
 
-def _require_hub_headers(response, what):
+def _require_hub_headers(response: HTTPResponse, what: str) -> None:
     """A Hub answer names the commit and the content; without them it is not the Hub (a proxy?)."""
     if "x-repo-commit" not in response.headers:
         raise errors.FetchError(f"the Hub's {what} has no X-Repo-Commit header: not the Hub, or a proxy in the way")
@@ -660,7 +671,7 @@ def _require_hub_headers(response, what):
         raise errors.FetchError(f"the Hub's {what} has no ETag: not the Hub, or a proxy in the way")
 
 
-def _discard(response, count):
+def _discard(response: HTTPResponse, count: int) -> None:
     while count > 0:
         chunk = response.read(min(count, CHUNK))
         if not chunk:
@@ -668,7 +679,7 @@ def _discard(response, count):
         count -= len(chunk)
 
 
-def _report(slot, problem):
+def _report(slot: concurrency.Slot, problem: _Retry) -> None:
     """Tell the controller how a failed attempt ended: throttled, timed out, or broken."""
     if problem.throttled:
         slot.refused(problem.wait)
@@ -676,12 +687,12 @@ def _report(slot, problem):
         slot.failed(timed_out=problem.timed_out)
 
 
-def _with_progress(problem, got):
+def _with_progress(problem: _Retry, got: int) -> _Retry:
     problem.got = got
     return problem
 
 
-def _safe(url):
+def _safe(url: str) -> str:
     """A URL fit for a log line: no query string (signed CDN URLs carry credentials there)."""
     parts = urllib.parse.urlsplit(url)
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))

@@ -16,14 +16,20 @@ import logging
 import re
 import time
 import urllib.parse
+from collections.abc import Callable, Mapping
+from email.message import Message
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import connections, errors, tls
 from .connections import TRANSPORT_ERRORS, origin
 from .paths import is_commit, is_safe_repo_path
 from .ratelimit import RateGate
 from .retry import RETRY_STATUSES, Attempts, Retryable, server_hint
-from .settings import token_source
+from .settings import Settings, token_source
 from .snapshots import RemoteFile, Snapshot, SnapshotStore, select_files
+
+if TYPE_CHECKING:
+    from .manifest import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +45,21 @@ REDIRECTS = (301, 302, 303, 307, 308)
 BAD_CREDENTIALS = "Invalid credentials in Authorization header"     # the Hub's X-Error-Message
 _NEXT_PAGE = re.compile(r'<([^>]*)>\s*;[^,]*\brel="?next"?')     # RFC 8288, as the Hub pages a listing
 
+Tree = tuple[RemoteFile, ...]       # a commit's files, as listed (and stored)
+Headers = Message                   # an http.client answer's headers (case-insensitive)
+Answer = TypeVar("Answer")
+
 
 class HubAnswered(Exception):
     """The Hub answered with an error status (classified by `classify`)."""
 
-    def __init__(self, status, headers, token_sent):
+    def __init__(self, status: int, headers: Headers, token_sent: bool):
         super().__init__(f"HTTP {status}")
         self.status, self.headers, self.token_sent = status, headers, token_sent
 
 
 class Hub:
-    def __init__(self, settings, store: SnapshotStore):
+    def __init__(self, settings: Settings, store: SnapshotStore):
         self.settings = settings
         self.store = store
         self.tokens = token_source(settings)     # each call sends the token of the moment (rotation)
@@ -58,16 +68,18 @@ class Hub:
         self.reachable = True       # False once a call found the Hub unreachable
         self.gate = RateGate()      # shared by every thread resolving through this Hub
 
-    def resolve(self, spec, online=True):
+    def resolve(self, spec: "ModelSpec", online: bool = True) -> Snapshot:
         """The snapshot of `spec`: resolved online when possible, else from the store."""
         commit, tree = self.commit_and_tree(spec, online)
         return self.snapshot(spec, commit, tree)
 
-    def snapshot(self, spec, commit, tree, index=None):
+    def snapshot(self, spec: "ModelSpec", commit: str, tree: Tree,
+                 index: dict[str, RemoteFile] | None = None) -> Snapshot:
         """`spec`'s files of `tree` at `commit`; `index` (path -> file) spares a scan per model."""
+        assert spec.hf is not None, "only a Hub model has a snapshot"
         return Snapshot(spec.hf, spec.revision, commit, select_files(spec, commit, tree, index))
 
-    def commit_and_tree(self, spec, online):
+    def commit_and_tree(self, spec: "ModelSpec", online: bool) -> tuple[str, Tree]:
         """(commit, files) of `spec.hf` at `spec.revision`: stored when known, else online."""
         known = spec.revision if is_commit(spec.revision) else None
         known = known or (None if online else self.store.commit_for(spec.hf, spec.revision))
@@ -81,17 +93,17 @@ class Hub:
         except errors.HubUnreachable as exc:
             return self._stored_fallback(spec, exc)
 
-    def _stored_fallback(self, spec, exc):
+    def _stored_fallback(self, spec: "ModelSpec", exc: errors.HubUnreachable) -> tuple[str, Tree]:
         commit = self.store.commit_for(spec.hf, spec.revision)
-        tree = commit and self.store.load_tree(spec.hf, commit)
-        if not tree and tree != ():
+        tree = self.store.load_tree(spec.hf, commit) if commit else None
+        if commit is None or tree is None:
             raise exc
         self.reachable = False
         log.warning("model %r: Hub unreachable (%s); serving stored commit %s", spec.name, exc, commit,
                     extra={"model": spec.name})
         return commit, tree
 
-    def _resolve_online(self, spec):
+    def _resolve_online(self, spec: "ModelSpec") -> tuple[str, Tree]:
         # A commit needs no resolve: listing its tree is the one call (and says if it exists).
         commit = spec.revision if is_commit(spec.revision) else self.resolve_commit(spec)
         tree = self.store.load_tree(spec.hf, commit)
@@ -101,7 +113,7 @@ class Hub:
         self.store.save_ref(spec.hf, spec.revision, commit)
         return commit, tree
 
-    def resolve_commit(self, spec):
+    def resolve_commit(self, spec: "ModelSpec") -> str:
         """The commit `spec.revision` names on the Hub now (one request, retried)."""
         revision = urllib.parse.quote(spec.revision, safe="")
         url = f"{self.settings.endpoint}/api/models/{spec.hf}/revision/{revision}?expand=sha"
@@ -111,10 +123,11 @@ class Hub:
             raise errors.HubError(f"model {spec.name!r}: the Hub gave no commit sha for {spec.hf}@{spec.revision}")
         return commit
 
-    def _list_tree(self, spec, commit):
+    def _list_tree(self, spec: "ModelSpec", commit: str) -> Tree:
         """The files of `spec.hf` at `commit`, page by page; each page is retried on its own."""
-        url = f"{self.settings.endpoint}/api/models/{spec.hf}/tree/{commit}?recursive=true&expand=false"
-        files, seen, ignored, first_ignored = [], 0, 0, None
+        url: str | None = f"{self.settings.endpoint}/api/models/{spec.hf}/tree/{commit}?recursive=true&expand=false"
+        files: list[RemoteFile] = []
+        seen, ignored, first_ignored = 0, 0, None
         while url:
             page, url = self._call(spec, self._tree_page, url)
             seen += len(page)
@@ -135,11 +148,11 @@ class Hub:
                         spec.name, ignored, spec.hf, first_ignored)
         return tuple(files)
 
-    def close(self):
+    def close(self) -> None:
         """Close the idle connections to the Hub."""
         self.pool.close()
 
-    def _get(self, url):
+    def _get(self, url: str) -> tuple[Any, Headers]:
         """(JSON body, headers) of one GET at the Hub, its status checked and its RateLimit
         budget noted; the Hub's own redirects (a renamed repository) are followed."""
         if self.settings.offline:
@@ -161,10 +174,10 @@ class Hub:
             return json.loads(body), response.headers
         raise ValueError(f"more than {MAX_REDIRECTS} redirects")
 
-    def _get_json(self, url):
+    def _get_json(self, url: str) -> Any:
         return self._get(url)[0]
 
-    def _tree_page(self, url):
+    def _tree_page(self, url: str) -> tuple[list, str | None]:
         """One page of a tree listing and the URL of the next one (None at the end)."""
         page, headers = self._get(url)
         if not isinstance(page, list):
@@ -175,13 +188,13 @@ class Hub:
             raise ValueError("the listing's next page is on another origin")  # the token would follow it
         return page, next_url
 
-    def _call(self, spec, function, *args, **kwargs):
+    def _call(self, spec: "ModelSpec", function: Callable[[str], Answer], url: str) -> Answer:
         """Call the Hub with retries (retry.py's policy); map its failures to our errors."""
         attempts = Attempts.within(self.settings.max_retries, self.settings.read_deadline)
         while True:
             self.gate.wait()
             try:
-                return function(*args, **kwargs)
+                return function(url)
             except Exception as exc:  # noqa: BLE001 - classified right below
                 mapped, retryable = classify(spec, exc, self.settings.endpoint)
                 wait = attempts.wait_after(retryable) if retryable is not None else None
@@ -194,11 +207,11 @@ class Hub:
                     time.sleep(wait)
 
 
-def _is_rate_limited(exc):
+def _is_rate_limited(exc: Exception) -> bool:
     return isinstance(exc, HubAnswered) and exc.status == 429
 
 
-def remote_file(entry):
+def remote_file(entry: object) -> RemoteFile | None:
     """A checked RemoteFile from one raw tree entry, or None (a directory, or unsafe/malformed)."""
     if not isinstance(entry, dict) or entry.get("type") != "file" or not is_safe_repo_path(entry.get("path")):
         return None
@@ -206,20 +219,21 @@ def remote_file(entry):
     if lfs is not None:
         oid = lfs.get("oid") if isinstance(lfs, dict) else None
     expected_len = 40 if lfs is None else 64
-    if not (_is_size(size) and isinstance(oid, str) and len(oid) == expected_len and HEX_RE.match(oid)):
+    if not (isinstance(size, int) and _is_size(size) and isinstance(oid, str) and len(oid) == expected_len
+            and HEX_RE.match(oid)):
         return None
     return RemoteFile(entry["path"], size, f"sha1:{oid}" if lfs is None else f"sha256:{oid}")
 
 
-def _is_size(value):
+def _is_size(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_FILE_SIZE
 
 
-def _is_directory(entry):
+def _is_directory(entry: object) -> bool:
     return isinstance(entry, dict) and entry.get("type") == "directory" and is_safe_repo_path(entry.get("path"))
 
 
-def classify(spec, exc, endpoint):
+def classify(spec: "ModelSpec", exc: Exception, endpoint: str) -> tuple[errors.LaminaError, Retryable | None]:
     """(our exception, a retry.Retryable when another try is worth it, else None)."""
     where = f"model {spec.name!r}: {spec.hf}@{spec.revision}"
     if isinstance(exc, HubAnswered):
@@ -234,7 +248,7 @@ def classify(spec, exc, endpoint):
     return errors.HubError(f"{where}: unexpected answer from the Hub: {type(exc).__name__}: {exc}"), None
 
 
-def _classify_answer(spec, where, answer):
+def _classify_answer(spec: "ModelSpec", where: str, answer: HubAnswered) -> tuple[errors.LaminaError, Retryable | None]:
     """An error status, read as huggingface_hub reads it (X-Error-Code, X-Error-Message)."""
     status, code, message = answer.status, answer.headers.get("x-error-code"), answer.headers.get("x-error-message")
     if code == "GatedRepo":
@@ -253,6 +267,6 @@ def _classify_answer(spec, where, answer):
     return errors.HubError(f"{where}: HTTP {status} from the Hub"), retryable
 
 
-def resolve_url(endpoint, repo, commit, path):
+def resolve_url(endpoint: str, repo: str, commit: str, path: str) -> str:
     """The Hub URL that serves `path` of `repo` at `commit` (redirecting LFS files to a CDN)."""
     return f"{endpoint}/{repo}/resolve/{commit}/{urllib.parse.quote(path)}"

@@ -8,6 +8,7 @@ cache never saw); `gc` and `verify` work from the cache alone.
 """
 
 import logging
+import math
 import sys
 
 import trio
@@ -177,7 +178,7 @@ def gc(settings, manifest, max_size):
     directory = catalog.directory
     if max_size is None:
         named = {node.file.content_id for node in catalog.tree.hub_files() if isinstance(node.file, FileRef)}
-        eviction = directory.evict(float("inf"), protected=named | catalog.kept)
+        eviction = directory.evict(math.inf, protected=named | catalog.kept)
     else:
         eviction = directory.evict(max(0, directory.usage() - max_size), protected=catalog.kept)
     kept = f"; {eviction.in_use} in use by another process, kept" if eviction.in_use else ""

@@ -1,7 +1,7 @@
 """The lifecycle of a mount: pyfuse3.init/main/close, signals, readiness, the mountpoint.
 
-What a mount serves is built by assembly.build_filesystem; this module makes its kernel
-side (Operations, passthrough) and runs it. Order matters here. Everything that can fail for a user-visible reason (manifest, Hub,
+What a mount serves is built by assembly.build_filesystem; `run` makes its kernel side
+(Operations, passthrough) and serves it. Order matters here. Everything that can fail for a user-visible reason (manifest, Hub,
 cache, mountpoint) fails before pyfuse3.init, with a clear message and nothing mounted.
 After init, the daemon must not stat its own mountpoint until pyfuse3.main is running
 (the kernel would wait on a reply nobody sends). The kernel resets the mount's
@@ -30,14 +30,6 @@ from .offline import PROBE_SECONDS, hub_answers
 from .tasks import guard
 
 log = logging.getLogger(__name__)
-
-
-def operations(fs: Filesystem) -> Operations:
-    """The kernel side of `fs`, made once: the pyfuse3 Operations and the passthrough policy."""
-    if fs.ops is None:
-        passthrough = Passthrough(fs.cache, fs.settings.passthrough, local=fs.settings.local_passthrough)
-        fs.ops = Operations(fs.tree, fs.reader, fs.cache, fs.open_file, passthrough)
-    return fs.ops
 
 
 def mount_options(settings):
@@ -147,19 +139,21 @@ def run(fs: Filesystem, mountpoint, on_ready=lambda: None, api_address=None):
     mountpoint = fs.mountpoint = Path(mountpoint)
     prepare_mountpoint(mountpoint)
     limit_malloc_arenas()
-    ops = operations(fs)
+    # The kernel side, made here: nothing that is not mounting ever loads pyfuse3.
+    passthrough = Passthrough(fs.cache, fs.settings.passthrough, local=fs.settings.local_passthrough)
+    fs.ops = Operations(fs.tree, fs.reader, fs.cache, fs.open_file, passthrough)
     try:
-        pyfuse3.init(ops, str(mountpoint), mount_options(fs.settings))
+        pyfuse3.init(fs.ops, str(mountpoint), mount_options(fs.settings))
     except RuntimeError as exc:
         # libfuse says only "fuse_session_mount failed"; its own reason went to stderr.
         raise errors.LaminaError(f"could not mount {mountpoint}: {exc} (is /dev/fuse there, and may this "
                                  "process mount? A sandbox without /dev/fuse or CAP_SYS_ADMIN cannot)") from None
     notifier = Notifier(fs.settings.notify_socket, fs.settings.watchdog_usec, fs.settings.watchdog_pid)
     try:
-        trio.run(_serve, fs, ops, mountpoint, on_ready, api_address, notifier)
+        trio.run(_serve, fs, passthrough, mountpoint, on_ready, api_address, notifier)
     finally:
         notifier.stopping()
-        ops.passthrough.clear_status()
+        passthrough.clear_status()
         pyfuse3.close(unmount=True)
         notifier.close()
         fs.sources.close()
@@ -167,7 +161,7 @@ def run(fs: Filesystem, mountpoint, on_ready=lambda: None, api_address=None):
     log.info("unmounted %s", mountpoint)
 
 
-async def _serve(fs, ops, mountpoint, on_ready, api_address, notifier):
+async def _serve(fs, passthrough, mountpoint, on_ready, api_address, notifier):
     async with trio.open_nursery() as nursery:
         fs.cache.start(nursery)
         fs.reader.start(nursery)
@@ -180,9 +174,9 @@ async def _serve(fs, ops, mountpoint, on_ready, api_address, notifier):
         # A first request through the mount proves the handshake is done.
         await trio.to_thread.run_sync(os.stat, mountpoint)
         set_read_ahead(mountpoint, fs.settings.read_ahead_kb)
-        ops.passthrough.after_init()
-        ops.passthrough.start(nursery)
-        await trio.to_thread.run_sync(ops.passthrough.write_status)
+        passthrough.after_init()
+        passthrough.start(nursery)
+        await trio.to_thread.run_sync(passthrough.write_status)
         api.serving = True
         if not fs.settings.offline and any(spec.hf for spec in fs.manifest.models):
             nursery.start_soon(_connect_to_hub, fs.fetcher)

@@ -186,7 +186,8 @@ class Worker:
             offset, length = offset // PAGE * PAGE, -(-length // PAGE) * PAGE
             buffer = mmap.mmap(-1, length)              # page-aligned, as O_DIRECT wants
             got = os.preadv(checked.direct_fd, [buffer], offset)
-            data, _ = buffer[:got], buffer.close()
+            data = buffer[:got]
+            buffer.close()
         else:
             data = os.pread(checked.direct_fd, length, offset)
         self.check(checked, index, "direct", offset, length, data)

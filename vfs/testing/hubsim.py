@@ -47,8 +47,10 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from . import link as _link
@@ -159,7 +161,7 @@ def _blob_from_path(path, want_git_sha1):
             sha256.update(chunk)
             if sha1 is not None:
                 sha1.update(chunk)
-    return Blob(size, sha256.hexdigest(), sha1 and sha1.hexdigest(), path=path)
+    return Blob(size, sha256.hexdigest(), sha1.hexdigest() if sha1 is not None else None, path=path)
 
 
 def _check_repo_path(name):
@@ -176,7 +178,7 @@ def _check_repo_id(repo_id):
 
 def _directory_oids(files):
     """Fake git tree ids for every directory, deepest first so parents include children."""
-    lines = {"": []}
+    lines: dict[str, list[str]] = {"": []}
     for path, entry in files.items():
         parent, _, name = path.rpartition("/")
         lines.setdefault(parent, []).append(f"file {name} {entry.oid}")
@@ -211,7 +213,7 @@ def repo_files(directory):
 # Faults
 
 
-_FAULT_PARAMS = {  # kind -> (required params, optional params with defaults)
+_FAULT_PARAMS: dict[str, tuple[set[str], dict[str, Any]]] = {  # kind -> (required params, optional params with defaults)
     "status": ({"code"}, {"headers": {}}),
     "rate_limit": (set(), {"seconds": 1, "style": "retry-after"}),
     "delay": ({"seconds"}, {}),
@@ -443,7 +445,7 @@ class _Request:
     method: str
     raw_path: str
     query_string: str
-    headers: object  # email.message.Message: case-insensitive
+    headers: Message  # case-insensitive
     body: bytes
     route: str = "unknown"  # set by the router: info, tree, paths-info, resolve, cdn
     content_fault: object = None
@@ -1115,6 +1117,8 @@ def _refusal(link):
 class _Handler(BaseHTTPRequestHandler):
     """One connection; HTTP/1.1 keep-alive, every answer framed by Content-Length."""
 
+    server: "_Server"
+
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out as separate writes
     server_version = "hubsim"
@@ -1273,7 +1277,7 @@ class _Server(ThreadingHTTPServer):
 
     @property
     def url(self):
-        host, port = self.server_address[:2]
+        host, port = self.socket.getsockname()[:2]
         return f"{self.scheme}://{host}:{port}"
 
     def get_request(self):

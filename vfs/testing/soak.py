@@ -81,7 +81,7 @@ class Sources:
     def __init__(self, directory: Path):
         self.directory = directory
         self.index_path = directory / "index.json"
-        self.index = {}
+        self.index: dict[str, str] = {}
         directory.mkdir(parents=True, exist_ok=True)
 
     def make(self, name, size, rng):
@@ -115,8 +115,9 @@ class Reader:
     def __init__(self, root, index_path, seed):
         self.root, self.index_path = Path(root), Path(index_path)
         self.random = random.Random(seed)
-        self.index = {}
-        self.counts, self.problems = Counter(), []
+        self.index: dict[str, str] = {}
+        self.counts: Counter[str] = Counter()
+        self.problems: list[str] = []
         self.bytes_checked = 0
 
     def files(self):
@@ -239,7 +240,7 @@ class Soak:
         self.url_seconds = url_seconds
         self.random = random.Random(seed)
         self.sources = Sources(self.workdir / "sources")
-        self.events = Counter()
+        self.events: Counter[str] = Counter()
         self.failures = []                  # what breaks the run: gc exits, refreshes not applied, ...
         self.rotations = []                 # (old token, new token)
         self.samples = []                   # (seconds since start, rss, fds)
@@ -316,7 +317,9 @@ class Soak:
             self.failures.append(f"gc exited {result.returncode}: {result.stderr.strip()[-500:]}")
 
     def sample(self):
-        self.samples.append((time.monotonic() - self.started, *footprint(self.mount.process.pid)))
+        process = self.mount.process
+        assert process is not None, "sampled while mounted"
+        self.samples.append((time.monotonic() - self.started, *footprint(process.pid)))
 
     def post(self, path):
         request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", method="POST")
@@ -361,7 +364,7 @@ class Soak:
                 warm = self.samples[-1]
             time.sleep(0.2)
         self.sample()
-        reports = [json.loads(worker.stdout.read() or "{}") for worker in workers]
+        reports = [json.loads(worker.communicate()[0] or "{}") for worker in workers]
         return self.summary(reports, warm or self.samples[0])
 
     def guarded(self, name, action):
@@ -382,7 +385,8 @@ class Soak:
         return stale
 
     def summary(self, reports, warm):
-        counts, problems, checked = Counter(), [], 0
+        counts: Counter[str] = Counter()
+        problems, checked = [], 0
         for report in reports:
             counts.update(report.get("counts", {}))
             problems += report.get("problems", [])
