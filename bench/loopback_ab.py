@@ -3,7 +3,10 @@
 For a change to the fetch path that must not slow the unshaped case (parts and the
 concurrency controller): both daemons read the same big file from the same simulator,
 cold (fresh block cache, page cache dropped, the server's file read back in), in
-alternating order each round. Two figures per read: the throughput, and the daemon's CPU
+alternating order each round. With `--rate` and `--delay` the simulator shapes the link
+as `python -m bench --only link` does, and each read also reports the requests in flight
+at the simulator (sampled every SAMPLE_SECONDS: their mean and the most seen), for a
+change meant to fill a shaped link. Two figures per read: the throughput, and the daemon's CPU
 time per MiB read (all its threads, from /proc). On a machine shared with other work the
 throughput swings by 2x from one read to the next; the CPU a daemon spends per MiB moves
 far less with the load, and is what a cost in the fetch path would show as. Each is
@@ -17,8 +20,10 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
+from vfs.testing.link import parse_rate
 from vfs.testing.mounts import MountProcess, isolated_environment
 
 from .data import MIB, big_file
@@ -27,32 +32,69 @@ from .overhead import ROOT, daemon_cpu_seconds, export
 from .probes import read_sequential
 from .server import HubProcess
 
+SAMPLE_SECONDS = 0.05
 MANIFEST = "models:\n  big:\n    path: /models/big/\n    backend: vllm\n    hf: bench/big\n"
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.loopback_ab", description=__doc__.splitlines()[0])
     parser.add_argument("baseline", help="the commit to compare against (e.g. the one before a change)")
+    parser.add_argument("--candidate", metavar="COMMIT",
+                        help="compare this commit's daemon with the baseline's, not this checkout's")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "lamina-bench-ab"))
+    parser.add_argument("--rate", type=parse_rate, metavar="BYTES/S",
+                        help="shape the link: cap each response at this rate, e.g. 40MB (default: loopback as is)")
+    parser.add_argument("--delay", type=float, default=0.0, metavar="SECONDS",
+                        help="shape the link: wait this long before every reply, e.g. 0.03")
+    parser.add_argument("--verbose", action="store_true",
+                        help="daemons log at DEBUG (the controller's decisions) into WORK/NAME.log")
     return parser.parse_args(argv)
 
 
-def cold_read(hub, work, name, pythonpath, big):
-    """(MB/s, daemon CPU microseconds per MiB) of one cold read of `big` through a fresh mount."""
+class InFlightSampler:
+    """The simulator's CDN requests in flight, sampled in a thread while a read runs."""
+
+    def __init__(self, client):
+        self.client, self.samples = client, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self):
+        while not self._stop.wait(SAMPLE_SECONDS):
+            self.samples.append(self.client.in_flight("cdn")["now"])
+
+    def summary(self):
+        """(mean, most) requests in flight over the read."""
+        return (statistics.mean(self.samples), max(self.samples)) if self.samples else (0.0, 0)
+
+
+def cold_read(hub, work, name, pythonpath, big, extra_args=()):
+    """(MB/s, daemon CPU microseconds per MiB, (mean, most) in flight) of one cold read of
+    `big` through a fresh mount."""
     cache = work / f"cache-{name}"
     shutil.rmtree(cache, ignore_errors=True)
     env = isolated_environment(work, {"PYTHONPATH": str(pythonpath)})
-    mount = MountProcess(work / "models.yaml", work / "mnt", cache, hub.endpoint, work / f"{name}.log", env=env)
+    mount = MountProcess(work / "models.yaml", work / "mnt", cache, hub.endpoint, work / f"{name}.log", env=env,
+                         extra_args=list(extra_args))
     mount.start()
     try:
         drop_caches()
         warm(big)
         before = daemon_cpu_seconds(mount.process.pid)
-        rate = read_sequential(work / "mnt" / "big" / big.name)
+        with InFlightSampler(hub.client) as in_flight:
+            rate = read_sequential(work / "mnt" / "big" / big.name)
         cpu = daemon_cpu_seconds(mount.process.pid) - before
-        return rate / 1e6, cpu * 1e6 / (big.stat().st_size / MIB)
+        return rate / 1e6, cpu * 1e6 / (big.stat().st_size / MIB), in_flight.summary()
     finally:
         mount.stop()
 
@@ -80,19 +122,28 @@ def main(argv=None):
     (work / "models.yaml").write_text(MANIFEST)
     commit, baseline = export(args.baseline, work / "exports")
     base = f"baseline {commit[:12]}"
-    daemons = {base: baseline, "this checkout": ROOT}
+    theirs = export(args.candidate, work / "exports") if args.candidate else None
+    daemons = {base: baseline, "this checkout": theirs[1] if theirs else ROOT}
     big = big_file(work / "repo-big", args.size_mib * MIB)
     os.chdir(work)          # not the checkout: PYTHONPATH alone decides which code a daemon runs
     rates = {name: [] for name in daemons}
     cpu = {name: [] for name in daemons}
     with HubProcess({"bench/big": big.parent}) as hub:
+        if args.rate or args.delay:
+            hub.client.set_link(rate=args.rate, delay=args.delay)
+            print(f"link: {args.rate / 1e6 if args.rate else 'unlimited'} MB/s per response, "
+                  f"{args.delay * 1000:g} ms per reply", flush=True)
         for round_ in range(args.rounds):
             order = list(daemons) if round_ % 2 == 0 else list(reversed(daemons))
             for name in order:
-                rate, per_mib = cold_read(hub, work, name.split()[0], daemons[name], big)
+                rate, per_mib, (mean, most) = cold_read(hub, work, name.split()[0], daemons[name], big,
+                                                           ["-v"] if args.verbose else [])
                 rates[name].append(rate)
                 cpu[name].append(per_mib)
-                print(f"round {round_ + 1}: {name}: {rate:,.0f} MB/s, {per_mib:,.0f} us CPU per MiB", flush=True)
+                print(f"round {round_ + 1}: {name}: {rate:,.0f} MB/s, {per_mib:,.0f} us CPU per MiB, "
+                      f"requests in flight: mean {mean:.1f}, most {most}", flush=True)
+    if theirs:
+        print(f"'this checkout' above is commit {theirs[0][:12]}")
     compare(rates, base, "MB/s", "throughput")
     compare(cpu, base, "us per MiB", "daemon CPU")
 
