@@ -30,8 +30,11 @@ def test_parts_cover_the_range_exactly_and_evenly():
 
 def test_part_size_follows_the_rate_requests_reach():
     assert part_size(0) == MIN_PART                      # nothing measured yet
-    assert part_size(10e6) == MIN_PART                   # 10 MB/s: 1 MB in 0.1 s, the minimum wins
-    assert part_size(1e9) >= 64 * MiB                    # loopback: a block stays one request
+    assert part_size(10e6) == MIN_PART                   # 10 MB/s: 0.5 MB in 0.05 s, the minimum wins
+    # A 40 MB/s link with 30 ms replies: 2 MiB parts reach 25 MB/s each, the delay included.
+    # Parts stay the minimum, so a 16 MiB block is 8 of them (4 blocks ahead: 32 requests).
+    assert part_size(2 * MiB / (0.03 + 2 * MiB / 40e6)) == MIN_PART
+    assert part_size(1e9) >= 16 * MiB                    # loopback: a 16 MiB block stays one request
     assert part_size(40e6, min_part=1 * MiB) % ALIGN == 0
 
 

@@ -38,6 +38,7 @@ covers it, and the unit tests drive it alone, with a simulated clock.
 
 import collections
 import itertools
+import logging
 import re
 import threading
 import time
@@ -46,6 +47,8 @@ from dataclasses import dataclass, field
 from email.message import Message
 
 from . import errors
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_IN_FLIGHT = 32
 INITIAL_LIMIT = 8                # a 16 MiB block in 2 MiB parts
@@ -201,14 +204,17 @@ class OriginLimit:
         self._means.append(mean)
         if not epoch.saturated or best <= 0:
             return                      # the demand was below the limit: nothing learnt
-        efficiency = mean / best
+        efficiency, before = mean / best, self.limit
         if efficiency >= GROW_EFFICIENCY:
             self.limit = min(self.cap, self.limit * 2 if self.starting else self.limit + 1)
-            return
-        self.starting = False
-        if efficiency < SHRINK_EFFICIENCY:
-            useful = epoch.busy / elapsed * efficiency
-            self.limit = max(1.0, min(self.limit, useful + 1))
+        else:
+            self.starting = False
+            if efficiency < SHRINK_EFFICIENCY:
+                useful = epoch.busy / elapsed * efficiency
+                self.limit = max(1.0, min(self.limit, useful + 1))
+        # The controller's decisions, for `-v`: one line per epoch that taught it something.
+        log.debug("request limit %.1f -> %.1f: efficiency %.2f, %.1f in flight on average, %.0f MB/s in %.2f s",
+                  before, self.limit, efficiency, epoch.busy / elapsed, epoch.bytes / elapsed / 1e6, elapsed)
 
     def _decrease(self):
         # Once per request duration: a storm of refusals of requests that were all in
@@ -218,6 +224,7 @@ class OriginLimit:
             return
         self._decreased = now
         self.starting = False
+        log.debug("request limit %.1f -> %.1f: refused or timed out", self.limit, max(1.0, self.limit / 2))
         self.limit = max(1.0, self.limit / 2)
         self._epoch = _Epoch(now)
 
