@@ -126,13 +126,18 @@ def test_a_hub_refusal_exits_1_with_a_message_naming_the_model(refusing_hub, tmp
     assert not is_mounted(tmp_path / "mnt")
 
 
-def test_a_hub_that_cannot_be_reached_and_was_never_resolved_exits_1(tmp_path):
+def test_a_hub_that_cannot_be_reached_fails_what_must_fetch_and_list_says_what_it_knows(tmp_path):
     (tmp_path / "models.yaml").write_text(single("org/public"))
-    status, _, stderr, seconds = run_cli("list", "-m", tmp_path / "models.yaml", "--cache-dir", tmp_path / "cache",
-                                         "--endpoint", NOWHERE, home=tmp_path)
-    print(f"exit {status} after {seconds:.1f}s: {cli_error(stderr)}")
+    where = ("-m", tmp_path / "models.yaml", "--cache-dir", tmp_path / "cache", "--endpoint", NOWHERE)
+    status, _, stderr, seconds = run_cli("pull", "m", *where, home=tmp_path)
+    print(f"pull: exit {status} after {seconds:.1f}s: {cli_error(stderr)}")
     assert status == 1
     assert cli_error(stderr) == "model 'm': org/public@main: Hub unreachable: ConnectionRefusedError"
+    # list needs no Hub: a model never resolved is listed without a size, and the log says why
+    status, stdout, stderr, _ = run_cli("list", *where, home=tmp_path)
+    assert status == 0, stderr
+    assert [line.split()[:3] for line in stdout.splitlines()[1:]] == [["m", "llama.cpp", "-"]]
+    assert "model 'm': org/public@main: Hub unreachable: ConnectionRefusedError; reported as not resolved" in stderr
 
 
 @needs_fuse
