@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -191,6 +192,50 @@ def test_pull_of_an_uncached_model_needs_the_hub_and_says_so(workspace, hub):
     result = run_cli(workspace, hub, "pull", "small", endpoint=unreachable_endpoint(), check=False)
     assert result.returncode == 1
     assert "org/big@main: Hub unreachable" in result.stderr      # the first model, in manifest order
+
+
+# What a plain `pip install .` lacks: the test extras. Blocked, an import of them fails.
+WITHOUT_TEST_EXTRAS = """
+import sys
+for name in ("numpy", "gguf", "safetensors", "torch", "huggingface_hub"):
+    sys.modules[name] = None
+from vfs.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_demo_generates_its_models_without_the_test_extras(tmp_path):
+    # The generation alone, no mount: any user can run this.
+    blocked = WITHOUT_TEST_EXTRAS.replace("from vfs.cli import main\nsys.exit(main(sys.argv[1:]))",
+                                          "from vfs.testing.models import demo_simulator\ndemo_simulator().stop()")
+    result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+@needs_fuse
+def test_demo_mounts_and_unmounts_on_ctrl_c_without_the_test_extras(tmp_path):
+    mountpoint = tmp_path / "demo"
+    demo = subprocess.Popen([sys.executable, "-c", WITHOUT_TEST_EXTRAS, "demo", str(mountpoint)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=isolated_environment(tmp_path))
+    try:
+        assert "Mounted at" in "".join(_lines_until(demo.stdout, "Ctrl-C"))
+        assert (mountpoint / "tiny-llama" / "model.gguf").open("rb").read(4) == b"GGUF"
+        assert json.loads((mountpoint / "tiny-safetensors" / "config.json").read_text())["model_type"] == "llama"
+    finally:
+        demo.send_signal(signal.SIGINT)
+        _, stderr = demo.communicate(timeout=30)
+    assert demo.returncode == 0, stderr
+    assert not os.path.ismount(mountpoint)
+
+
+def _lines_until(stream, marker):
+    lines = []
+    for line in stream:
+        lines.append(line)
+        if marker in line:
+            break
+    return lines
 
 
 def test_add_puts_a_model_in_the_manifest(workspace, hub):

@@ -17,6 +17,7 @@ Mounted at {mountpoint}. Try, in another terminal:
   ls -lR {mountpoint}
   getfattr -d {mountpoint}/tiny-llama/model.gguf            # how much is cached
   cat {mountpoint}/tiny-safetensors/config.json
+  # with the gguf package (pip install gguf):
   {python} -c "import gguf; r = gguf.GGUFReader('{mountpoint}/tiny-llama/model.gguf'); print(len(r.tensors), 'tensors')"
 
 Ctrl-C unmounts and cleans up.
