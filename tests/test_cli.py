@@ -158,7 +158,8 @@ print(json.dumps({"code": code, "pyfuse3": "pyfuse3" in sys.modules, "mount": "v
 
 
 @pytest.mark.parametrize("command", [("list",), ("info", "big"), ("gc", "--max-size", "1M"), ("gc",),
-                                     ("verify", "big"), ("keep", "big"), ("unkeep", "big"), ("pull", "small")])
+                                     ("verify", "big"), ("keep", "big"), ("unkeep", "big"), ("pull", "small"),
+                                     ("wait", "big", "--cached")])
 def test_cache_only_commands_never_load_pyfuse3(workspace, hub, command):
     run_cli(workspace, hub, "pull", "big")
     out = run_cli(workspace, hub, *command, python=("-c", WHAT_IT_LOADED)).stdout

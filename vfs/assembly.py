@@ -45,9 +45,15 @@ def open_cache_dir(settings: Settings) -> CacheDir:
     return CacheDir(settings.cache_dir, settings.block_size)
 
 
-def resolve(settings: Settings, manifest: Manifest, policy: HubPolicy) -> Resolved:
+def resolve(settings: Settings, manifest: Manifest, policy: HubPolicy, lock: Lock | None = None) -> Resolved:
+    """The manifest's models resolved under `policy`; `lock`: the manifest's lock when the
+    caller read it already (else it is read here, resolving.lock_for)."""
     with collector_paused():
-        return resolve_manifest(settings, manifest, policy)
+        if lock is None:
+            return resolve_manifest(settings, manifest, policy)
+        resolved = resolve_all(settings, manifest, SnapshotStore(settings.cache_dir), lock=lock, policy=policy)
+        resolved.lock = lock
+        return resolved
 
 
 def kept_content(manifest: Manifest, snapshots: Snapshots, directory: CacheDir) -> set[str]:
@@ -125,10 +131,10 @@ class Catalog:
                 for spec in self.manifest.models if wanted is None or spec.name in wanted]
 
 
-def open_catalog(settings: Settings, manifest: Manifest, policy: HubPolicy) -> Catalog:
-    """The catalog a cache-only command works on (see the table at the top for its policy)."""
+def open_catalog(settings: Settings, manifest: Manifest, policy: HubPolicy, lock: Lock | None = None) -> Catalog:
+    """The catalog a cache-only command works on under its `policy` (docs/DESIGN.md, "Assembly")."""
     directory = open_cache_dir(settings)
-    return Catalog(settings, manifest, resolve(settings, manifest, policy), directory)
+    return Catalog(settings, manifest, resolve(settings, manifest, policy, lock), directory)
 
 
 @dataclass

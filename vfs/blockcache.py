@@ -96,6 +96,8 @@ PEEK_SCAN_FROM = 64                    # peek_many scans the blob folders for th
 STREAM_TRIES = 3                       # a one-pass read whose body breaks is reopened this often
 SWEEP_EVERY = 10.0                     # seconds between looks for idle blobs another process evicted
 FILL_PARALLEL = 4                      # blocks a fill fetches at once, at most
+DISK_THREADS = 4                       # block loads, writes and hashes in worker threads at once
+SYNC_THREADS = 2                       # fsyncs at once (each may wait on the whole device)
 
 
 class BlockSource(Protocol):
@@ -513,8 +515,8 @@ class BlockCache:
         self._fetch_limiter = trio.CapacityLimiter(fetch_workers)
         self._memory = BlockMemory(self.block_size, memory // self.block_size)
         self._loads: dict[tuple[str, int], trio.Event] = {}     # blocks being read into memory
-        self._disk_limiter = trio.CapacityLimiter(4)
-        self._sync_limiter = trio.CapacityLimiter(2)
+        self._disk_limiter = trio.CapacityLimiter(DISK_THREADS)
+        self._sync_limiter = trio.CapacityLimiter(SYNC_THREADS)
         self._evicting = trio.Lock()    # one eviction at a time: each sees the room the last made
         self._verifying: set[str] = set()   # content ids being hashed in the background
         self._usage: int | None = None  # bytes on disk, kept current between scans

@@ -22,6 +22,8 @@ from .tree import FileRef
 
 log = logging.getLogger(__name__)
 
+PULL_TRIES = 2          # a file whose bytes do not match is fetched once more from scratch
+
 
 def selected_models(manifest, names, everything=False):
     """The specs of the named models (all of them when `everything` or no names)."""
@@ -72,7 +74,7 @@ def pull(settings, manifest, names, everything=False):
         sources.close()
     progress.finish()
     for ref in failed:
-        print(f"pull: {ref.describe}: does not match {ref.content_id} after two tries", file=sys.stderr)
+        print(f"pull: {ref.describe}: does not match {ref.content_id} after {PULL_TRIES} tries", file=sys.stderr)
     print(f"pull: {len(refs) - len(failed)} of {len(refs)} files complete and verified")
     return 1 if failed else 0
 
@@ -80,7 +82,7 @@ def pull(settings, manifest, names, everything=False):
 async def _pull(catalog: Catalog, sources: Sources, refs: list[FileRef], progress: PullProgress) -> list[FileRef]:
     failed = []
     for ref in refs:
-        for _ in range(2):     # a mismatch discards the blob; one more full try
+        for _ in range(PULL_TRIES):     # a mismatch discards the blob; one more full try
             if await _pull_one(catalog, sources, ref, progress):
                 break
         else:

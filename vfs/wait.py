@@ -10,11 +10,11 @@ beside a daemon in another container or pod.
 - verified: every file is also hashed against its content id.
 """
 
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
 
-from . import errors
 from .settings import Settings
 
 WANTS = ("listed", "cached", "verified")
@@ -29,7 +29,7 @@ def wait(settings: Settings, manifest, names: Sequence[str], want: str = "listed
     lock = lock_for(settings, manifest)                     # --frozen: exit 2 on a disagreement
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        lacking = {spec.name: why for spec in specs if (why := what_lacks(settings, spec, want, lock))}
+        lacking = _lacking(settings, dataclasses.replace(manifest, models=tuple(specs)), want, lock)
         if not lacking:
             for spec in specs:
                 print(f"wait: {spec.name}: {want}")
@@ -42,15 +42,22 @@ def wait(settings: Settings, manifest, names: Sequence[str], want: str = "listed
         time.sleep(POLL_SECONDS if left is None else min(POLL_SECONDS, left))
 
 
-def what_lacks(settings: Settings, spec, want: str, lock=None) -> str | None:
-    """Why `spec` is not yet `want` (one line), or None when it is. A model `lock` names is
-    judged at its locked commit."""
+def _lacking(settings: Settings, manifest, want: str, lock=None) -> dict[str, str]:
+    """Model name -> why it is not yet `want` (one line), for the models of `manifest` that are
+    not. Read afresh from the cache directory (the lock's models at their locked commits)."""
     if not (settings.cache_dir / "format").exists():
-        return f"no cache at {settings.cache_dir} yet (no mount or pull has used it)"
-    if spec.hf is None:
-        return None             # nothing to fetch: the model is its (empty) directory
-    report = _report(settings, spec, lock)
-    if report is None:
+        no_cache = f"no cache at {settings.cache_dir} yet (no mount or pull has used it)"
+        return {spec.name: no_cache for spec in manifest.models}
+    from .assembly import HubPolicy, open_catalog
+    catalog = open_catalog(settings, manifest, HubPolicy.NEVER, lock)
+    reports = {report["name"]: report for report in catalog.reports()}
+    return {spec.name: why for spec in manifest.models
+            if spec.hf is not None and (why := what_lacks(spec, reports[spec.name], want))}
+
+
+def what_lacks(spec, report: dict, want: str) -> str | None:
+    """Why the Hub model `spec`, as `report` shows it, is not yet `want`; None when it is."""
+    if not report["ready"]:
         return f"not resolved: no mount or pull has resolved {spec.hf}@{spec.revision} in this cache yet"
     if want == "listed":
         return None
@@ -62,20 +69,3 @@ def what_lacks(settings: Settings, spec, want: str, lock=None) -> str | None:
     if want == "verified" and unverified:
         return f"cached, but {len(unverified)} files not yet verified (first: {unverified[0]})"
     return None
-
-
-def _report(settings, spec, lock=None):
-    """The model's report from the lock or stored snapshots and the cache, or None when it was
-    never resolved."""
-    from .blockcache import BlockCache
-    from .cachedir import CacheDir
-    from .hub import Hub
-    from .report import model_report
-    from .snapshots import SnapshotStore
-    snapshot = lock.snapshot_for(spec) if lock is not None else None
-    try:
-        snapshot = snapshot or Hub(settings, SnapshotStore(settings.cache_dir)).resolve(spec, online=False)
-    except errors.HubError:
-        return None
-    cache = BlockCache(CacheDir(settings.cache_dir, settings.block_size))
-    return model_report(spec, snapshot, cache)
