@@ -150,7 +150,7 @@ class Filesystem:
     reader: Reader
     ops: "Operations | None" = None                   # the kernel side, made by mount.run
     nursery: trio.Nursery | None = None
-    to_recheck: list = field(default_factory=list)    # branches served from the store at start
+    to_recheck: list[tuple[str, str]] = field(default_factory=list)   # (repo, branch) served from the store at start
     lock: Lock | None = None                           # the models.lock resolved from, if any
     mountpoint: Path | None = None                     # set by mount.run: local paths must stay apart from it
 

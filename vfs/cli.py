@@ -210,9 +210,9 @@ def spawn_background(args):
     """Run the mount in a detached child and return once it is ready, or with its error."""
     read_end, write_end = os.pipe()
     argv = [a for a in sys.argv[1:] if a != "--background"] + ["--ready-fd", str(write_end)]
-    from .cachedir import CacheDir
+    from .assembly import open_cache_dir
     settings = settings_for(args)
-    CacheDir(settings.cache_dir, settings.block_size)      # refuse a bad cache before forking
+    open_cache_dir(settings)                # refuse a bad cache before forking
     log_file = args.log_file or str(settings.cache_dir / "mount.log")
     if not args.log_file:
         argv += ["--log-file", log_file]

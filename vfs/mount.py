@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyfuse3
@@ -23,23 +24,25 @@ import trio
 from . import daemons, errors
 from .api import Api
 from .assembly import Filesystem
+from .fetch import RangeFetcher
 from .notify import Notifier, keep_informed, status_of
 from .ops import Operations
 from .passthrough import Passthrough
 from .offline import PROBE_SECONDS, hub_answers
+from .settings import Settings
 from .tasks import guard
 
 log = logging.getLogger(__name__)
 
 
-def mount_options(settings):
+def mount_options(settings: Settings) -> set[str]:
     options = set(pyfuse3.default_options) | {"fsname=lamina-llm-cache", "subtype=lamina", "ro"}
     if settings.allow_other:
         options.add("allow_other")
     return options
 
 
-def prepare_mountpoint(mountpoint: Path):
+def prepare_mountpoint(mountpoint: Path) -> None:
     """Create the mountpoint, or clear a dead mount left by a killed daemon."""
     try:
         # statvfs always reaches the filesystem; a stat may be answered from the kernel's
@@ -67,7 +70,7 @@ PARENT_LAYOUT = ("mount at a directory inside a shared mount instead, e.g. "
                  "(docs/DEPLOY.md, \"the layout that heals\")")
 
 
-def refuse_mount_point(mountpoint):
+def refuse_mount_point(mountpoint: Path) -> None:
     """LaminaError if `mountpoint` already is a mount point, saying what to do instead."""
     fstype = mounted_type(mountpoint)
     if fstype is None:
@@ -79,7 +82,7 @@ def refuse_mount_point(mountpoint):
         f"daemon could not heal what the host and consumers see there: {PARENT_LAYOUT}")
 
 
-def mounted_type(mountpoint):
+def mounted_type(mountpoint: str | Path) -> str | None:
     """The filesystem type of the top mount at `mountpoint`, or None if it is not a mount point."""
     target = os.path.realpath(mountpoint)
     found = None
@@ -89,7 +92,7 @@ def mounted_type(mountpoint):
     return found
 
 
-def _mountinfo():
+def _mountinfo() -> Iterator[list[str]]:
     with open("/proc/self/mountinfo") as table:
         for line in table:
             fields = line.split()
@@ -97,14 +100,14 @@ def _mountinfo():
             yield fields
 
 
-def unmount(mountpoint, lazy=False):
+def unmount(mountpoint: str | Path, lazy: bool = False) -> None:
     command = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise errors.LaminaError(f"unmount {mountpoint}: {result.stderr.strip() or 'failed'}")
 
 
-def set_read_ahead(mountpoint, kilobytes):
+def set_read_ahead(mountpoint: Path, kilobytes: int) -> bool:
     """Raise the mount's read_ahead_kb so the kernel asks for big reads; False if not allowed."""
     target = os.path.realpath(mountpoint)
     for fields in _mountinfo():
@@ -134,7 +137,8 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
         pass                                        # not glibc: its allocator, its habits
 
 
-def run(fs: Filesystem, mountpoint, on_ready=lambda: None, api_address=None):
+def run(fs: Filesystem, mountpoint: str | Path, on_ready: Callable[[], None] = lambda: None,
+        api_address: tuple[str, int] | None = None) -> None:
     """Mount `fs` at `mountpoint` and serve until unmounted or signalled (blocking)."""
     mountpoint = fs.mountpoint = Path(mountpoint)
     prepare_mountpoint(mountpoint)
@@ -161,7 +165,8 @@ def run(fs: Filesystem, mountpoint, on_ready=lambda: None, api_address=None):
     log.info("unmounted %s", mountpoint)
 
 
-async def _serve(fs, passthrough, mountpoint, on_ready, api_address, notifier):
+async def _serve(fs: Filesystem, passthrough: Passthrough, mountpoint: Path, on_ready: Callable[[], None],
+                 api_address: tuple[str, int] | None, notifier: Notifier) -> None:
     async with trio.open_nursery() as nursery:
         fs.cache.start(nursery)
         fs.reader.start(nursery)
@@ -189,14 +194,14 @@ async def _serve(fs, passthrough, mountpoint, on_ready, api_address, notifier):
         nursery.start_soon(keep_informed, notifier, fs.reports, api.probe)
 
 
-async def _connect_to_hub(fetcher):
+async def _connect_to_hub(fetcher: RangeFetcher) -> None:
     # The first open resolves its file at the Hub: on a connection made now, that costs one
     # round trip, not a connect (and a TLS handshake) as well. Abandoned at unmount: a Hub
     # that does not answer must not hold the unmount up for the connect timeout.
     await trio.to_thread.run_sync(fetcher.connect_to_hub, abandon_on_cancel=True)
 
 
-async def _watch_hub(fs):
+async def _watch_hub(fs: Filesystem) -> None:
     """Probe the Hub once at start and, while it is found unreachable, every PROBE_SECONDS;
     once it answers, reads fetch again and the branches not yet re-checked are."""
     status, settings = fs.hub_status, fs.settings
@@ -214,17 +219,17 @@ async def _watch_hub(fs):
         await trio.sleep(PROBE_SECONDS)
 
 
-async def _recheck_quietly(fs):
+async def _recheck_quietly(fs: Filesystem) -> None:
     with guard("re-checking branches", expected=(Exception,)):
         await fs.recheck_branches()
 
 
-async def _main_loop(cancel_scope):
+async def _main_loop(cancel_scope: trio.CancelScope) -> None:
     await pyfuse3.main()
     cancel_scope.cancel()
 
 
-async def _terminate_on_signal(notifier):
+async def _terminate_on_signal(notifier: Notifier) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)
