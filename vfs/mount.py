@@ -128,9 +128,10 @@ MALLOC_ARENAS = 2
 def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
     """Cap glibc's malloc arenas before worker threads start. Each thread that frees a big
     buffer (a first touch's bytes, up to reader.DIRECT_READ_MAX) otherwise keeps it cached
-    in an arena of its own. Measured when block buffers were still malloc'd (8 MiB): peak
-    RSS of a cold 1 GiB read went from 140-190 MiB to 190-390 MiB without the cap. Block
-    buffers are mmap'd now (blockmemory.py), so what the cap saves today is smaller."""
+    in an arena of its own. When block buffers were malloc'd (8 MiB), peak RSS of a cold
+    1 GiB read went from 140-190 MiB to 190-390 MiB without the cap. They are mmap'd now
+    (blockmemory.py), and measured again (`python -m bench.arenas`, docs/BENCHMARKS.md) the
+    cap changes peak RSS by a few MiB at most, at no CPU cost seen: a guard, kept cheap."""
     try:
         ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas)
     except (OSError, AttributeError):
