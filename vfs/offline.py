@@ -16,6 +16,7 @@ import logging
 import socket
 import threading
 import urllib.parse
+from collections.abc import Iterable
 
 from . import errors
 
@@ -66,7 +67,7 @@ class HubStatus:
         raise error
 
 
-def hub_answers(endpoint: str, proxies=(), timeout: float = PROBE_TIMEOUT) -> bool:
+def hub_answers(endpoint: str, proxies: Iterable[tuple[str, str]] = (), timeout: float = PROBE_TIMEOUT) -> bool:
     """Whether a TCP connection to the Hub (or the proxy in front of it) opens in time."""
     proxy = dict(proxies).get(urllib.parse.urlsplit(endpoint).scheme)
     if proxy and "://" not in proxy:

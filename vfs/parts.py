@@ -49,9 +49,9 @@ class _Part:
     """One part handed to a thread. The thread drops `work` before setting `done`: once a
     caller has seen every part done, no thread holds a view of its buffer any more."""
 
-    def __init__(self, work):
-        self.work = work
-        self.error = None
+    def __init__(self, work: Callable[[], None]):
+        self.work: Callable[[], None] | None = work
+        self.error: BaseException | None = None
         self.done = threading.Event()
         self.cancelled = False
 
@@ -90,7 +90,7 @@ class PartReader:
         for _ in range(count):
             self._jobs.put(None)
 
-    def _submit(self, work):
+    def _submit(self, work: Callable[[], None]) -> _Part:
         part = _Part(work)
         with self._lock:
             if self._started < self._threads:
@@ -99,11 +99,11 @@ class PartReader:
         self._jobs.put(part)
         return part
 
-    def _work(self):
+    def _work(self) -> None:
         while (part := self._jobs.get()) is not None:
             work, part.work = part.work, None
             try:
-                if not part.cancelled:
+                if not part.cancelled and work is not None:     # a part is taken once
                     work()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
                 part.error = exc.with_traceback(None)
@@ -112,14 +112,15 @@ class PartReader:
                 part.done.set()
 
 
-def _bind(read_part, start, view, offset, length):
-    def work():
+def _bind(read_part: Callable[[int, memoryview], None], start: int, view: memoryview, offset: int,
+          length: int) -> Callable[[], None]:
+    def work() -> None:
         with view[offset:offset + length] as piece:
             read_part(start, piece)
     return work
 
 
-def _stop(parts):
+def _stop(parts: list[_Part]) -> None:
     """Skip the parts not started; wait for those under way (they write into the buffer)."""
     for part in parts:
         part.cancelled = True

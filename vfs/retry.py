@@ -13,21 +13,24 @@ long to wait and when to stop is decided here only.
 
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from email.message import Message
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+Headers = Mapping[str, str] | Message     # an answer's headers: http.client's, or a plain mapping
 MAX_WAIT = 60.0
 _RATELIMIT_T = re.compile(r"\bt=(\d+)")
 
 
-def backoff(attempt, hinted=None):
+def backoff(attempt: int, hinted: float | None = None) -> float:
     """Seconds before retry `attempt`: the server's hint when it gave one, else exponential."""
     if hinted is not None:
         return min(hinted, MAX_WAIT)
     return min(0.25 * (2 ** attempt), 8.0)
 
 
-def server_hint(headers):
+def server_hint(headers: Headers) -> float | None:
     """Seconds the server asked us to wait (`Retry-After: N` or `RateLimit: ...;t=N`), or None."""
     value = (headers.get("retry-after") or "").strip()
     if value.isdigit():

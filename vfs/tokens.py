@@ -38,8 +38,8 @@ class TokenSource:
         self._fixed = fixed or None
         self._path = None if fixed is not None else path
         self._lock = threading.Lock()
-        self._seen = None           # stat key of the file the token below was read from
-        self._token = None
+        self._seen: tuple[int, int, int, int, int] | None = None    # stat key of the file the token was read from
+        self._token: str | None = None
 
     def current(self) -> str | None:
         if self._path is None:
@@ -56,7 +56,7 @@ class TokenSource:
             return token
 
 
-def _stat_key(path):
+def _stat_key(path: Path) -> tuple[int, int, int, int, int] | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -64,7 +64,7 @@ def _stat_key(path):
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _read_token(path):
+def _read_token(path: Path) -> str | None:
     try:
         return Path(path).read_text().strip() or None
     except (OSError, UnicodeDecodeError):
