@@ -42,11 +42,11 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from email.message import Message
 
 from . import errors
+from .retry import Headers
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,6 @@ MAX_PAUSE = 60.0
 MAX_STREAMS_REMEMBERED = 4096
 WAITER_POLL = 0.25              # a waiter looks again this often (a pause or a quota may have ended)
 _RATELIMIT_PAIRS = re.compile(r"\b(r|t|remaining|reset)\s*=\s*(\d+)", re.IGNORECASE)
-
-Headers = Mapping[str, str] | Message       # an answer's headers: http.client's, or a plain mapping
 
 
 class NoSlot(errors.FetchError):
