@@ -16,7 +16,7 @@ import logging
 import re
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from email.message import Message
 from typing import TYPE_CHECKING, Any, TypeVar
 
