@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 Snapshots = dict[str, Snapshot | LocalSnapshot | None]
 
+
 def open_cache_dir(settings: Settings) -> CacheDir:
     """The cache directory, made if new; its block size is the one every part then uses."""
     return CacheDir(settings.cache_dir, settings.block_size)

@@ -47,7 +47,7 @@ class HubPolicy(enum.Enum):
     FRESH = "fresh"                 # every branch asked now; the store when unreachable (pull, /refresh, demo)
     STORED_FIRST = "stored-first"   # the Hub only for what was never resolved; it must answer (mount, keep)
     IF_REACHABLE = "if-reachable"   # as STORED_FIRST, but a Hub that cannot answer leaves it unresolved (list, info)
-    NEVER = "never"                 # the lock and the store only: works with the Hub down (gc, verify)
+    NEVER = "never"                 # the lock and the store only: works with the Hub down (gc, verify, wait)
 
     @property
     def stored_first(self) -> bool:
