@@ -185,6 +185,7 @@ def test_list_info_gc_and_verify_work_with_the_hub_unreachable(workspace, hub):
     assert models["late"]["ready"] is False and models["late"]["commit"] is None   # never resolved: said so
     assert "big.gguf" in run_cli(workspace, hub, "info", "big", endpoint=dead).stdout
     assert "1 ok" in run_cli(workspace, hub, "verify", "big", endpoint=dead).stdout
+    assert "late: never resolved in this cache" in run_cli(workspace, hub, "verify", "late", endpoint=dead).stdout
     assert "evicted 0 blobs" in run_cli(workspace, hub, "gc", endpoint=dead).stdout
     assert json.loads(run_cli(workspace, hub, "list", "--json", endpoint=dead).stdout)[0]["cached_bytes"] == 5 * MiB + 3
 
