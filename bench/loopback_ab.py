@@ -85,7 +85,7 @@ def cold_read(hub, work, name, pythonpath, big, extra_args=()):
     shutil.rmtree(cache, ignore_errors=True)
     env = isolated_environment(work, {"PYTHONPATH": str(pythonpath)})
     mount = MountProcess(work / "models.yaml", work / "mnt", cache, hub.endpoint, work / f"{name}.log", env=env,
-                         extra_args=list(extra_args))
+                         extra_args=list(extra_args), keeper=not knows_no_keeper(pythonpath))
     mount.start()
     try:
         drop_caches()
@@ -97,6 +97,12 @@ def cold_read(hub, work, name, pythonpath, big, extra_args=()):
         return rate / 1e6, cpu * 1e6 / (big.stat().st_size / MIB), in_flight.summary()
     finally:
         mount.stop()
+
+
+def knows_no_keeper(pythonpath):
+    """Whether that version's daemon takes --no-keeper (older ones have no keeper: the process
+    started is the daemon either way, and its CPU is what is measured)."""
+    return "--no-keeper" in (Path(pythonpath) / "vfs" / "cli.py").read_text()
 
 
 def summary(name, values, unit):
