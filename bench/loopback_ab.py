@@ -5,7 +5,7 @@ concurrency controller): both daemons read the same big file from the same simul
 cold (fresh block cache, page cache dropped, the server's file read back in), in
 alternating order each round. With `--rate` and `--delay` the simulator shapes the link
 as `python -m bench --only link` does, and each read also reports the requests in flight
-at the simulator (sampled every SAMPLE_SECONDS: their mean and the most seen), for a
+at the simulator (sampled every 50 ms: their mean and the most seen), for a
 change meant to fill a shaped link. Two figures per read: the throughput, and the daemon's CPU
 time per MiB read (all its threads, from /proc). On a machine shared with other work the
 throughput swings by 2x from one read to the next; the CPU a daemon spends per MiB moves
@@ -20,19 +20,18 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 from vfs.testing.link import parse_rate
 from vfs.testing.mounts import MountProcess, isolated_environment
 
 from .data import MIB, big_file
+from .link import InFlightSampler
 from .machine import drop_caches, warm
 from .overhead import ROOT, daemon_cpu_seconds, export
 from .probes import read_sequential
 from .server import HubProcess
 
-SAMPLE_SECONDS = 0.05
 MANIFEST = "models:\n  big:\n    path: /models/big/\n    backend: vllm\n    hf: bench/big\n"
 
 
@@ -51,31 +50,6 @@ def parse_args(argv):
     parser.add_argument("--verbose", action="store_true",
                         help="daemons log at DEBUG (the controller's decisions) into WORK/NAME.log")
     return parser.parse_args(argv)
-
-
-class InFlightSampler:
-    """The simulator's CDN requests in flight, sampled in a thread while a read runs."""
-
-    def __init__(self, client):
-        self.client, self.samples = client, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self):
-        while not self._stop.wait(SAMPLE_SECONDS):
-            self.samples.append(self.client.in_flight("cdn")["now"])
-
-    def summary(self):
-        """(mean, most) requests in flight over the read."""
-        return (statistics.mean(self.samples), max(self.samples)) if self.samples else (0.0, 0)
 
 
 def cold_read(hub, work, name, pythonpath, big, extra_args=()):
