@@ -33,34 +33,40 @@ LINKS = (("40 MB/s per response, 30 ms per reply", 40e6, 0.03),
 CURL_MIB = 64
 SAMPLE_SECONDS = 0.05           # how often the requests in flight at the simulator are sampled
 MARKERS = ("<!-- link-rows:begin -->", "<!-- link-rows:end -->")
-RERUN = "sudo .venv/bin/python -m bench --only link --out docs"
+RERUN = "sudo .venv/bin/python -m bench --only link --repeats {repeats} --out docs"
+LOAD_AVERAGES: list[float] = []    # the machine's 1-minute load average as each link began, and at the end
 
 
 def link_rows(bench):
     rows = []
+    LOAD_AVERAGES[:] = []
     try:
         for name, rate, delay in LINKS:
             print(f"  link: {name}", flush=True)
+            LOAD_AVERAGES.append(os.getloadavg()[0])
             bench.hub.client.set_link(rate=rate, delay=delay)
             rows += _one_link(bench, name)
     finally:
         bench.hub.client.set_link()         # the loopback rows are measured unshaped
+        LOAD_AVERAGES.append(os.getloadavg()[0])
     return rows
 
 
 def section(rows, machine, shape):
     """The shaped-link section of BENCHMARKS.md, markers included."""
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    loads = ", ".join(f"{load:.1f}" for load in LOAD_AVERAGES) or "not recorded"
     return f"""{MARKERS[0]}
 ## Cold reads over shaped links
 
-Written by `{RERUN}` ({when}; `make bench` writes it too). The simulator caps every
+Written by `{RERUN.format(repeats=shape['repeats'])}` ({when}; `make bench` writes it too). The simulator caps every
 response at a rate and delays every reply, as a CDN edge and the distance to it do;
 aria2c -x16 and one curl stream read the same file from the same simulator, back to back
 in the same run: {shape['big_mib']} MiB file, {shape['gguf_mib']} MiB GGUF, four files of
-{shape['four_mib']} MiB, {shape['repeats']} rounds, medians (the in-flight and spread rows:
+{shape['four_mib']} MiB, {shape['repeats']} rounds, medians (the most-in-flight and spread rows:
 the worst round). "Cold": a fresh block cache and a dropped page cache. The machine was
-shared with other work while this ran (2 cores): read the ratios more than the figures.
+shared with other work while this ran (2 cores; load average {loads} as each link began
+and at the end): read the ratios more than the figures.
 
 Machine: {machine}
 

@@ -75,6 +75,8 @@ Machine: {machine}
     make bench          # full run: installs the bench extras, fio, rclone, curl and aria2 first
     make bench-smoke    # a small file and one repeat: only checks the harness works
     sudo .venv/bin/python -m bench --only link --out docs   # only the shaped-link section
+    sudo .venv/bin/python -m bench.loopback_ab COMMIT       # cold reads: COMMIT's daemon against this checkout's
+    sudo .venv/bin/python -m bench.loopback_ab COMMIT --rate 40MB --delay 0.03   # the same on a shaped link
     .venv/bin/python -m bench.httpstack --out docs          # only the HTTP stack A/B (no root)
 
 Running it by hand: `sudo .venv/bin/python -m bench --help` (root: it drops the page
