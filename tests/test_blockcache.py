@@ -183,6 +183,18 @@ async def test_a_complete_blob_is_verified_against_its_content_id(tmp_path, data
     assert cache.peek(content_id, SIZE).verified
 
 
+async def test_an_empty_file_is_verified_with_nothing_to_fetch_and_a_false_empty_one_is_not(tmp_path, nursery):
+    # nothing ever fills a block of an empty file: without this, `wait --verified` on a
+    # model with an empty file waited forever and the API never said verified
+    cache = make_cache(tmp_path / "cache")
+    cache.start(nursery)
+    empty, git_empty, claims_bytes = content_id_of(b""), "sha1:e69de29bb2d1d6434b8b29ae775ad8c2e48c5391", content_id_of(b"x")
+    assert cache.peek(empty, 0).verified and cache.peek(git_empty, 0).verified
+    with cache.open(git_empty, 0) as handle:
+        assert handle.state().verified
+    assert not cache.peek(claims_bytes, 0).verified       # a size that contradicts its id
+
+
 async def test_wrong_bytes_are_discarded_when_the_blob_is_hashed(tmp_path, data, nursery, caplog):
     cache = make_cache(tmp_path / "cache")
     cache.start(nursery)

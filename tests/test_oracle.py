@@ -50,6 +50,17 @@ def test_random_reads_ride_out_transient_faults_with_exact_bytes(seed):
     assert sum(summary.faults.values()) > 0
 
 
+def test_the_soak_round_mixes_daemon_and_passthrough_opens_with_exact_bytes(seed):
+    # half the operations on the cold mount, then every file read whole and verified (an
+    # empty one included: it never was, and each round waited out its deadline), then the
+    # other half with verified files passed through beside the daemon's opens
+    summary, bad_log = fsx.soak(ops=2000, processes=2, seed=seed, rounds=1)
+    print(summary)
+    assert not summary.mismatches, replay_hint(summary, f"python -m vfs.testing.fsx --seed {seed} --ops 2000")
+    assert not bad_log
+    assert summary.opens["passthrough"] > 0 and summary.opens["daemon"] > 0
+
+
 def test_random_reads_stay_exact_when_block_memory_is_scarce(hub, mount_factory, tmp_path, seed):
     # Three block buffers for three processes' streams, read-aheads and first touches:
     # buffers are recycled under readers all the time, and takers wait for one to free.

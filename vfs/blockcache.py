@@ -237,7 +237,7 @@ class _Blob:
         self.checked = bytearray(self.blocks)
         self.crcs = [0] * self.blocks
         self.log_read = 0               # bytes of the log already applied
-        self.verified = False
+        self.verified = self.is_empty_content()
         self.failed_verifications = 0
         self.open_count = 0             # open BlobHandles: an open blob is never evicted
         self.users = 0                  # open handles + flights: while > 0, `hold_fd` holds a
@@ -245,6 +245,11 @@ class _Blob:
         self._data_fd: int | None = None    # None while its files are closed
         self._log_fd: int | None = None
         self.direct_fd: int | None = None   # None also where O_DIRECT cannot be had
+
+    def is_empty_content(self) -> bool:
+        """An empty file whose content id is that of no bytes: verified with nothing to fetch
+        (no block of it is ever filled, so nothing else would ever hash it)."""
+        return self.size == 0 and matches_content_id(self.content_id, 0, ())
 
     @property
     def data_fd(self) -> int:
@@ -275,7 +280,7 @@ class _Blob:
             os.ftruncate(data_fd, self.size)
         self.direct_fd = blockio.open_direct(self.data_path, self.block_size)
         self._log_fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        self.verified = self.ok_path.exists()
+        self.verified = self.ok_path.exists() or self.is_empty_content()
         self.read_new_records()
 
     def open_log_only(self) -> None:
@@ -591,7 +596,7 @@ class BlockCache:
             return probe.state()
         try:
             probe.read_new_records()
-            return probe.state(verified=probe.ok_path.exists())
+            return probe.state(verified=probe.ok_path.exists() or probe.is_empty_content())
         finally:
             probe.close_files()
 
