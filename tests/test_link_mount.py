@@ -49,7 +49,9 @@ def test_a_cold_read_fills_the_link_and_never_exceeds_the_cap(hub, files, mount_
     print(f"48 MiB at {RATE / 1e6:.0f} MB/s per response: {rate / 1e6:.0f} MB/s, "
           f"most requests in flight {hub.most_in_flight('cdn')}")
     assert hub.most_in_flight("cdn") <= 6
-    assert rate > 3 * RATE                      # one response at a time could not pass RATE
+    # One response at a time could not pass RATE; the cap of 6 allows about 100 MB/s. Twice
+    # RATE, not three times: under a loaded suite the read ran at 61-78 MB/s.
+    assert rate > 2 * RATE
     assert unexpected_log_lines(mount.log_text()) == []
 
 
