@@ -180,6 +180,7 @@ def test_list_info_gc_and_verify_work_with_the_hub_unreachable(workspace, hub):
     assert "1 of 1 files complete" in run_cli(workspace, hub, "pull", "big", endpoint=dead).stdout
     with open(workspace / "models.yaml", "a") as manifest:      # a model this cache never resolved
         manifest.write("  late:\n    path: /models/late/\n    backend: vllm\n    hf: org/late\n")
+    assert "1 of 1 files complete" in run_cli(workspace, hub, "pull", "big", endpoint=dead).stdout  # late is not pulled
     models = {m["name"]: m for m in json.loads(run_cli(workspace, hub, "list", "--json", endpoint=dead).stdout)}
     assert models["big"]["cached_bytes"] == 5 * MiB + 3 and models["big"]["verified"] is True
     assert models["late"]["ready"] is False and models["late"]["commit"] is None   # never resolved: said so
@@ -193,7 +194,8 @@ def test_list_info_gc_and_verify_work_with_the_hub_unreachable(workspace, hub):
 def test_pull_of_an_uncached_model_needs_the_hub_and_says_so(workspace, hub):
     result = run_cli(workspace, hub, "pull", "small", endpoint=unreachable_endpoint(), check=False)
     assert result.returncode == 1
-    assert "org/big@main: Hub unreachable" in result.stderr      # the first model, in manifest order
+    assert "org/small@main: Hub unreachable" in result.stderr    # the model pulled, not another
+    assert "org/big" not in result.stderr
 
 
 # What a plain `pip install .` lacks: the test extras. Blocked, an import of them fails.

@@ -10,12 +10,14 @@ cache never saw); `gc` and `verify` work from the cache alone.
 import logging
 import math
 import sys
+from dataclasses import replace
 
 import trio
 
 from . import errors
 from .assembly import Catalog, HubPolicy, Sources, open_catalog
 from .progress import PullProgress
+from .resolving import lock_for
 from .localsource import LocalFile, sha256_of
 from .lockfile import LockedLocal, load_lock
 from .tree import FileRef
@@ -55,7 +57,12 @@ def local_files(catalog: Catalog, specs) -> list[LocalFile]:
 
 
 def pull(settings, manifest, names, everything=False):
-    catalog = open_catalog(settings, manifest, HubPolicy.FRESH)
+    # Only the models pulled are resolved: another model the Hub cannot resolve now must not
+    # fail a pull of these (nor be the one its error names).
+    if settings.frozen:
+        lock_for(settings, manifest)        # --frozen judges the whole manifest against its lock
+    pulled = replace(manifest, models=tuple(selected_models(manifest, names, everything)))
+    catalog = open_catalog(settings, pulled, HubPolicy.FRESH)
     local = local_models(manifest, names, everything)
     for spec in local:
         print(f"pull: {spec.name}: nothing to fetch; served from local files at {spec.local}")
