@@ -1,6 +1,7 @@
 #!/bin/sh
-# Installs pyfuse3 with FUSE passthrough into a venv: pyfuse3's sdist with
-# contrib/pyfuse3-passthrough.patch, built against libfuse >= 3.17.
+# Installs pyfuse3 with FUSE passthrough and hand-over into a venv: pyfuse3's sdist
+# with contrib/pyfuse3-passthrough.patch and then contrib/pyfuse3-handover.patch,
+# built against libfuse >= 3.17.
 #
 # Usage: contrib/build-passthrough.sh VENV
 #
@@ -18,7 +19,7 @@ set -eu
 VENV=$(cd "$1" && pwd)
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY="$VENV/bin/python"
-PATCH="$HERE/pyfuse3-passthrough.patch"
+PATCHES="$HERE/pyfuse3-passthrough.patch $HERE/pyfuse3-handover.patch"
 PYFUSE3_VERSION=3.5.0
 LIBFUSE_MIN=3.17
 LIBFUSE_SUITE=trixie
@@ -95,8 +96,10 @@ build_pyfuse3_wheel() {
     if [ -n "$wheel" ]; then echo "$wheel"; return; fi
     quiet "$PY" -m pip download --no-deps --no-binary :all: "pyfuse3==$PYFUSE3_VERSION" -d "$BUILD"
     tar -C "$BUILD" -xzf "$BUILD/pyfuse3-$PYFUSE3_VERSION.tar.gz"
-    patch -d "$BUILD/pyfuse3-$PYFUSE3_VERSION" -p1 --quiet < "$PATCH"
-    log "building pyfuse3 $PYFUSE3_VERSION with the passthrough patch"
+    for patch in $PATCHES; do
+        patch -d "$BUILD/pyfuse3-$PYFUSE3_VERSION" -p1 --quiet < "$patch"
+    done
+    log "building pyfuse3 $PYFUSE3_VERSION with the passthrough and hand-over patches"
     quiet "$PY" -m pip wheel --no-deps --no-cache-dir -w "$BUILD/wheel" "$BUILD/pyfuse3-$PYFUSE3_VERSION"
     mkdir -p "$out"
     cp "$BUILD"/wheel/pyfuse3-*.whl "$out"/ || exit 1
@@ -120,12 +123,13 @@ main() {
         # site-packages/pyfuse3/__init__*.so -> VENV/libfuse/lib
         export LDFLAGS='-Wl,-rpath,$ORIGIN/../../../../libfuse/lib'
     fi
-    key=$(echo "$libfuse $abi $(sha "$PATCH" "$0")" | sha256sum | cut -c1-16)
+    # shellcheck disable=SC2086
+    key=$(echo "$libfuse $abi $(sha $PATCHES "$0")" | sha256sum | cut -c1-16)
     wheel=$(build_pyfuse3_wheel "$key")
     quiet "$PY" -m pip install --no-deps --force-reinstall "$wheel"
-    "$PY" -c 'import pyfuse3; pyfuse3.backing_open' ||
-        { log "the installed pyfuse3 has no passthrough"; exit 1; }
-    log "pyfuse3 $PYFUSE3_VERSION with passthrough, libfuse $libfuse"
+    "$PY" -c 'import pyfuse3; pyfuse3.backing_open; pyfuse3.adopt' ||
+        { log "the installed pyfuse3 has no passthrough or no hand-over"; exit 1; }
+    log "pyfuse3 $PYFUSE3_VERSION with passthrough and hand-over, libfuse $libfuse"
 }
 
 main

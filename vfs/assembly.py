@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -154,6 +154,7 @@ class Filesystem:
     to_recheck: list[tuple[str, str]] = field(default_factory=list)   # (repo, branch) served from the store at start
     lock: Lock | None = None                           # the models.lock resolved from, if any
     mountpoint: Path | None = None                     # set by mount.run: local paths must stay apart from it
+    on_new_tree: Callable[[Tree], None] | None = None  # each tree a refresh makes (the hand-over state)
 
     @property
     def fetcher(self) -> RangeFetcher:
@@ -237,17 +238,21 @@ class Filesystem:
             self.ops.replace_tree(tree)
             # Synchronously, in a worker: when /refresh answers, the kernel has forgotten them.
             await trio.to_thread.run_sync(self.ops.forget_entries, stale)
+        if self.on_new_tree is not None:
+            await trio.to_thread.run_sync(self.on_new_tree, tree)
         log.info("refreshed %s: %d models, %d entries changed", manifest.source, len(manifest.models), len(stale))
         return len(stale)
 
 
-def build_filesystem(settings: Settings, manifest: Manifest, policy: HubPolicy = HubPolicy.FRESH) -> Filesystem:
+def build_filesystem(settings: Settings, manifest: Manifest, policy: HubPolicy = HubPolicy.FRESH,
+                     previous: Any = None) -> Filesystem:
     """Everything a mount serves. Under STORED_FIRST, branches are answered from the store
-    when they can be (the mount re-checks them once serving); under FRESH, at the Hub now."""
+    when they can be (the mount re-checks them once serving); under FRESH, at the Hub now.
+    `previous`: the inodes of the daemon this one takes over from (handover.InodeTable)."""
     directory = open_cache_dir(settings)
     resolved = resolve(settings, manifest, policy)
     with collector_paused():
-        tree = Tree.build(manifest, resolved.snapshots)
+        tree = Tree.build(manifest, resolved.snapshots, previous=previous)
     cache = open_block_cache(settings, directory, kept_content(manifest, resolved.snapshots, directory))
     directory.make_blob_directories(node.file.content_id for node in tree.hub_files()
                                     if isinstance(node.file, FileRef))

@@ -79,12 +79,23 @@ def build_parser():
                             "(docs/DESIGN.md, \"The keeper\")")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument("--keeper-fd", type=int, help=argparse.SUPPRESS)
+    mount.add_argument("--adopt-fd", type=int, help=argparse.SUPPRESS)         # the keeper's: docs/DESIGN.md "Hand-over"
+    mount.add_argument("--handover-state", help=argparse.SUPPRESS)
+    mount.add_argument("--takeover", action="store_true",
+                       help="take the connection over from the daemon serving MOUNTPOINT (what `mount` on a "
+                            "live mount point does, and `upgrade`)")
 
     lock = commands.add_parser("lock", help="write models.lock: every model's commit and files")
     lock.add_argument("names", nargs="*", metavar="NAME", help="with --upgrade: only these models")
     lock.add_argument("--upgrade", action="store_true",
                       help="move locked branches to where they point now (all, or the NAMEs)")
     add_common(lock)
+
+    upgrade = commands.add_parser("upgrade", help="hand a live mount to a daemon of the installed code; readers "
+                                  "see a short stall, not an error")
+    upgrade.add_argument("mountpoint")
+    upgrade.add_argument("--timeout", type=float, default=180.0,
+                         help="seconds to wait for the successor to serve (default 180); exit 1 past them")
 
     unmount = commands.add_parser("unmount", help="unmount a mountpoint; returns once its daemon has exited")
     unmount.add_argument("mountpoint")
@@ -180,24 +191,35 @@ def cmd_mount(args):
     manifest = load(args)
     from .manifest import refuse_overlap
     refuse_overlap(manifest, mountpoint)
+    from .control import live_daemon
+    if args.adopt_fd is None and not args.takeover and live_daemon(mountpoint):
+        args.takeover = True                        # a live mount of ours: take it over, as upgrade does
+        args.argv.append("--takeover")
     if args.keeper and args.keeper_fd is None:     # refused manifests are told at once, not by a child
         from .keeper import keep_mount
         return keep_mount(args.argv, mountpoint, args.ready_fd, settings_for(args))
     from . import mount
     from .api import parse_address
     from .assembly import HubPolicy, build_filesystem, open_cache_dir
+    from .control import Takeover
+    from .handover import Session
     api_address = parse_address(args.api) if args.api else None
     settings = settings_for(args)
-    claim = open_cache_dir(settings).claim_for_mount()  # noqa: F841 - held till exit
-    fs = build_filesystem(settings, manifest, HubPolicy.STORED_FIRST)
-    mount.run(fs, mountpoint, on_ready=lambda: report_ready(args, mountpoint), api_address=api_address)
+    session = Session(mountpoint, args.adopt_fd, args.handover_state,
+                      Takeover(mountpoint) if args.takeover and args.adopt_fd is None else None)
+    claim = session.claim_cache(open_cache_dir(settings))  # noqa: F841 - held till exit
+    handed = session.prepare()          # a successor's tree keeps its predecessor's inode numbers
+    fs = build_filesystem(settings, manifest, HubPolicy.STORED_FIRST, previous=handed.inodes if handed else None)
+    mount.run(fs, mountpoint, on_ready=lambda: report_ready(args, mountpoint), api_address=api_address,
+              session=session, argv=args.argv)
     return 0
 
 
 def report_ready(args, mountpoint):
     if args.keeper_fd is not None:
         from .keeper import tell_keeper
-        tell_keeper(args.keeper_fd)
+        from .handover import state_dir
+        tell_keeper(args.keeper_fd, str(state_dir(mountpoint)))
     ready_fd = args.ready_fd
     if ready_fd is None:
         print(f"lamina-llm-cache: serving {mountpoint} (Ctrl-C to unmount)", file=sys.stderr, flush=True)
@@ -239,6 +261,28 @@ def cmd_lock(args):
     path, changed = update_lock(settings_for(args), load(args), upgrade)
     plural = "" if len(changed) == 1 else "s"
     print(f"{path}: {len(changed)} model{plural} changed" + (f" ({', '.join(changed)})" if changed else ""))
+    return 0
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """Hand the mount to a successor from the installed code: the keeper starts it, or
+    without a keeper the daemon itself (control.py). Exit 0 once it serves and the old
+    daemon has exited; 1 with the reason when it could not (the old daemon serves on)."""
+    from .control import ask_daemon_to_upgrade
+    from .daemons import wait_for_exit
+    from .keeper import ask_keeper_to_upgrade
+    outcome = ask_keeper_to_upgrade(args.mountpoint, args.timeout)
+    if outcome is None:
+        outcome = ask_daemon_to_upgrade(args.mountpoint, args.timeout)
+        if outcome.get("ok") and not wait_for_exit(outcome["old"], args.timeout):
+            outcome = {"ok": False, "error": f"pid {outcome['new']} serves, but the old daemon (pid "
+                       f"{outcome['old']}) has not exited"}
+    if not outcome.get("ok"):
+        print(f"lamina-llm-cache: upgrade of {args.mountpoint} failed: {outcome.get('error')}; "
+              "the running daemon serves on", file=sys.stderr)
+        return 1
+    print(f"lamina-llm-cache: {args.mountpoint} upgraded: pid {outcome.get('old')} handed over to pid "
+          f"{outcome.get('new')}")
     return 0
 
 
@@ -367,8 +411,8 @@ def cmd_demo(args):
     return run_demo(args.mountpoint)
 
 
-COMMANDS = {"mount": cmd_mount, "lock": cmd_lock, "unmount": cmd_unmount, "list": cmd_list, "info": cmd_info,
-            "add": cmd_add, "pull": cmd_pull, "verify": cmd_verify, "gc": cmd_gc,
+COMMANDS = {"mount": cmd_mount, "lock": cmd_lock, "unmount": cmd_unmount, "upgrade": cmd_upgrade,
+            "list": cmd_list, "info": cmd_info, "add": cmd_add, "pull": cmd_pull, "verify": cmd_verify, "gc": cmd_gc,
             "keep": cmd_keep, "unkeep": cmd_keep, "pin": cmd_keep, "unpin": cmd_keep,
             "wait": cmd_wait, "health": cmd_health, "demo": cmd_demo}
 

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pyfuse3
@@ -25,6 +25,7 @@ from . import daemons, errors
 from .api import Api
 from .assembly import Filesystem
 from .fetch import RangeFetcher
+from .handover import ControlServer, Session
 from .notify import Notifier, keep_informed, status_of
 from .ops import Operations
 from .passthrough import Passthrough
@@ -139,35 +140,36 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
 
 
 def run(fs: Filesystem, mountpoint: str | Path, on_ready: Callable[[], None] = lambda: None,
-        api_address: tuple[str, int] | None = None) -> None:
-    """Mount `fs` at `mountpoint` and serve until unmounted or signalled (blocking)."""
+        api_address: tuple[str, int] | None = None, session: Session | None = None,
+        argv: Sequence[str] = ()) -> None:
+    """Mount `fs` at `mountpoint`, or adopt a live connection (`session`: handover.Session),
+    and serve until unmounted, signalled or handed over (blocking). `argv`: the daemon's
+    command line, for a successor it starts (`upgrade` without a keeper)."""
     mountpoint = fs.mountpoint = Path(mountpoint)
-    prepare_mountpoint(mountpoint)
+    session = session or Session(mountpoint)
     limit_malloc_arenas()
     # The kernel side, made here: nothing that is not mounting ever loads pyfuse3.
     passthrough = Passthrough(fs.cache, fs.settings.passthrough, local=fs.settings.local_passthrough)
     fs.ops = Operations(fs.tree, fs.reader, fs.cache, fs.open_file, passthrough)
-    try:
-        pyfuse3.init(fs.ops, str(mountpoint), mount_options(fs.settings))
-    except RuntimeError as exc:
-        # libfuse says only "fuse_session_mount failed"; its own reason went to stderr.
-        raise errors.LaminaError(f"could not mount {mountpoint}: {exc} (is /dev/fuse there, and may this "
-                                 "process mount? A sandbox without /dev/fuse or CAP_SYS_ADMIN cannot)") from None
+    session.open(fs.ops, mount_options(fs.settings))
+    control = ControlServer(fs, session, list(argv))
     notifier = Notifier(fs.settings.notify_socket, fs.settings.watchdog_usec, fs.settings.watchdog_pid)
     try:
-        trio.run(_serve, fs, passthrough, mountpoint, on_ready, api_address, notifier)
+        trio.run(_serve, fs, passthrough, mountpoint, on_ready, api_address, notifier, control)
     finally:
-        notifier.stopping()
-        passthrough.clear_status()
-        pyfuse3.close(unmount=True)
+        control.close()
+        if not session.handed_over:     # else the successor's now
+            notifier.stopping()
+            passthrough.clear_status()
+        session.close()
         notifier.close()
         fs.sources.close()
         daemons.forget(mountpoint)
-    log.info("unmounted %s", mountpoint)
+    log.info("handed %s over" if session.handed_over else "unmounted %s", mountpoint)
 
 
 async def _serve(fs: Filesystem, passthrough: Passthrough, mountpoint: Path, on_ready: Callable[[], None],
-                 api_address: tuple[str, int] | None, notifier: Notifier) -> None:
+                 api_address: tuple[str, int] | None, notifier: Notifier, control: ControlServer) -> None:
     async with trio.open_nursery() as nursery:
         fs.cache.start(nursery)
         fs.reader.start(nursery)
@@ -175,7 +177,7 @@ async def _serve(fs: Filesystem, passthrough: Passthrough, mountpoint: Path, on_
         api = Api(fs, mountpoint)
         if api_address is not None:
             await nursery.start(api.serve, *api_address)
-        nursery.start_soon(_main_loop, nursery.cancel_scope)
+        nursery.start_soon(_main_loop, nursery.cancel_scope, control)
         nursery.start_soon(_terminate_on_signal, notifier)
         # A first request through the mount proves the handshake is done.
         await trio.to_thread.run_sync(os.stat, mountpoint)
@@ -188,7 +190,10 @@ async def _serve(fs: Filesystem, passthrough: Passthrough, mountpoint: Path, on_
             nursery.start_soon(_connect_to_hub, fs.fetcher)
             nursery.start_soon(_recheck_quietly, fs)
             nursery.start_soon(_watch_hub, fs)
-        log.info("mounted %s (%d models)", mountpoint, len(fs.tree.listing(1)))
+        await nursery.start(control.serve)
+        await trio.to_thread.run_sync(control.session.serving, fs)     # a predecessor exits now
+        log.info("%s %s (%d models)", "serving" if control.session.adopts else "mounted", mountpoint,
+                 len(fs.tree.listing(1)))
         daemons.record(mountpoint)          # `unmount` waits for this pid to exit
         on_ready()
         notifier.ready(status_of(fs.reports()))
@@ -225,8 +230,10 @@ async def _recheck_quietly(fs: Filesystem) -> None:
         await fs.recheck_branches()
 
 
-async def _main_loop(cancel_scope: trio.CancelScope) -> None:
+async def _main_loop(cancel_scope: trio.CancelScope, control: ControlServer) -> None:
     await pyfuse3.main()
+    while await control.after_main():       # a takeover that failed: serve on
+        await pyfuse3.main()
     cancel_scope.cancel()
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import pyfuse3
 
 from . import errors, localsource
+from .handover import HandleNumbers, inode_of
 from .logs import where
 from .metrics import STATS
 from .localsource import LocalFile, LocalHandle
@@ -97,7 +98,8 @@ class Operations(pyfuse3.Operations):
         if passthrough is not None:
             passthrough.configure(self)
         self._handles: dict[int, OpenFile | LocalHandle] = {}
-        self._next_handle = 1
+        self.handles = HandleNumbers()      # each encodes its inode: a successor can serve it (handover.py)
+        self.opens_changed: Callable[[], None] = lambda: None   # before an open or release is answered
         self._mtime_ns = time.time_ns()
         self._uid, self._gid = os.getuid(), os.getgid()
         self._retired: dict[int, Node] = {}     # nodes of earlier trees: open files may still stat them
@@ -181,8 +183,13 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.is_dir:
             raise errors.IsADirectory(f"inode {inode}")
-        handle = self._next_handle
-        self._next_handle += 1
+        handle = self.handles.new(inode)
+        try:
+            return self._open(handle, inode, node, flags)
+        finally:
+            self.opens_changed()
+
+    def _open(self, handle: int, inode: int, node: Node, flags: int) -> pyfuse3.FileInfo:
         if isinstance(node.file, LocalFile):
             return self._open_local(handle, inode, node)
         if self.passthrough is None:
@@ -223,7 +230,7 @@ class Operations(pyfuse3.Operations):
     # pyfuse3 copies any buffer out at once: a memoryview saves a copy (its stub says bytes).
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:  # type: ignore[override]
         started = perf_counter()
-        handle = self._handles[fh]
+        handle = self._handles.get(fh) or self._reopen(fh)
         try:
             if isinstance(handle, LocalHandle):
                 return await localsource.read(handle, off, size)
@@ -234,6 +241,11 @@ class Operations(pyfuse3.Operations):
         finally:
             STATS.read_seconds.observe(perf_counter() - started)
 
+    def _reopen(self, fh: int) -> OpenFile | LocalHandle:
+        """A handle a predecessor issued (a hand-over): opened again from the inode it encodes."""
+        handle = self._handles[fh] = self._open_file(self._node(inode_of(fh)))
+        return handle
+
     @handler
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
@@ -241,6 +253,22 @@ class Operations(pyfuse3.Operations):
             handle.close()
         if self.passthrough is not None:
             self.passthrough.release(fh)
+            self.opens_changed()
+
+    def export_opens(self) -> dict:
+        """The open files a successor on this connection must know of (handover.py)."""
+        return {} if self.passthrough is None else self.passthrough.export()
+
+    def adopt_opens(self, exported: dict, generation: int) -> None:
+        """Take over a predecessor's open files; number new handles in `generation`."""
+        self.handles = HandleNumbers(generation)
+        if self.passthrough is not None:
+            self.passthrough.adopt(exported, self._content_of)
+
+    def _content_of(self, inode: int) -> tuple[str, int] | None:
+        node = self.tree.node(inode)
+        ref = None if node is None else node.file
+        return None if ref is None or isinstance(ref, LocalFile) else (ref.content_id, ref.size)
 
     @handler
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext | None) -> bool:

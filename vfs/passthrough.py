@@ -128,6 +128,13 @@ class LocalBacking:
         self.handle.close()
 
 
+class _IdCloser:
+    """Closes an adopted backing id (a local file's: the predecessor held its descriptor)."""
+
+    def __init__(self, close):
+        self.close = close
+
+
 @dataclass
 class InodeIO:
     """One inode's open files by mode, and its backing id while it has passthrough opens."""
@@ -135,7 +142,7 @@ class InodeIO:
     served: int = 0                   # open through the daemon (keep_cache page cache)
     passed: int = 0                   # open through passthrough
     backing_id: int = 0
-    owner: BlobHandle | LocalBacking | None = None   # keeps the file, and closes the backing id on close
+    owner: "BlobHandle | LocalBacking | _IdCloser | None" = None   # keeps the file, and closes the backing id on close
 
 
 class Passthrough:
@@ -250,6 +257,30 @@ class Passthrough:
             io.served -= 1
         if io.served == 0 and io.passed == 0:
             del self._inodes[inode]
+
+    def export(self) -> dict:
+        """The open files and backing ids, for a successor on the same connection (handover.py)."""
+        return {"opens": {str(fh): [inode, passed] for fh, (inode, passed) in self._opens.items()},
+                "inodes": {str(inode): [io.served, io.passed, io.backing_id] for inode, io in self._inodes.items()}}
+
+    def adopt(self, exported: dict, content_of) -> None:
+        """Take over a predecessor's `export()`: its backing ids belong to the connection, and
+        the kernel holds their inodes in passthrough mode (a new id for one would fail with
+        EIO), so they are reused and closed here on the last release. `content_of(inode)`:
+        the inode's (content_id, size), or None for a local file."""
+        for inode_text, (served, passed, backing_id) in exported.get("inodes", {}).items():
+            io = self._inodes[int(inode_text)] = InodeIO(served, passed, backing_id)
+            if backing_id:
+                io.owner = self._adopted_owner(backing_id, content_of(int(inode_text)))
+        self._opens.update((int(fh), (inode, bool(passed))) for fh, (inode, passed) in exported.get("opens", {}).items())
+
+    def _adopted_owner(self, backing_id: int, content) -> "BlobHandle | _IdCloser":
+        close = _IdCloser(lambda: self._close_quietly(backing_id))
+        if content is None:
+            return close        # a local file: the kernel holds it; nothing to keep open here
+        owner = self.cache.open(*content)      # eviction keeps the blob while the id lives
+        owner.on_close(close.close)
+        return owner
 
     def _backing_for(self, io: InodeIO, content_id: str, size: int, describe: str) -> int:
         if io.backing_id:
