@@ -12,6 +12,7 @@ import pytest
 from conftest import eventually, needs_fuse
 from vfs.daemons import daemon_of
 from vfs.handover import SESSION_FILE, state_dir
+from vfs.keeper import mounted_device
 from vfs.testing.handovers import wait_for_successor
 from vfs.testing.readers import ONE_MODEL_MANIFEST, Readers, write_reference
 
@@ -146,6 +147,11 @@ def test_mount_on_a_live_mount_point_of_ours_takes_it_over(hub, model, mount_fac
         os.close(fd)
     assert sum(1 for line in Path("/proc/self/mountinfo").read_text().splitlines()
                if f" {os.path.realpath(first.mountpoint)} " in line) == 1, "mounts stacked"
+    # The second stops first: the first's clean-up, a lazy unmount of the mount point, would
+    # cut the connection under the second while it answers the RELEASE of that close.
+    second.stop()
+    assert second.process.returncode == 0
+    assert mounted_device(os.path.realpath(first.mountpoint)) is None
 
 
 def test_a_successor_that_fails_before_it_asks_leaves_the_old_daemon_serving(hub, model, mount_factory):
