@@ -12,7 +12,8 @@ operations `random.Random(seed)` draws and compares every byte with the source f
              on a passthrough open it reaches the cache's file, whose O_DIRECT rules hold:
              then offset, length and buffer are aligned to 4 KiB)
     forget   posix_fadvise(DONTNEED): drop the file's cached pages, so later reads reach
-             the daemon again (served from the block cache, not the kernel's)
+             the daemon again (served from the block cache, not the kernel's); on a
+             passthrough open a no-op (the advice does not reach the cache's file)
     reopen   close the file's descriptors and maps and open it again
     stat     size and mode, as the source and 0444
 

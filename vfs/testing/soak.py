@@ -150,8 +150,12 @@ class Reader:
                 if size != expected.size:
                     return self.mismatch(path, content_id, "size", 0, size)
                 self.counts["opens"] += 1
+                if passed_through(fd):
+                    self.counts["passthrough opens"] += 1
                 if self.random.random() < 0.3:
                     # Drop the kernel's copy: these reads reach the daemon (buffers, disk, network).
+                    # On a passthrough open it is a no-op (the advice stays with the FUSE file;
+                    # the cache file's pages are the kernel's to keep).
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                     self.counts["forget"] += 1
                 for _ in range(self.random.randint(1, 6)):
@@ -199,6 +203,14 @@ class Reader:
     def note(self, text):
         if len(self.problems) < 20:
             self.problems.append(text)
+
+
+def passed_through(fd):
+    """Whether open `fd` is served by FUSE passthrough (the mount says so by xattr)."""
+    try:
+        return os.getxattr(fd, "user.lamina.passthrough") == b"yes"
+    except OSError:
+        return False
 
 
 class _Source:
@@ -395,6 +407,7 @@ class Soak:
         result = {
             "seconds": round(end[0]), "readers": self.readers, "seed": self.seed, "url_seconds": self.url_seconds,
             "reads": sum(counts[k] for k in ("pread", "stream", "mmap")), "opens": counts["opens"],
+            "passthrough_opens": counts["passthrough opens"],
             "by_kind": {k: counts[k] for k in ("pread", "stream", "mmap")}, "bytes_checked": checked,
             "mismatches": counts["mismatches"], "reader_errors": counts["errors"], "problems": problems,
             "events": dict(self.events), "failures": self.failures,
@@ -434,7 +447,8 @@ def describe(result):
     rss, fds = result["rss"], result["fds"]
     return "\n".join([
         f"{result['seconds']} s, {result['readers']} readers, seed {result['seed']}, URLs signed for "
-        f"{result['url_seconds']} s: {result['opens']} opens, {result['reads']} reads {result['by_kind']}, "
+        f"{result['url_seconds']} s: {result['opens']} opens ({result['passthrough_opens']} by FUSE passthrough), "
+        f"{result['reads']} reads {result['by_kind']}, "
         f"{result['bytes_checked'] / 2**30:.1f} GiB checked",
         f"mismatches {result['mismatches']}, reader errors {result['reader_errors']}, daemon log problems "
         f"{len(result['log_problems'])}, failures {len(result['failures'])}, stale-token requests "
