@@ -83,4 +83,5 @@ def test_a_429_storm_slows_the_mount_and_fails_no_read(hub, files, mount_factory
     assert data == files["a.safetensors"]
     print(f"48 MiB through a storm of {storm.hits} 429s: {seconds:.1f} s")
     assert storm.hits == 20 and seconds >= 1.0
+    assert hub.most_in_flight("cdn") <= 8       # retries after the storm never go past the cap
     assert unexpected_log_lines(mount.log_text()) == []
