@@ -222,3 +222,49 @@ def test_passthrough_opens_survive_and_new_opens_reuse_the_backing_id(hub, model
     finally:
         os.close(fd)
     assert path.read_bytes() == model.read_bytes()
+
+
+def test_the_hand_over_soak_tool_counts_what_readers_saw(tmp_path):
+    """vfs.testing.handovers, the tool behind docs/RELIABILITY.md's figures, on a short run."""
+    from vfs.testing.handovers import soak
+    report = soak(["kill", "upgrade"], 16 * MiB, work=tmp_path, drop_every=0.5)
+    assert report.failure is None, report.log[-2000:]
+    assert [r.kind for r in report.rounds] == ["kill", "upgrade"]
+    assert report.results is not None and report.results.errors == 0 and report.results.wrong_bytes == 0
+    assert report.results.ops > 0 and report.leftover == []
+    assert report.ok(max_stall=5.0), report.summary()
+
+
+def test_llama_cpp_generates_the_same_text_across_an_upgrade_and_a_sigkill():
+    from vfs.testing.llamagen import EVENTS, run
+    outcome = run(rounds=7, size_mib=16)
+    assert outcome["child_exit"] == 0, "llama.cpp died (SIGBUS from a dead mount?)"
+    assert len(outcome["rounds"]) == 7 and outcome["same"], outcome
+    assert [e["kind"] for e in outcome["events"]] == [EVENTS[n] for n in sorted(EVENTS)]
+
+
+def free_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_rest_api_moves_to_the_successor(hub, model, mount_factory, unmount_at_end):
+    import urllib.request
+    port = free_port()
+    mount = mount_factory(ONE_MODEL_MANIFEST, hub.endpoint, args=("--api", f"127.0.0.1:{port}"))
+    unmount_at_end(mount.mountpoint)
+    old = serving_pid(mount)
+    result = upgrade(mount)
+    assert result.returncode == 0, result.stderr
+    new = new_daemon(mount, old)
+
+    def answers():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+    assert eventually(answers, timeout=20), "the successor serves the API on the same port"
+    assert new != old

@@ -26,6 +26,7 @@ and at the end, a close that unmounts only a mount this daemon still owns.
 """
 
 import base64
+import errno
 import json
 import logging
 import os
@@ -442,3 +443,16 @@ def _resend_quietly() -> None:
         send_resend(pyfuse3.connection_fd())
     except OSError as exc:
         log.warning("FUSE_NOTIFY_RESEND failed: %s", exc.strerror)
+
+
+async def serve_api_when_free(api, address: tuple[str, int], task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """The REST API of a daemon that took over: its port is the predecessor's until that exits."""
+    deadline = trio.current_time() + control.ACK_SECONDS
+    while True:
+        try:
+            await api.serve(*address, task_status=task_status)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or trio.current_time() > deadline:
+                raise
+        await trio.sleep(0.05)

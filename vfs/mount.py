@@ -25,7 +25,7 @@ from . import daemons, errors
 from .api import Api
 from .assembly import Filesystem
 from .fetch import RangeFetcher
-from .handover import ControlServer, Session
+from .handover import ControlServer, Session, serve_api_when_free
 from .notify import Notifier, keep_informed, status_of
 from .ops import Operations
 from .passthrough import Passthrough
@@ -175,7 +175,8 @@ async def _serve(fs: Filesystem, passthrough: Passthrough, mountpoint: Path, on_
         fs.reader.start(nursery)
         fs.nursery = nursery
         api = Api(fs, mountpoint)
-        if api_address is not None:
+        taking_over = control.session.takeover is not None
+        if api_address is not None and not taking_over:
             await nursery.start(api.serve, *api_address)
         nursery.start_soon(_main_loop, nursery.cancel_scope, control)
         nursery.start_soon(_terminate_on_signal, notifier)
@@ -192,6 +193,8 @@ async def _serve(fs: Filesystem, passthrough: Passthrough, mountpoint: Path, on_
             nursery.start_soon(_watch_hub, fs)
         await nursery.start(control.serve)
         await trio.to_thread.run_sync(control.session.serving, fs)     # a predecessor exits now
+        if api_address is not None and taking_over:     # its port is free once the predecessor exits
+            await nursery.start(serve_api_when_free, api, api_address)
         log.info("%s %s (%d models)", "serving" if control.session.adopts else "mounted", mountpoint,
                  len(fs.tree.listing(1)))
         daemons.record(mountpoint)          # `unmount` waits for this pid to exit

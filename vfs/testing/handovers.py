@@ -2,7 +2,8 @@
 three readers (readers.py) check every byte; the figures docs/RELIABILITY.md gives.
 
     python -m vfs.testing.handovers --kills 20 [--size 256M] [--no-passthrough] [--json F]
-    python -m vfs.testing.handovers --upgrades 20
+    python -m vfs.testing.handovers --upgrades 20 --max-stall 0.25
+    python -m vfs.testing.handovers --baseline 60 --max-stall 0.25   # the same readers, no hand-over
 
 One simulated Hub, one model file of deterministic bytes, one mount run by the keeper
 (`mount` without `--no-keeper`), read through once so the cache holds it. The readers
@@ -47,6 +48,19 @@ class Report:
     failure: str | None = None
     log: str = ""                                       # the daemon log (keeper and children)
 
+    def gaps(self) -> list[float]:
+        """Seconds from each old daemon's stop (upgrades) to its successor's "serving" line:
+        an upper bound of the time the connection had no server (the successor reads before
+        it logs)."""
+        out, stopped = [], None
+        for line in self.log.splitlines():
+            if "hand-over: pid" in line and "takes over" in line:
+                stopped = _stamp(line)
+            elif "vfs.mount: serving" in line and stopped is not None:
+                out.append(_stamp(line) - stopped)
+                stopped = None
+        return out
+
     def ok(self, max_stall: float) -> bool:
         return (self.failure is None and self.results is not None and self.results.ok
                 and self.results.longest_stall <= max_stall and not self.leftover)
@@ -55,9 +69,12 @@ class Report:
         if self.failure or self.results is None:
             return f"failed after {len(self.rounds)} rounds: {self.failure}"
         serve = max((r.seconds_to_serve for r in self.rounds), default=0.0)
-        return (f"{len(self.rounds)} rounds ({', '.join(sorted({r.kind for r in self.rounds}))}): "
+        gaps = sorted(self.gaps())
+        gap = f"; stop to successor serving: median {gaps[len(gaps) // 2] * 1000:.0f} ms, longest " \
+              f"{gaps[-1] * 1000:.0f} ms" if gaps else ""
+        return (f"{len(self.rounds)} rounds ({', '.join(sorted({r.kind for r in self.rounds})) or 'none'}): "
                 f"{self.results.summary()}; slowest successor served after {serve * 1000:.0f} ms; "
-                f"{len(self.leftover)} old daemons left running")
+                f"{len(self.leftover)} old daemons left running{gap}")
 
     def as_dict(self) -> dict:
         return {"rounds": [vars(r) for r in self.rounds], "results": self.results.as_dict() if self.results else None,
@@ -120,11 +137,13 @@ def run_rounds(mount: MountProcess, readers: Readers, kinds: list[str], report: 
     readers.wait_for_progress(3, timeout=SERVE_SECONDS)
 
 
-def soak(kinds: list[str], size: int, mount_args=(), drop_every: float = 2.0, work: Path | None = None) -> Report:
-    """Run the rounds in `work` (a new temporary directory, removed afterwards unless given)."""
+def soak(kinds: list[str], size: int, mount_args=(), drop_every: float = 2.0, work: Path | None = None,
+         idle: float = 0.0) -> Report:
+    """Run the rounds in `work` (a new temporary directory, removed afterwards unless given),
+    then let the readers run `idle` seconds more (with no rounds: the baseline)."""
     if work is None:
         with tempfile.TemporaryDirectory(prefix="lamina-handovers-") as scratch:
-            return soak(kinds, size, mount_args, drop_every, Path(scratch))
+            return soak(kinds, size, mount_args, drop_every, Path(scratch), idle)
     report = Report()
     with HubSimulator() as hub:
         reference = write_reference(work / "model.gguf", size)
@@ -141,6 +160,7 @@ def soak(kinds: list[str], size: int, mount_args=(), drop_every: float = 2.0, wo
             with Readers(path, reference, drop_every=drop_every) as readers:
                 try:
                     run_rounds(mount, readers, kinds, report)
+                    time.sleep(idle)
                 except RuntimeError as exc:
                     report.failure = str(exc)
             report.results = readers.results
@@ -150,6 +170,13 @@ def soak(kinds: list[str], size: int, mount_args=(), drop_every: float = 2.0, wo
             mount.stop()
             report.log = mount.log_text()
     return report
+
+
+def _stamp(line: str) -> float:
+    """Seconds of a log line's time of day (logs.py: `YYYY-MM-DD HH:MM:SS,mmm ...`)."""
+    clock = line.split()[1]
+    hours, minutes, seconds = clock.replace(",", ".").split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
 def _running(pid: int) -> bool:
@@ -169,6 +196,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vfs.testing.handovers", description=__doc__.split("\n")[0])
     parser.add_argument("--kills", type=int, default=0, help="SIGKILLs of the serving child")
     parser.add_argument("--upgrades", type=int, default=0, help="upgrades asked of the keeper")
+    parser.add_argument("--baseline", type=float, default=0.0, metavar="SECONDS",
+                        help="then let the readers run this long (alone: the same readers with no hand-over)")
     parser.add_argument("--size", type=_size, default=256 * MiB)
     parser.add_argument("--max-stall", type=float, default=2.0, help="seconds (the target: 2 for kills)")
     parser.add_argument("--no-passthrough", action="store_true", help="every read through the daemon")
@@ -177,11 +206,13 @@ def main(argv=None) -> int:
     parser.add_argument("--log", type=Path, help="write the daemon log (keeper and children) here")
     args = parser.parse_args(argv)
     kinds = ["kill"] * args.kills + ["upgrade"] * args.upgrades
-    if not kinds:
-        parser.error("ask for --kills N and/or --upgrades N")
+    if not kinds and not args.baseline:
+        parser.error("ask for --kills N, --upgrades N or --baseline SECONDS")
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
-    report = soak(kinds, args.size, ["--no-passthrough"] if args.no_passthrough else [], work=args.work)
+    print(f"load before: {os.getloadavg()[0]:.2f} (1 min)")
+    report = soak(kinds, args.size, ["--no-passthrough"] if args.no_passthrough else [], work=args.work,
+                  idle=args.baseline)
     print(report.summary())
     if args.log:
         args.log.write_text(report.log)
