@@ -169,11 +169,13 @@ class HandedOver:
     generation: int
     inodes: InodeTable
     opens: dict = field(default_factory=dict)       # Passthrough.export()
+    session_text: str = ""                           # session.json as read (a refresh rewrites it)
 
 
 def load_state(directory: Path) -> HandedOver:
     try:
-        session = json.loads((directory / SESSION_FILE).read_text())
+        text = (directory / SESSION_FILE).read_text()
+        session = json.loads(text)
     except (OSError, ValueError) as exc:
         raise errors.LaminaError(f"no usable hand-over state in {directory}: {exc}") from None
     try:
@@ -181,7 +183,7 @@ def load_state(directory: Path) -> HandedOver:
     except (OSError, ValueError):
         opens = {}
     return HandedOver(base64.b64decode(session["init"]), session["generation"],
-                      InodeTable.load(session), opens)
+                      InodeTable.load(session), opens, text)
 
 
 def _write(path: Path, document: dict) -> None:
@@ -261,7 +263,13 @@ class Session:
         if self.takeover is not None:
             # Only now does the old daemon stop: everything else was built while it served.
             self.adopt_fd, self.lock_fd, _ = self.takeover.receive()
-            self.handed.opens = load_state(self.state_dir).opens   # exact: written as it stopped
+            now = load_state(self.state_dir)          # its open files: exact, written as it stopped
+            if now.session_text != self.handed.session_text:
+                # A /refresh since this tree was built: its new entries may have numbers this
+                # tree gives to others. Exit (the old daemon resends and serves on); ask again.
+                raise errors.LaminaError("the mount was refreshed during the takeover; the old daemon "
+                                         "serves on (upgrade again)")
+            self.handed.opens = now.opens
         assert self.adopt_fd is not None
         pyfuse3.adopt(operations, self.adopt_fd, self.handed.init_request, options)
         operations.adopt_opens(self.handed.opens, self.handed.generation + 1)
@@ -365,36 +373,45 @@ class ControlServer:
                 await trio.to_thread.run_sync(control._say, sock, {"ok": False, "error": "unknown request"})
 
     async def _takeover(self, sock, pid: int) -> None:
+        """Stop reading requests, hand the connection over, and note the outcome.
+
+        The connection goes as soon as no request read so far can change what the successor
+        must know (opens and releases answered: `Operations.settled`); reads still in flight
+        are answered by this daemon meanwhile (the kernel takes a reply from any holder),
+        so a read waiting on the disk or the Hub does not stall the others."""
         if self._pending is not None or self.session.handed_over:
             await trio.to_thread.run_sync(control._say, sock, {"ok": False, "error": "a hand-over is under way"})
             return
-        done = trio.Event()
-        self._pending = (sock, pid, done)
+        outcome = trio.Event()
+        self._pending = (sock, pid, outcome)
         log.info("hand-over: pid %d takes over %s; stopping at a request boundary", pid, self.session.mountpoint)
-        pyfuse3.terminate()
-        await done.wait()
-
-    async def after_main(self) -> bool:
-        """After pyfuse3.main returned: hand over if asked. True: serve on (the takeover failed)."""
-        if self._pending is None:
-            return False
-        sock, pid, done = self._pending
+        pyfuse3.terminate()         # no request is read after this (the patched loop checks)
         try:
-            if await trio.to_thread.run_sync(self._hand_over, sock):
-                self.session.handed_over = True
-                log.info("hand-over: pid %d serves %s; exiting without unmounting", pid, self.session.mountpoint)
-                if self._upgrade is not None:
-                    await trio.to_thread.run_sync(control._say, self._upgrade,
-                                                  {"ok": True, "old": os.getpid(), "new": pid})
-                return False
+            await self.fs.ops.settled()
+            handed = await trio.to_thread.run_sync(self._hand_over, sock)
             why = "it did not say it serves"
         except OSError as exc:
-            why = exc.strerror or str(exc)
-        finally:
-            self._pending = None
-            done.set()
-        log.warning("hand-over to pid %d failed (%s); serving on", pid, why)
-        await trio.to_thread.run_sync(control.wait_dead, pid)
+            handed, why = False, exc.strerror or str(exc)
+        if handed:
+            self.session.handed_over = True
+            log.info("hand-over: pid %d serves %s; exiting without unmounting", pid, self.session.mountpoint)
+            if self._upgrade is not None:
+                await trio.to_thread.run_sync(control._say, self._upgrade, {"ok": True, "old": os.getpid(), "new": pid})
+        else:
+            log.warning("hand-over to pid %d failed (%s); serving on", pid, why)
+            await trio.to_thread.run_sync(control.wait_dead, pid)
+        outcome.set()
+
+    async def after_main(self) -> bool:
+        """After pyfuse3.main returned (every request read is answered). True: serve on, a
+        takeover failed; then the successor is dead, and what it read is sent again."""
+        if self._pending is None:
+            return False
+        _, _, outcome = self._pending
+        await outcome.wait()
+        self._pending = None
+        if self.session.handed_over:
+            return False
         _resend_quietly()
         pyfuse3.resume()
         return True

@@ -16,6 +16,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pyfuse3
+import trio
 
 from . import errors, localsource
 from .handover import HandleNumbers, inode_of
@@ -100,6 +101,7 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, OpenFile | LocalHandle] = {}
         self.handles = HandleNumbers()      # each encodes its inode: a successor can serve it (handover.py)
         self.opens_changed: Callable[[], None] = lambda: None   # before an open or release is answered
+        self._changing_opens = 0        # opens and releases being handled (a hand-over waits for them)
         self._mtime_ns = time.time_ns()
         self._uid, self._gid = os.getuid(), os.getgid()
         self._retired: dict[int, Node] = {}     # nodes of earlier trees: open files may still stat them
@@ -184,9 +186,11 @@ class Operations(pyfuse3.Operations):
         if node.is_dir:
             raise errors.IsADirectory(f"inode {inode}")
         handle = self.handles.new(inode)
+        self._changing_opens += 1
         try:
             return self._open(handle, inode, node, flags)
         finally:
+            self._changing_opens -= 1
             self.opens_changed()
 
     def _open(self, handle: int, inode: int, node: Node, flags: int) -> pyfuse3.FileInfo:
@@ -254,6 +258,11 @@ class Operations(pyfuse3.Operations):
         if self.passthrough is not None:
             self.passthrough.release(fh)
             self.opens_changed()
+
+    async def settled(self) -> None:
+        """Once no open or release is being handled (a hand-over must see their outcome)."""
+        while self._changing_opens:
+            await trio.sleep(0.001)
 
     def export_opens(self) -> dict:
         """The open files a successor on this connection must know of (handover.py)."""
