@@ -141,3 +141,6 @@ def test_a_mount_left_dead_by_keeper_and_daemon_is_found_and_cleared(hub, model,
     assert served_file(second).read_bytes() == model.read_bytes()
     assert sum(1 for line in Path("/proc/self/mountinfo").read_text().splitlines()
                if f" {os.path.realpath(first.mountpoint)} " in line) == 1, "mounts stacked"
+    # The second stops first: the first's clean-up, a lazy unmount of the same mount point,
+    # would cut the connection under the second while it answers the RELEASE of that read.
+    second.stop()
