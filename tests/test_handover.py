@@ -268,3 +268,35 @@ def test_the_rest_api_moves_to_the_successor(hub, model, mount_factory, unmount_
             return False
     assert eventually(answers, timeout=20), "the successor serves the API on the same port"
     assert new != old
+
+
+TWO_MODELS = """\
+models:
+  a: {path: /models/a/a.gguf, backend: llama.cpp, hf: org/a, file: a.gguf}
+  b: {path: /models/b/b.gguf, backend: llama.cpp, hf: org/b, file: b.gguf}
+"""
+
+
+def test_inode_numbers_made_by_a_refresh_survive_an_upgrade(hub, mount_factory, unmount_at_end):
+    """A fresh daemon would number the refreshed tree from scratch (c would get a's old
+    numbers); the successor builds its tree on its predecessor's table."""
+    import urllib.request
+    for name in "abc":
+        hub.add_repo(f"org/{name}", files={f"{name}.gguf": name.encode() * 1000})
+    port = free_port()
+    mount = mount_factory(TWO_MODELS, hub.endpoint, args=("--api", f"127.0.0.1:{port}"))
+    unmount_at_end(mount.mountpoint)
+    root = mount.mountpoint
+    old_a = os.stat(root / "a" / "a.gguf").st_ino
+    mount.manifest.write_text(TWO_MODELS.replace("org/a, file: a.gguf", "org/c, file: c.gguf")
+                              .replace("a: {path: /models/a/a.gguf", "c: {path: /models/c/c.gguf"))
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/refresh", method="POST")
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert reply.status == 200
+    numbers = {path: os.stat(root / path).st_ino for path in ("b", "b/b.gguf", "c", "c/c.gguf")}
+    assert old_a not in numbers.values()
+    assert upgrade(mount).returncode == 0
+    Path("/proc/sys/vm/drop_caches").write_text("2")    # the kernel forgets its entries: looked up anew
+    assert {path: os.stat(root / path).st_ino for path in numbers} == numbers
+    assert (root / "c" / "c.gguf").read_bytes() == b"c" * 1000
+    assert not (root / "a").exists()
