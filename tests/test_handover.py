@@ -279,7 +279,8 @@ models:
 
 def test_inode_numbers_made_by_a_refresh_survive_an_upgrade(hub, mount_factory, unmount_at_end):
     """A fresh daemon would number the refreshed tree from scratch (c would get a's old
-    numbers); the successor builds its tree on its predecessor's table."""
+    numbers); the successor builds its tree on its predecessor's table, and serves a file
+    the refresh removed to whoever still has it open."""
     import urllib.request
     for name in "abc":
         hub.add_repo(f"org/{name}", files={f"{name}.gguf": name.encode() * 1000})
@@ -288,6 +289,7 @@ def test_inode_numbers_made_by_a_refresh_survive_an_upgrade(hub, mount_factory, 
     unmount_at_end(mount.mountpoint)
     root = mount.mountpoint
     old_a = os.stat(root / "a" / "a.gguf").st_ino
+    held = os.open(root / "a" / "a.gguf", os.O_RDONLY)      # kept open while a refresh removes it
     mount.manifest.write_text(TWO_MODELS.replace("org/a, file: a.gguf", "org/c, file: c.gguf")
                               .replace("a: {path: /models/a/a.gguf", "c: {path: /models/c/c.gguf"))
     request = urllib.request.Request(f"http://127.0.0.1:{port}/refresh", method="POST")
@@ -300,3 +302,8 @@ def test_inode_numbers_made_by_a_refresh_survive_an_upgrade(hub, mount_factory, 
     assert {path: os.stat(root / path).st_ino for path in numbers} == numbers
     assert (root / "c" / "c.gguf").read_bytes() == b"c" * 1000
     assert not (root / "a").exists()
+    try:    # the removed file, open since before the refresh, still reads (and stats) after the upgrade
+        assert os.pread(held, 1000, 0) == b"a" * 1000
+        assert os.fstat(held).st_ino == old_a
+    finally:
+        os.close(held)

@@ -169,6 +169,7 @@ class HandedOver:
     generation: int
     inodes: InodeTable
     opens: dict = field(default_factory=dict)       # Passthrough.export()
+    retired: list = field(default_factory=list)     # Operations.export_retired()
     session_text: str = ""                           # session.json as read (a refresh rewrites it)
 
 
@@ -183,7 +184,7 @@ def load_state(directory: Path) -> HandedOver:
     except (OSError, ValueError):
         opens = {}
     return HandedOver(base64.b64decode(session["init"]), session["generation"],
-                      InodeTable.load(session), opens, text)
+                      InodeTable.load(session), opens, retired=session.get("retired", []), session_text=text)
 
 
 def _write(path: Path, document: dict) -> None:
@@ -198,13 +199,15 @@ class StateWriter:
     def __init__(self, directory: Path, generation: int):
         self.directory, self.generation = directory, generation
 
-    def write_session(self, tree) -> None:
+    def write_session(self, tree, retired: list | None = None) -> None:
+        """`retired`: `Operations.export_retired()`, entries of earlier trees still open."""
         init = pyfuse3.init_request() if can_adopt() else None
         if init is None:
             return                  # a stock pyfuse3: nothing can adopt this connection
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         _write(self.directory / SESSION_FILE, {"init": base64.b64encode(init).decode(),
-                                               "generation": self.generation, **InodeTable.of(tree)})
+                                               "generation": self.generation, **InodeTable.of(tree),
+                                               "retired": retired or []})
 
     def write_opens(self, opens: dict) -> None:
         try:
@@ -273,6 +276,7 @@ class Session:
         assert self.adopt_fd is not None
         pyfuse3.adopt(operations, self.adopt_fd, self.handed.init_request, options)
         operations.adopt_opens(self.handed.opens, self.handed.generation + 1)
+        operations.adopt_retired(self.handed.retired)
         self._keep_state(operations, self.handed.generation + 1)
 
     def _keep_state(self, operations, generation: int) -> None:
@@ -291,17 +295,18 @@ class Session:
         self.handed = load_state(Path(self.state_path))
         return self.handed
 
-    def tree_changed(self, tree) -> None:
-        """After a /refresh: a successor must give the new entries the same numbers."""
-        if self.writer is not None:
-            self.writer.write_session(tree)
-
     def serving(self, fs) -> None:
         """Once the loop runs: the state written, the predecessor told (takeover)."""
+        ops = fs.ops
+
+        def tree_changed(tree) -> None:
+            """After a /refresh: a successor must give the new entries the same numbers."""
+            if self.writer is not None:
+                self.writer.write_session(tree, ops.export_retired())
+        tree_changed(fs.tree)
         if self.writer is not None:
-            self.writer.write_session(fs.tree)
-            fs.ops.opens_changed()
-        fs.on_new_tree = self.tree_changed
+            ops.opens_changed()
+        fs.on_new_tree = tree_changed
         if self.takeover is not None:
             self.takeover.serving()
 

@@ -24,7 +24,7 @@ from .logs import where
 from .metrics import STATS
 from .localsource import LocalFile, LocalHandle
 from .reader import OpenFile, Reader
-from .tree import Node, Tree
+from .tree import FileRef, Node, Tree
 
 if TYPE_CHECKING:
     from .blockcache import BlockCache
@@ -273,6 +273,17 @@ class Operations(pyfuse3.Operations):
         self.handles = HandleNumbers(generation)
         if self.passthrough is not None:
             self.passthrough.adopt(exported, self._content_of)
+
+    def export_retired(self) -> list:
+        """Entries of earlier trees (a /refresh removed or replaced them) whose files may
+        still be open: a successor keeps serving them. Hub files only."""
+        return [[node.inode, node.name, node.parent, node.model, list(node.file)]
+                for node in self._retired.values() if isinstance(node.file, FileRef)]
+
+    def adopt_retired(self, exported: list) -> None:
+        for inode, name, parent, model, ref in exported:
+            file = FileRef(*ref)
+            self._retired[inode] = Node(inode, name, parent, False, file.size, None, file, model)
 
     def _content_of(self, inode: int) -> tuple[str, int] | None:
         node = self.tree.node(inode)
