@@ -7,7 +7,7 @@ MOUNTPOINT ?= models
 # yes: pyfuse3 with FUSE passthrough (contrib/build-passthrough.sh); no: the stock pyfuse3
 PASSTHROUGH ?= yes
 
-.PHONY: install test-tools typecheck test mount demo bench bench-smoke bench-scale clean
+.PHONY: install test-tools typecheck test mount demo bench bench-smoke bench-scale bench-passthrough clean
 
 install: $(STAMP)
 
@@ -49,6 +49,12 @@ bench: install
 # the simulator 50 ms away): writes the Scale section of docs/BENCHMARKS.md. Needs root.
 bench-scale: install
 	$(PY) -m bench.scale --out docs
+
+# FUSE passthrough and the daemon's path against local copies, side by side (about 10
+# minutes): writes the Passthrough section of docs/BENCHMARKS.md. Needs root.
+bench-passthrough: install
+	./bench/install-deps.sh
+	$(PY) -m bench.passthrough --out docs
 
 # The same harness on a small file with one repeat: checks it works, measures nothing.
 bench-smoke: install test-tools

@@ -18,6 +18,8 @@ measures, for each path:
 - re-read with the page cache hot, vs a local copy, by wall time and by the reader's own
   CPU time (user + system: the copy is all CPU, and a 2-core machine shared with other
   work stretches the wall time of whichever side another process preempts);
+- 4 KiB preads at random offsets with the page cache hot, per second of the reader's CPU
+  time, vs a local copy: what passthrough adds to each read, free of the disk's noise;
 - fio 4 KiB random reads (psync), pages dropped, vs a local copy, with `--fadvise_hint=0`
   on both sides. fio's default hint, POSIX_FADV_RANDOM, turns off the kernel's read-ahead
   on a local file, but posix_fadvise on a FUSE file does not reach a passthrough open's
@@ -25,9 +27,9 @@ measures, for each path:
   row, with the pages each side left cached per 4 KiB asked).
 
 "Pages dropped" is per file (POSIX_FADV_DONTNEED on the blob file, the mounted file and
-the local copy), not the whole machine's page cache. Then cold rounds: for each path a
-fresh cache and mount, the first sequential read of the big file and the first
-llama.cpp-style load of the GGUF, fetched from the local Hub server; the ratio is
+the local copy), not the whole machine's page cache. Then cold rounds, ABBA too: per
+measurement a fresh cache and mount, the first sequential read of the big file and the
+first llama.cpp-style load of the GGUF, fetched from the local Hub server; the ratio is
 passthrough's against the daemon's path (before a blob completes, both serve alike).
 
 A daemon that has just started checks a verified file's block crcs once before it lets
@@ -40,6 +42,7 @@ Medians, ranges and `uptime` go to the "Passthrough" section of docs/BENCHMARKS.
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -144,6 +147,20 @@ def fio_iops(path, seconds, hint):
             f"--fadvise_hint={hint}"]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     return json.loads(out[out.index("{"):])["jobs"][0]["read"]["iops"]
+
+
+def preads_per_cpu_second(path, count=200_000, seed=5):
+    """4 KiB preads at random page-aligned offsets per second of this process's CPU time."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pages, draw = os.fstat(fd).st_size // 4096, random.Random(seed)
+        offsets = [draw.randrange(pages) * 4096 for _ in range(count)]
+        started = time.process_time()
+        for offset in offsets:
+            os.pread(fd, 4096, offset)
+        return count / max(time.process_time() - started, 1e-6)
+    finally:
+        os.close(fd)
 
 
 def uptime():
@@ -261,6 +278,8 @@ class Run:
              cold("big", mount.big, self.counted(f"{name} seq", lambda: self.read_with_growth(name, mount.big))),
              cold("big", mount.big, self.counted(f"{name} seq blob", lambda: probes.read_sequential(blob["big"]))))
         self.hot_reread(number, name, mount.big, local["big"])
+        pair(self.samples, f"{name} preads", number, lambda: preads_per_cpu_second(mount.big),
+             lambda: preads_per_cpu_second(local["big"]))
         for hint in (0, 1):
             pair(self.samples, f"{name} fio{hint}", number,
                  cold("big", mount.big, lambda: self.fio(name, mount.big, blob["big"], hint)),
@@ -318,19 +337,23 @@ class Run:
             self.passthrough_read_calls = passthrough.read_calls() - calls
 
     def cold_rounds(self):
-        """Fresh cache and mount per path and round: first read and first load from the Hub."""
+        """Fresh cache and mount per measurement: the first read and first load from the Hub,
+        passthrough against the daemon's path, ABBA as `pair` (the first mount of a round
+        was the slower in 8 of 9 AB rounds, whichever path it was)."""
         size = {kind: self.sources[kind].stat().st_size for kind in ("big", "gguf")}
         for number in range(self.args.cold_rounds):
-            figures = {}
-            for name, args in (PATHS if number % 2 == 0 else PATHS[::-1]):
+            order = PATHS + PATHS[::-1] if number % 2 == 0 else PATHS[::-1] + PATHS
+            figures: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in PATHS}
+            for name, args in order:
                 print(f"cold round {number + 1}: {name}", flush=True)
                 warm(self.sources["big"], self.sources["gguf"])      # the server's reads are not measured
                 with PathMount(self.work, self.hub.endpoint, f"cold-{name}", args, fresh=True) as mount:
-                    figures[name] = (probes.read_sequential(mount.big),
-                                     size["gguf"] / probes.llama_style_load_seconds(mount.gguf))
+                    figures[name].append((probes.read_sequential(mount.big),
+                                          size["gguf"] / probes.llama_style_load_seconds(mount.gguf)))
                 shutil.rmtree(self.work / f"cold-{name}" / "cache", ignore_errors=True)
             for index, key in enumerate(("cold seq", "cold load")):
-                pt, daemon = figures["passthrough"][index], figures["daemon"][index]
+                pt = statistics.mean(sample[index] for sample in figures["passthrough"])
+                daemon = statistics.mean(sample[index] for sample in figures["daemon"])
                 self.samples.add(f"{key} mount", pt)
                 self.samples.add(f"{key} reference", daemon)
                 self.samples.add(f"{key} ratio", pt / daemon)
@@ -343,6 +366,8 @@ ROWS = (("llama.cpp-style load (MAP_POPULATE), block cache hot, pages dropped", 
          "MB/s", None),
         ("page-cache-hot re-read, by wall time", "reread-wall", "a local copy", "MB/s", 0.9),
         ("page-cache-hot re-read, by the reader's CPU time", "reread-cpu", "a local copy", "MB/s", 0.9),
+        ("4 KiB random preads, page cache hot, per second of the reader's CPU time", "preads",
+         "a local copy", "reads/s", None),
         ("fio 4 KiB random reads, block cache hot, pages dropped, `--fadvise_hint=0` both sides", "fio0",
          "a local copy", "IOPS", 0.9),
         ("fio 4 KiB random reads, as above with fio's default FADV_RANDOM (it does not reach a passthrough open's blob file: PASSTHROUGH.md, Measured)",
@@ -353,7 +378,7 @@ COLD_ROWS = (("cold sequential read (fresh cache, from the local Hub server)", "
 
 
 def figure(value, unit):
-    return f"{value / 1e6:,.0f} MB/s" if unit == "MB/s" else f"{value:,.0f} IOPS"
+    return f"{value / 1e6:,.0f} MB/s" if unit == "MB/s" else f"{value:,.0f} {unit}"
 
 
 def row_line(run, what, key, against, unit, target):
@@ -429,6 +454,7 @@ def main(argv=None):
     print(section)
     print("per-pair samples:", json.dumps(run.samples.values))
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     report.write_section(out / "BENCHMARKS.md", section, BEGIN, END)
     print(f"wrote the section into {out / 'BENCHMARKS.md'}")
 
