@@ -296,7 +296,8 @@ class Session:
         return self.handed
 
     def serving(self, fs) -> None:
-        """Once the loop runs: the state written, the predecessor told (takeover)."""
+        """Once the loop runs, in a worker thread: the session state written (the open files
+        are written by the trio thread), the predecessor told (takeover)."""
         ops = fs.ops
 
         def tree_changed(tree) -> None:
@@ -304,8 +305,6 @@ class Session:
             if self.writer is not None:
                 self.writer.write_session(tree, ops.export_retired())
         tree_changed(fs.tree)
-        if self.writer is not None:
-            ops.opens_changed()
         fs.on_new_tree = tree_changed
         if self.takeover is not None:
             self.takeover.serving()

@@ -192,7 +192,10 @@ async def _serve(fs: Filesystem, passthrough: Passthrough, mountpoint: Path, on_
             nursery.start_soon(_recheck_quietly, fs)
             nursery.start_soon(_watch_hub, fs)
         await nursery.start(control.serve)
+        assert fs.ops is not None       # made by run()
+        fs.ops.opens_changed()          # in the trio thread, which changes them: writes stay in order
         await trio.to_thread.run_sync(control.session.serving, fs)     # a predecessor exits now
+        fs.ops.opens_changed()          # a first daemon's state directory exists only now
         if api_address is not None and taking_over:     # its port is free once the predecessor exits
             await nursery.start(serve_api_when_free, api, api_address)
         log.info("%s %s (%d models)", "serving" if control.session.adopts else "mounted", mountpoint,
