@@ -10,25 +10,15 @@ from pathlib import Path
 import pytest
 
 from conftest import eventually, needs_fuse
+from served_model import model, served_file  # noqa: F401 - model is a fixture
 from vfs.daemons import daemon_of
 from vfs.handover import SESSION_FILE, state_dir
 from vfs.keeper import mounted_device
 from vfs.testing.handovers import wait_for_successor
-from vfs.testing.readers import ONE_MODEL_MANIFEST, Readers, write_reference
+from vfs.testing.readers import ONE_MODEL_MANIFEST, Readers
 
 MiB = 1024 * 1024
 pytestmark = [needs_fuse, pytest.mark.fuse]
-
-
-@pytest.fixture
-def model(hub, tmp_path):
-    reference = write_reference(tmp_path / "reference.gguf", 16 * MiB)
-    hub.add_repo("readers/model", files={"model.gguf": reference})
-    return reference
-
-
-def served_file(mount):
-    return mount.mountpoint / "model" / "model.gguf"
 
 
 def upgrade(mount, timeout=120):

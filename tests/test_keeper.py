@@ -1,10 +1,12 @@
 """The keeper: `mount` as a small parent holding the FUSE connection, its serving daemon a child."""
 
 import errno
+import fcntl
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -14,22 +16,11 @@ from pathlib import Path
 import pytest
 
 from conftest import eventually, needs_fuse
+from served_model import model, served_file  # noqa: F401 - model is a fixture
 from vfs.keeper import FDSTORE_NAME, mounted_device
-from vfs.testing.readers import ONE_MODEL_MANIFEST, read_through, write_reference
-
-MiB = 1024 * 1024
+from vfs.testing.mounts import MountProcess, _read_with_deadline
+from vfs.testing.readers import ONE_MODEL_MANIFEST, Readers
 pytestmark = [needs_fuse, pytest.mark.fuse]
-
-
-@pytest.fixture
-def model(hub, tmp_path):
-    reference = write_reference(tmp_path / "reference.gguf", 16 * MiB)
-    hub.add_repo("readers/model", files={"model.gguf": reference})
-    return reference
-
-
-def served_file(mount):
-    return mount.mountpoint / "model" / "model.gguf"
 
 
 def threads_of(pid):
@@ -144,3 +135,95 @@ def test_a_mount_left_dead_by_keeper_and_daemon_is_found_and_cleared(hub, model,
     # The second stops first: the first's clean-up, a lazy unmount of the same mount point,
     # would cut the connection under the second while it answers the RELEASE of that read.
     second.stop()
+
+
+# systemd's side of a start with stored descriptors: they come from fd 3 on, LISTEN_PID names the
+# process they are for. exec keeps the pid, so the wrapper names itself and becomes the keeper.
+AS_SYSTEMD_STARTS = ("import os, sys; stored = int(sys.argv[1]); os.dup2(stored, 3); os.close(stored); "
+                     "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[2], sys.argv[2:])")
+RESTART_SECONDS = 60.0          # the whole restart, readers included; past it the connection is aborted
+
+
+def start_as_systemd_would(mount, stored_fd, log_path):
+    """A new keeper for `mount`'s mount point, started with `stored_fd` handed back at fd 3."""
+    env = dict(mount.env, LISTEN_FDS="1", LISTEN_FDNAMES=FDSTORE_NAME)
+    restarted = MountProcess(mount.manifest, mount.mountpoint, mount.cache_dir, mount.endpoint, log_path,
+                             env=env, keeper=True)
+    read_end, write_end = os.pipe()
+    # Above 3, so that neither lands where the wrapper puts the stored descriptor.
+    ready, stored = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (write_end, stored_fd))
+    os.close(write_end)
+    try:
+        argv = [sys.executable, "-c", AS_SYSTEMD_STARTS, str(stored), *restarted.command(ready)]
+        restarted.process = subprocess.Popen(argv, pass_fds=(ready, stored), env=env, stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    finally:
+        os.close(ready)
+        os.close(stored)
+    try:
+        restarted.served = _read_with_deadline(read_end, 30).startswith(b"ready")
+    finally:
+        os.close(read_end)
+    return restarted
+
+
+def expire_root_attributes(connection_fd):
+    """FUSE_NOTIFY_INVAL_INODE of the root (offset -1: its attributes only), as if an hour had passed
+    since the last stat: the next stat of the mount point asks the server, and waits for one."""
+    header, body = struct.Struct("=IiQ"), struct.Struct("=Qqq")     # fuse_out_header, fuse_notify_inval_inode_out
+    os.write(connection_fd, header.pack(header.size + body.size, 2, 0) + body.pack(1, -1, 0))
+
+
+def abort_connection(device):
+    """Fail every request of the mount `device` ("major:minor") with ENOTCONN: nothing stays in D state."""
+    try:
+        Path(f"/sys/fs/fuse/connections/{device.split(':')[1]}/abort").write_text("1")
+    except OSError:
+        pass
+
+
+def test_a_restart_of_the_whole_unit_adopts_the_stored_connection(hub, model, mount_factory, tmp_path):
+    """Keeper and daemon both killed, systemd holding the connection: the next keeper adopts it."""
+    systemd = FakeSystemd(tmp_path / "notify.sock")
+    mount = mount_factory(ONE_MODEL_MANIFEST, hub.endpoint, keeper=True, env={"NOTIFY_SOCKET": systemd.address})
+    real = os.path.realpath(mount.mountpoint)
+    device = mounted_device(real)
+    assert device is not None
+    # From here on this process must not touch the mount: with no server a stat waits. A hang
+    # is cut by the watchdog, so that the test fails instead.
+    watchdog = threading.Timer(RESTART_SECONDS, abort_connection, [device])
+    restarted = None
+    passed = False
+    try:
+        assert eventually(lambda: FDSTORE_NAME in systemd.store)
+        watchdog.start()
+        with Readers(served_file(mount), model, drop_every=0.5) as readers:
+            old_daemon = mount.daemon_pid()
+            assert old_daemon is not None
+            for pid in (mount.process.pid, old_daemon):
+                os.kill(pid, signal.SIGKILL)
+            mount.process.wait(10)
+            assert eventually(lambda: not Path(f"/proc/{old_daemon}").exists())
+            assert mounted_device(real) == device, "the stored connection keeps the mount"
+            expire_root_attributes(systemd.store[FDSTORE_NAME])
+            restarted = start_as_systemd_would(mount, systemd.store[FDSTORE_NAME], tmp_path / "restarted.log")
+            assert restarted.served, restarted.log_text() or restarted.stderr_text()
+            new_daemon = restarted.daemon_pid()
+            assert new_daemon not in (None, old_daemon)
+            assert readers.wait_for_progress(3, timeout=30)
+        assert readers.results.ok, readers.results.problems()
+        assert readers.results.errors == 0 and readers.results.wrong_bytes == 0
+        assert mounted_device(real) == device, "the same mount, not a new one"
+        assert "keeper: adopting the connection systemd kept" in restarted.log_text()
+        restarted.stop()
+        assert restarted.process.wait(10) == 0
+        assert mounted_device(real) is None
+        assert restarted.log_problems() == []
+        passed = True
+    finally:
+        watchdog.cancel()
+        if not passed:
+            abort_connection(device)
+        if restarted is not None:
+            restarted.kill()
+        systemd.close()

@@ -47,9 +47,8 @@ STOP_SECONDS = 60.0             # the old daemon's in-flight requests (a cold re
 def beside_pid_file(mountpoint, suffix: str) -> Path:
     """A file of the mount's beside its pid file, found without a stat of the mount point
     itself (that would wait on the daemon, which may be the caller, not serving yet)."""
-    parent, name = os.path.split(os.path.abspath(mountpoint))
-    real = os.path.join(os.path.realpath(parent), name)
-    return daemons.pid_file(parent).parent / (urllib.parse.quote(real, safe="") + suffix)
+    real = daemons.real_mountpoint(mountpoint)
+    return daemons.pid_file(real).parent / (urllib.parse.quote(real, safe="") + suffix)
 
 
 def socket_path(mountpoint) -> Path:

@@ -22,8 +22,31 @@ def _run_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"lamina-llm-cache-{os.getuid()}"
 
 
+SYMLINKS_FOLLOWED = 40         # as the kernel's path walk (MAXSYMLINKS)
+
+
+def real_mountpoint(mountpoint) -> str:
+    """The real path of `mountpoint`, found without a stat of the mount point itself.
+
+    os.path.realpath() lstats every component, the last one too: on a mount whose server
+    is gone, busy, or not started yet (a keeper adopting the connection systemd kept) that
+    stat is a FUSE GETATTR nobody answers, and the caller waits for ever. So the parent is
+    resolved and the base name joined to it; readlink() of the base name answers without
+    the file system below it (a mount point is never a symlink: mount(2) follows them)."""
+    path = os.path.abspath(mountpoint)
+    for _ in range(SYMLINKS_FOLLOWED):
+        parent, name = os.path.split(path)
+        path = os.path.join(os.path.realpath(parent), name)
+        try:
+            target = os.readlink(path)
+        except OSError:
+            return path             # not a symlink (EINVAL), or not there
+        path = os.path.normpath(os.path.join(os.path.dirname(path), target))
+    return path
+
+
 def pid_file(mountpoint) -> Path:
-    return _run_dir() / (urllib.parse.quote(os.path.realpath(mountpoint), safe="") + ".pid")
+    return _run_dir() / (urllib.parse.quote(real_mountpoint(mountpoint), safe="") + ".pid")
 
 
 def record(mountpoint) -> None:

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 
 import trio
 
+from .daemons import real_mountpoint
+
 DEFAULT_TIMEOUT = 2.0
 MAX_STUCK = 3
 
@@ -111,7 +113,7 @@ def probe_mount(mountpoint: str) -> Health:
 
 
 def is_lamina_mount(mountpoint: str) -> bool:
-    target = os.path.realpath(mountpoint)
+    target = real_mountpoint(mountpoint)
     with open("/proc/self/mountinfo") as table:
         for line in table:
             left, _, right = line.partition(" - ")

@@ -84,7 +84,7 @@ class Keeper:
     def __init__(self, child_argv: list[str], mountpoint: Path, notifier=None, ready_fd: int | None = None,
                  adopted: Connection | None = None):
         self.child_argv = list(child_argv)
-        self.mountpoint = os.path.realpath(mountpoint)
+        self.mountpoint = daemons.real_mountpoint(mountpoint)
         self.notifier = notifier
         self.ready_fd = ready_fd
         self.connection = adopted
@@ -427,7 +427,7 @@ def write_record(mountpoint, record: dict) -> None:
 def read_record(mountpoint) -> dict | None:
     """The keeper's record for `mountpoint`, if a keeper keeps it (or kept it and was killed)."""
     try:
-        return json.loads(_record_path(os.path.realpath(mountpoint)).read_text())
+        return json.loads(_record_path(mountpoint).read_text())
     except (OSError, ValueError):
         return None
 
@@ -450,7 +450,7 @@ def adopted_connection(mountpoint, stored: dict[str, int]) -> Connection | None:
     if not _is_fuse_device(fd):
         log.warning("keeper: descriptor %d handed back as %s is not /dev/fuse; ignored", fd, FDSTORE_NAME)
         return None
-    real = os.path.realpath(mountpoint)
+    real = daemons.real_mountpoint(mountpoint)     # no stat: nothing answers the mount before we adopt it
     record = read_record(real)
     if record is None or mounted_device(real) != record.get("device"):
         log.warning("keeper: the connection systemd kept is not the mount at %s any more; mounting afresh", real)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import yaml
 
 from .atomic import write_atomically
+from .daemons import real_mountpoint
 from .errors import ManifestError, UsageError
 from .paths import COMPONENT_MAX_BYTES, CONTROL_CHARACTER, absolute_path_problem, is_commit, repo_path_problem
 
@@ -224,7 +225,7 @@ def check_local_path(source, spec):
 def refuse_overlap(manifest, mountpoint):
     """Refuse a `local` path that contains the mountpoint or lies under it: the mount would
     serve (and, at a /refresh, scan) its own files."""
-    mounted = os.path.realpath(mountpoint)
+    mounted = real_mountpoint(mountpoint)    # a stat of a mount point being adopted would wait for ever
     for spec in manifest.models:
         if spec.local is None:
             continue

@@ -85,7 +85,7 @@ def refuse_mount_point(mountpoint: Path) -> None:
 
 def mounted_type(mountpoint: str | Path) -> str | None:
     """The filesystem type of the top mount at `mountpoint`, or None if it is not a mount point."""
-    target = os.path.realpath(mountpoint)
+    target = daemons.real_mountpoint(mountpoint)
     found = None
     for fields in _mountinfo():
         if fields[4] == target:
@@ -110,7 +110,7 @@ def unmount(mountpoint: str | Path, lazy: bool = False) -> None:
 
 def set_read_ahead(mountpoint: Path, kilobytes: int) -> bool:
     """Raise the mount's read_ahead_kb so the kernel asks for big reads; False if not allowed."""
-    target = os.path.realpath(mountpoint)
+    target = daemons.real_mountpoint(mountpoint)
     for fields in _mountinfo():
         if fields[4] == target:
             try:
