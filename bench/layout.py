@@ -35,6 +35,21 @@ from .passthrough import PathMount, wait_for_passthrough
 from .server import HubProcess
 
 COPY_CHUNK = 8 * MIB
+# probes.llama_style_load_seconds's load, timed by phase: the header freads (one open),
+# the second open, the MAP_POPULATE mmap.
+_LOAD_PHASES = """
+import mmap, os, sys, time
+started = time.perf_counter()
+with open(sys.argv[1], "rb", buffering=4096) as header:
+    for _ in range(64):
+        header.read(4096)
+headed = time.perf_counter()
+fd = os.open(sys.argv[1], os.O_RDONLY)
+opened = time.perf_counter()
+mapped = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+print(headed - started, opened - headed, time.perf_counter() - opened)
+"""
+PHASES = ("header freads", "second open", "MAP_POPULATE")
 
 
 def extents(path: Path) -> int:
@@ -51,6 +66,13 @@ def contiguous_copy(source: Path, target: Path) -> Path:
             writer.write(chunk)
         os.fsync(writer.fileno())
     return target
+
+
+def load_phases(path: Path) -> list[float]:
+    """Seconds of each of PHASES of a llama.cpp-style load of `path`, in its own process."""
+    out = subprocess.run([sys.executable, "-c", _LOAD_PHASES, str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    return [float(figure) for figure in out.split()]
 
 
 def uptime() -> str:
@@ -84,20 +106,24 @@ def main(argv=None) -> None:
                      "a contiguous copy of the blob": (copy, copy), "the local copy": (local, local)}
             for name, (path, behind) in files.items():
                 print(f"{name}: {extents(behind)} extents", flush=True)
-            seconds: dict[str, list[float]] = {name: [] for name in files}
+            phases: dict[str, list[list[float]]] = {name: [] for name in files}
             names = list(files)
             for number in range(args.rounds):
                 for name in names[number % len(names):] + names[:number % len(names)]:
                     path, behind = files[name]
                     drop_pages(path)
                     drop_pages(behind)
-                    seconds[name].append(probes.llama_style_load_seconds(path))
+                    phases[name].append(load_phases(path))
     size = local.stat().st_size
+    seconds = {name: [sum(load) for load in loads] for name, loads in phases.items()}
     for name in names:
         ratios = [seconds["the local copy"][n] / seconds[name][n] for n in range(args.rounds)]
         print(f"{name}: {size / statistics.median(seconds[name]) / 1e6:,.0f} MB/s, "
               f"{statistics.median(ratios):.3f}x the local copy (geometric mean "
               f"{statistics.geometric_mean(ratios):.3f}x, {min(ratios):.2f}-{max(ratios):.2f}x, {args.rounds} rounds)")
+    for name in names:
+        print(f"{name}, by phase (medians): " + ", ".join(
+            f"{what} {statistics.median(column) * 1e3:.2f} ms" for what, column in zip(PHASES, zip(*phases[name]))))
     print(uptime())
     copy.unlink()
     print(f"{time.monotonic() - started:.0f} s")
