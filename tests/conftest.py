@@ -88,7 +88,10 @@ def mount_factory(tmp_path):
         return mount.start() if start else mount
 
     yield make
-    for mount in mounts:
+    # Last started, first stopped: a mount that cleared a dead one at the same mount point
+    # must be gone before the dead one's clean-up (a lazy unmount of that mount point) runs,
+    # or the clean-up cuts the connection under it while it answers.
+    for mount in reversed(mounts):
         mount.stop()
     problems = [f"{mount.log_path.name}: {line}" for mount in mounts if mount.check_log
                 for line in mount.log_problems()]

@@ -62,14 +62,17 @@ def test_a_directory_inside_the_bind_mount_mounts_and_serves(workspace, hub, bin
         lazy_unmount(models)
 
 
-def test_a_second_mount_over_a_live_one_is_refused(workspace, hub):
+def test_a_second_mount_from_another_cache_over_a_live_one_is_refused(workspace, hub):
+    # The same cache takes the mount over (an upgrade: test_handover.py); another cache
+    # cannot, since the cache's lock and its blobs go with the connection.
     mountpoint = workspace / "mnt"
     first = mount_cli(workspace, hub, mountpoint, "--background")
     try:
         assert first.returncode == 0, first.stderr
-        second = mount_cli(workspace, hub, mountpoint, cache="another-cache")     # one mount per cache
-        assert second.returncode == 1
-        assert "already mounted by lamina-llm-cache; unmount it first" in second.stderr
+        second = mount_cli(workspace, hub, mountpoint, cache="another-cache")
+        assert second.returncode == 1, second.stderr
+        assert "is already mounted by lamina-llm-cache from another cache" in second.stderr
+        assert "unmount it first, or mount with --cache-dir" in second.stderr
         assert (mountpoint / "notes" / "a.txt").read_bytes() == b"alpha\n"
     finally:
         lazy_unmount(mountpoint)

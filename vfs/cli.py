@@ -191,8 +191,9 @@ def cmd_mount(args):
     manifest = load(args)
     from .manifest import refuse_overlap
     refuse_overlap(manifest, mountpoint)
-    from .control import live_daemon
+    from .control import live_daemon, refuse_another_cache
     if args.adopt_fd is None and not args.takeover and live_daemon(mountpoint):
+        refuse_another_cache(mountpoint, settings_for(args).cache_dir)
         args.takeover = True                        # a live mount of ours: take it over, as upgrade does
         args.argv.append("--takeover")
     if args.keeper and args.keeper_fd is None:     # refused manifests are told at once, not by a child

@@ -40,6 +40,9 @@ from . import daemons, errors
 
 log = logging.getLogger(__name__)
 
+HANDOVER_SUFFIX = ".handover"    # the hand-over state directory, beside the pid file
+SESSION_FILE = "session.json"
+
 ACK_SECONDS = 30.0              # a successor adopts in milliseconds; this bounds a wedged one
 STOP_SECONDS = 60.0             # the old daemon's in-flight requests (a cold read waits on the Hub)
 
@@ -127,6 +130,26 @@ class Takeover:
             with self._sock:
                 _say(self._sock, {"serving": True})
             self._sock = None
+
+
+def served_cache(mountpoint) -> str | None:
+    """The cache directory the live daemon of `mountpoint` serves from, as its hand-over
+    state says (None: no state, e.g. a stock pyfuse3)."""
+    try:
+        session = json.loads((beside_pid_file(mountpoint, HANDOVER_SUFFIX) / SESSION_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return session.get("cache")
+
+
+def refuse_another_cache(mountpoint, cache_dir: Path) -> None:
+    """A `mount` on a live mount point takes it over only to serve the same cache: the cache's
+    lock travels with the connection, and a successor on another cache would serve the
+    predecessor's inodes from blobs it does not have."""
+    theirs = served_cache(mountpoint)
+    if theirs is not None and Path(theirs) != cache_dir.resolve():
+        raise errors.LaminaError(f"{mountpoint} is already mounted by lamina-llm-cache from another cache "
+                                 f"({theirs}); unmount it first, or mount with --cache-dir {theirs} to take it over")
 
 
 def live_daemon(mountpoint) -> bool:

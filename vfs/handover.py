@@ -45,13 +45,13 @@ log = logging.getLogger(__name__)
 
 INODE_BITS = 32                 # fh = serial << 32 | inode
 SERIALS_PER_GENERATION = 1 << 20
-SESSION_FILE = "session.json"
+SESSION_FILE = control.SESSION_FILE
 OPENS_FILE = "opens.json"
 
 
 def state_dir(mountpoint) -> Path:
     """The hand-over state of the mount at `mountpoint` (beside its pid file, on tmpfs as root)."""
-    return control.beside_pid_file(mountpoint, ".handover")
+    return control.beside_pid_file(mountpoint, control.HANDOVER_SUFFIX)
 
 
 def can_adopt() -> bool:
@@ -196,8 +196,8 @@ def _write(path: Path, document: dict) -> None:
 class StateWriter:
     """Keeps the hand-over state of one serving daemon current."""
 
-    def __init__(self, directory: Path, generation: int):
-        self.directory, self.generation = directory, generation
+    def __init__(self, directory: Path, generation: int, cache: Path | None = None):
+        self.directory, self.generation, self.cache = directory, generation, cache
 
     def write_session(self, tree, retired: list | None = None) -> None:
         """`retired`: `Operations.export_retired()`, entries of earlier trees still open."""
@@ -207,7 +207,8 @@ class StateWriter:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         _write(self.directory / SESSION_FILE, {"init": base64.b64encode(init).decode(),
                                                "generation": self.generation, **InodeTable.of(tree),
-                                               "retired": retired or []})
+                                               "retired": retired or [],
+                                               "cache": str(self.cache) if self.cache else None})
 
     def write_opens(self, opens: dict) -> None:
         try:
@@ -234,6 +235,7 @@ class Session:
         self.lock_fd: int | None = None         # the cache's mount.lock, handed over with the connection
         self.handed_over = False                 # this daemon gave its connection to a successor
         self.writer: StateWriter | None = None
+        self.cache: Path | None = None           # the cache directory served (said in the state)
 
     @property
     def adopts(self) -> bool:
@@ -241,6 +243,7 @@ class Session:
 
     def claim_cache(self, directory) -> int | None:
         """The cache's mount.lock: claimed now, or (takeover) handed over with the connection."""
+        self.cache = directory.root.resolve()
         if self.takeover is not None:
             return None
         return directory.claim_for_mount()
@@ -280,7 +283,7 @@ class Session:
         self._keep_state(operations, self.handed.generation + 1)
 
     def _keep_state(self, operations, generation: int) -> None:
-        writer = self.writer = StateWriter(self.state_dir, generation)
+        writer = self.writer = StateWriter(self.state_dir, generation, self.cache)
         operations.opens_changed = lambda: writer.write_opens(operations.export_opens())
 
     def prepare(self) -> HandedOver | None:
