@@ -4,6 +4,7 @@ Single flight, buffer pressure, crc checks on load, the presence log's recovery 
 crash, verification, eviction, and the handle's contract.
 """
 
+import errno
 import os
 
 import pytest
@@ -11,6 +12,7 @@ import trio
 
 from memsource import BLOCK, MemorySource, content_id_of, make_cache, random_bytes
 from vfs import errors
+from vfs import blockcache
 from vfs.blockcache import RECORD, make_record
 
 SIZE = 5 * BLOCK + 123          # five whole blocks and a short tail
@@ -119,6 +121,35 @@ async def test_a_torn_or_garbled_record_leaves_its_block_absent(tmp_path, data, 
         log.write(make_record(2, 789)[:RECORD.size - 3])        # torn: a crash mid-append
     state = make_cache(tmp_path / "cache").peek(content_id, SIZE)
     assert state.present_blocks == 1 and state.cached_bytes == BLOCK
+
+
+async def test_a_record_the_disk_takes_only_part_of_is_trimmed_so_later_records_stay_aligned(tmp_path, monkeypatch):
+    log = tmp_path / "blob.log"
+    log.write_bytes(make_record(0, 1))
+    real_write = os.write
+    monkeypatch.setattr(blockcache.os, "write", lambda fd, data: real_write(fd, data[:5]))   # a full disk's short write
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    try:
+        with pytest.raises(OSError) as refused:
+            blockcache._append_record(fd, make_record(1, 2))
+    finally:
+        os.close(fd)
+    assert refused.value.errno == errno.ENOSPC
+    assert log.read_bytes() == make_record(0, 1)
+
+
+async def test_a_block_the_disk_refuses_to_sync_or_record_is_served_but_not_cached(tmp_path, data, nursery,
+                                                                                   monkeypatch, caplog):
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(blockcache, "_sync_block", full_disk)
+    cache = make_cache(tmp_path / "cache")
+    cache.start(nursery)
+    with cache.open(content_id_of(data), SIZE) as handle:
+        assert await handle.read(1, 0, BLOCK, MemorySource(data)) == data[BLOCK:2 * BLOCK]
+        await settle(cache)
+        assert not handle.is_present(1)
+    assert "block 1 not cached (disk full); served from memory" in caplog.text
 
 
 async def test_a_block_written_but_never_recorded_is_fetched_again(tmp_path, data, nursery):

@@ -794,7 +794,7 @@ class BlockCache:
             with guard(f"{source.describe}: storing block {index}", expected=()):
                 crc = await self._download_and_write(blob, index, source, flight)
                 if crc is not None:
-                    await self._make_durable(blob, index, crc)
+                    await self._make_durable(blob, index, crc, source.describe)
         finally:
             del self._inflight[(blob.content_id, index)]
             blob.unuse()
@@ -978,10 +978,19 @@ class BlockCache:
                     return None
         return None
 
-    async def _make_durable(self, blob: _Blob, index: int, crc: int) -> None:
-        """fdatasync the block's bytes, then record it: only then is it present."""
-        async with self._sync_limiter:
-            await trio.to_thread.run_sync(_sync_block, blob.data_fd, blob.log_fd, index, crc)
+    async def _make_durable(self, blob: _Blob, index: int, crc: int, describe: str) -> None:
+        """fdatasync the block's bytes, then record it: only then is it present.
+
+        A full disk can still refuse here (ext4 allocates delayed blocks at the sync; the
+        record needs room in the log): then the block stays unrecorded, so not cached."""
+        try:
+            async with self._sync_limiter:
+                await trio.to_thread.run_sync(_sync_block, blob.data_fd, blob.log_fd, index, crc)
+        except OSError as exc:
+            cause = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+            log.error("%s: block %d not cached (%s); served from memory", describe, index, cause,
+                      extra=where(describe, blob.block_range(index)[0]))
+            return
         self._usage = (self._usage or 0) + blob.block_range(index)[1]
         blob.read_new_records()
         blob.checked[index] = 1
@@ -1099,8 +1108,26 @@ def _opened(fd: int | None, blob: _Blob) -> int:
 
 def _sync_block(data_fd: int, log_fd: int, index: int, crc: int) -> None:
     os.fdatasync(data_fd)
-    os.write(log_fd, make_record(index, crc))
+    _append_record(log_fd, make_record(index, crc))
     os.fdatasync(log_fd)
+
+
+def _append_record(log_fd: int, record: bytes) -> None:
+    """Append one whole record, or none: a torn one would shift every later record."""
+    try:
+        written = os.write(log_fd, record)
+    except OSError:
+        _trim_torn_record(log_fd)
+        raise
+    if written != len(record):
+        _trim_torn_record(log_fd)
+        raise OSError(errno.ENOSPC, "the block log took part of a record")
+
+
+def _trim_torn_record(log_fd: int) -> None:
+    size = os.fstat(log_fd).st_size
+    if size % RECORD.size:
+        os.ftruncate(log_fd, size - size % RECORD.size)
 
 
 def _reset_log(log_fd: int) -> None:
