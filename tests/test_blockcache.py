@@ -152,6 +152,21 @@ async def test_a_block_the_disk_refuses_to_sync_or_record_is_served_but_not_cach
     assert "block 1 not cached (disk full); served from memory" in caplog.text
 
 
+async def test_a_blob_verified_on_a_disk_too_full_for_its_mark_is_still_served(tmp_path, data, nursery,
+                                                                                 monkeypatch, caplog):
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(blockcache, "write_atomically", full_disk)
+    cache = make_cache(tmp_path / "cache")
+    cache.start(nursery)
+    with cache.open(content_id_of(data), SIZE) as handle:
+        assert await read_all(handle, MemorySource(data)) == data
+        while not handle.state().verified:
+            await trio.sleep(0.01)
+    assert "verified, but not recorded (No space left on device)" in caplog.text
+    assert not make_cache(tmp_path / "cache").peek(content_id_of(data), SIZE).verified
+
+
 async def test_a_block_written_but_never_recorded_is_fetched_again(tmp_path, data, nursery):
     # A crash between the data write and the log append: the bytes are there, the proof is not.
     cache = make_cache(tmp_path / "cache")

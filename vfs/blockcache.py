@@ -1043,14 +1043,22 @@ class BlockCache:
         if blob is not None:
             blob.close_files()
 
+    async def _record_verified(self, blob: _Blob, describe: str) -> None:
+        """Write the blob's `.ok`; a disk too full for it costs only a hash in the next process."""
+        try:
+            await trio.to_thread.run_sync(write_atomically, blob.ok_path, b"")
+        except OSError as exc:
+            log.warning("%s: %s verified, but not recorded (%s); the next process hashes it again",
+                        describe or blob.content_id, blob.content_id, exc.strerror)
+
     async def _verify(self, blob: _Blob, describe: str = "") -> bool:
         """Hash the complete blob; mark it verified, or discard it on a mismatch."""
         async with self._disk_limiter:
             chunks = blockio.file_chunks(blob.data_fd, blob.direct_fd, blob.size)
             good = await trio.to_thread.run_sync(matches_content_id, blob.content_id, blob.size, chunks)
         if good:
-            await trio.to_thread.run_sync(write_atomically, blob.ok_path, b"")
             blob.verified = True
+            await self._record_verified(blob, describe)
             return True
         if self.defer_discards and not (blob.hold_fd is not None and cachedir.try_exclusive(blob.hold_fd)):
             log.error("%s: %s does not match its content id; another process has it open, so it is "
