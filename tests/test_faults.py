@@ -19,6 +19,7 @@ from faultkit import (BIG, BLOCK, MANIFEST, READ_BOUND, READ_TIMEOUT, SHORT_BOUN
                       error_lines, file_path, gets, give_up_after, is_mounted, ranges_of, report, run_cli,
                       timed_pread, weights, weights_mount)
 from vfs import errors
+from vfs.assembly import GLANCE_SECONDS
 from vfs.ops import handler, read_only
 from vfs.testing.hubsim import Fault, HubSimulator
 
@@ -99,6 +100,19 @@ def test_a_silent_hub_at_mount_time_fails_within_the_bound(hub, weights, tmp_pat
     assert status == 1
     assert cli_error(stderr) == "model 'weights': org/weights@main: Hub unreachable: TimeoutError"
     assert seconds < 3 * READ_TIMEOUT + 0.75 + SLACK + 5
+
+
+def test_list_gives_up_on_a_silent_hub_after_a_glance_not_a_mounts_retries(hub, weights, tmp_path):
+    (tmp_path / "models.yaml").write_text(MANIFEST)
+    hub.add_fault(Fault("delay", origin="api", path="/revision/", seconds=60))    # accepts, never answers
+    status, stdout, stderr, seconds = run_cli(
+        "list", "-m", tmp_path / "models.yaml", "--cache-dir", tmp_path / "cache", "--endpoint", hub.endpoint,
+        home=tmp_path)                                  # the default bounds: a mount would wait 3 x 15 s
+    print(f"list, a Hub that never answers: exit {status} after {seconds:.1f}s")
+    assert status == 0, stderr
+    assert [line.split()[:3] for line in stdout.splitlines()[1:]] == [["weights", "vllm", "-"]]
+    assert "reported as not resolved" in stderr
+    assert seconds < GLANCE_SECONDS + SLACK + 5         # the glance, plus the interpreter's start
 
 
 def test_a_listing_page_that_stalls_once_is_asked_again(hub, weights, mount_factory):

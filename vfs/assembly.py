@@ -11,7 +11,7 @@ made by mount.py when it mounts, so a cache-only command never loads it.
 import functools
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .ops import Operations
 
 log = logging.getLogger(__name__)
+GLANCE_SECONDS = 5.0         # how long list and info wait on a Hub that does not answer
 
 Snapshots = dict[str, Snapshot | LocalSnapshot | None]
 
@@ -135,7 +136,16 @@ class Catalog:
 def open_catalog(settings: Settings, manifest: Manifest, policy: HubPolicy, lock: Lock | None = None) -> Catalog:
     """The catalog a cache-only command works on under its `policy` (docs/DESIGN.md, "Assembly")."""
     directory = open_cache_dir(settings)
-    return Catalog(settings, manifest, resolve(settings, manifest, policy, lock), directory)
+    asking = glancing(settings) if policy is HubPolicy.IF_REACHABLE else settings
+    return Catalog(settings, manifest, resolve(asking, manifest, policy, lock), directory)
+
+
+def glancing(settings: Settings) -> Settings:
+    """Settings for a Hub asked only in passing (list, info): a Hub that accepts and never
+    answers costs GLANCE_SECONDS, not the retries a mount's start may spend on it."""
+    return replace(settings, connect_timeout=min(settings.connect_timeout, GLANCE_SECONDS),
+                   read_timeout=min(settings.read_timeout, GLANCE_SECONDS),
+                   read_deadline=min(settings.read_deadline, GLANCE_SECONDS))
 
 
 @dataclass
