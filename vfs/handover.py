@@ -268,7 +268,9 @@ class Session:
         assert self.handed is not None, "prepare() reads the state first"
         if self.takeover is not None:
             # Only now does the old daemon stop: everything else was built while it served.
+            asked = control.monotonic()
             self.adopt_fd, self.lock_fd, _ = self.takeover.receive()
+            log.info("hand-over: connection received %.0f ms after asking", (control.monotonic() - asked) * 1000)
             now = load_state(self.state_dir)          # its open files: exact, written as it stopped
             if now.session_text != self.handed.session_text:
                 # A /refresh since this tree was built: its new entries may have numbers this
@@ -281,6 +283,7 @@ class Session:
         operations.adopt_opens(self.handed.opens, self.handed.generation + 1)
         operations.adopt_retired(self.handed.retired)
         self._keep_state(operations, self.handed.generation + 1)
+        log.info("hand-over: connection adopted")
 
     def _keep_state(self, operations, generation: int) -> None:
         writer = self.writer = StateWriter(self.state_dir, generation, self.cache)
@@ -415,6 +418,7 @@ class ControlServer:
         if self._pending is None:
             return False
         _, _, outcome = self._pending
+        log.info("hand-over: every request read is answered")
         await outcome.wait()
         self._pending = None
         if self.session.handed_over:
@@ -430,6 +434,7 @@ class ControlServer:
         self.session.writer.write_opens(opens)
         fds = [pyfuse3.connection_fd()] + ([self.session.lock_fd] if self.session.lock_fd is not None else [])
         control._say(sock, {"ok": True, "state": str(self.session.writer.directory)}, fds)
+        log.info("hand-over: descriptors sent")
         sock.settimeout(control.ACK_SECONDS)
         try:
             return bool(control._line(sock).get("serving"))

@@ -237,6 +237,8 @@ async def _recheck_quietly(fs: Filesystem) -> None:
 
 
 async def _main_loop(cancel_scope: trio.CancelScope, control: ControlServer) -> None:
+    if control.session.adopts:
+        log.info("hand-over: reading requests")
     await pyfuse3.main()
     while await control.after_main():       # a takeover that failed: serve on
         await pyfuse3.main()

@@ -12,6 +12,12 @@ progress, then SIGKILLs the serving child (the keeper starts a successor on the 
 connection) or asks for an upgrade (SIGUSR1 to the keeper), and waits until a new child
 serves. It exits 0 when the readers saw 0 errors and 0 wrong bytes, the longest stall
 is within --max-stall, and no child of an earlier generation is left running.
+
+After the summary it lists every reader stall of 100 ms or more against the moments of the
+nearest upgrade, read from the log (milliseconds from the old daemon's stop: the
+successor started, the descriptors sent and received, the connection adopted, the
+successor reading requests and saying it serves, the old daemon's requests answered and
+its exit), which says where a long stall's time went.
 """
 
 import argparse
@@ -60,6 +66,39 @@ class Report:
                 out.append(_stamp(line) - stopped)
                 stopped = None
         return out
+
+    def phases(self) -> list[dict[str, float]]:
+        """Each upgrade's moments (time of day, seconds) from the log lines of the keeper,
+        the old daemon and its successor, in the order they come."""
+        out: list[dict[str, float]] = []
+        for line in self.log.splitlines():
+            for marker, name in PHASE_LINES:
+                if marker in line:
+                    if name == "started" or not out:
+                        out.append({})
+                    out[-1].setdefault(name, _stamp(line))
+        return [round_ for round_ in out if "stopped" in round_]
+
+    def stall_account(self, at_least: float = 0.1) -> list[str]:
+        """Every reader stall of `at_least` seconds, placed against the nearest upgrade's
+        moments (milliseconds from the old daemon's stop): where the time went."""
+        if self.results is None:
+            return []
+        rounds = self.phases()
+        lines = []
+        for reader in self.results.readers:
+            for wall, seconds in reader.stalls:
+                if seconds < at_least:
+                    continue
+                start = _time_of_day(wall)
+                near = min(rounds, key=lambda r: abs(r["stopped"] - start), default=None)
+                if near is None or abs(near["stopped"] - start) > 5:
+                    lines.append(f"{reader.kind} {seconds * 1000:.0f} ms at {_clock(start)}, no upgrade near")
+                    continue
+                moments = " ".join(f"{name} {(t - near['stopped']) * 1000:+.0f}" for name, t in near.items())
+                lines.append(f"{reader.kind} {seconds * 1000:.0f} ms at {_clock(start)}: from {(start - near['stopped']) * 1000:+.0f} "
+                             f"to {(start + seconds - near['stopped']) * 1000:+.0f} ms; {moments}")
+        return lines
 
     def ok(self, max_stall: float) -> bool:
         return (self.failure is None and self.results is not None and self.results.ok
@@ -172,6 +211,29 @@ def soak(kinds: list[str], size: int, mount_args=(), drop_every: float = 2.0, wo
     return report
 
 
+# Log lines that mark an upgrade's moments (keeper, old daemon, successor), in their order.
+PHASE_LINES = (
+    ("keeper: upgrade: starting a successor", "started"),
+    ("hand-over: pid", "stopped"),                          # the old daemon reads no more requests
+    ("hand-over: descriptors sent", "sent"),
+    ("hand-over: connection received", "received"),
+    ("hand-over: connection adopted", "adopted"),
+    ("hand-over: reading requests", "reading"),
+    ("hand-over: every request read is answered", "answered"),   # by the old daemon
+    ("vfs.mount: serving", "serving"),
+    ("keeper: upgrade: pid", "old exited"),
+)
+
+
+def _time_of_day(wall: float) -> float:
+    local = time.localtime(wall)
+    return local.tm_hour * 3600 + local.tm_min * 60 + local.tm_sec + wall % 1
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 3600):02d}:{int(seconds % 3600 // 60):02d}:{seconds % 60:06.3f}"
+
+
 def _stamp(line: str) -> float:
     """Seconds of a log line's time of day (logs.py: `YYYY-MM-DD HH:MM:SS,mmm ...`)."""
     clock = line.split()[1]
@@ -214,6 +276,8 @@ def main(argv=None) -> int:
     report = soak(kinds, args.size, ["--no-passthrough"] if args.no_passthrough else [], work=args.work,
                   idle=args.baseline)
     print(report.summary())
+    for line in report.stall_account():
+        print("  stall:", line)
     if args.log:
         args.log.write_text(report.log)
     if args.json:

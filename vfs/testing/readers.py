@@ -50,6 +50,8 @@ PAGE = mmap.PAGESIZE
 FRESH_OPEN_EVERY = 16
 PROGRESS_SECONDS = 0.25
 STOP_SECONDS = 20.0
+NOTED_STALL = 0.05              # operations at least this long are listed (when, how long)
+NOTED_STALLS_KEPT = 500
 KINDS = ("pread", "mmap", "stat")
 
 
@@ -68,6 +70,7 @@ class Tally:
         self.errors: dict[str, int] = {}
         self.longest_stall = 0.0
         self.longest_stall_at: float | None = None     # wall-clock time the longest operation started
+        self.stalls: list[tuple[float, float]] = []     # (wall-clock start, seconds) of each >= NOTED_STALL
         self.first_problem: str | None = None
 
     def timed(self, operation):
@@ -84,6 +87,8 @@ class Tally:
             self.ops += 1
             if took > self.longest_stall:
                 self.longest_stall, self.longest_stall_at = took, wall
+            if took >= NOTED_STALL and len(self.stalls) < NOTED_STALLS_KEPT:
+                self.stalls.append((wall, took))
 
     def error(self, kind: str, detail: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -106,7 +111,7 @@ class Tally:
         return {"kind": self.kind, "ops": self.ops, "bytes_checked": self.bytes_checked,
                 "wrong_bytes": self.wrong_bytes, "errors": self.errors,
                 "longest_stall": self.longest_stall, "longest_stall_at": self.longest_stall_at,
-                "first_problem": self.first_problem}
+                "stalls": self.stalls, "first_problem": self.first_problem}
 
 
 def _asked_to_stop() -> bool:
@@ -241,6 +246,7 @@ class ReaderResult:
     errors: dict = field(default_factory=dict)
     longest_stall: float = 0.0
     longest_stall_at: float | None = None
+    stalls: list = field(default_factory=list)     # [wall-clock start, seconds] of each stall >= NOTED_STALL
     first_problem: str | None = None
     died: str | None = None         # "SIGBUS", "exit 1", "hung": the reader did not finish cleanly
 
