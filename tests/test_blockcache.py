@@ -324,3 +324,40 @@ async def test_a_handle_owns_one_share_of_the_open_count_and_its_releases(tmp_pa
     assert not first.in_use
     first.on_close(lambda: released.append("late"))
     assert released == ["backing id", "late"]   # a closed handle releases at once
+
+
+async def test_a_successor_takes_the_crc_checks_only_of_blocks_unchanged_since(tmp_path, data, nursery):
+    """A daemon that takes a live mount over counts its predecessor's crc checks as its own
+    (BlockCache.adopt_checked), but only for a block still recorded with the crc it was
+    checked against, in the same data file."""
+    first = make_cache(tmp_path / "cache")
+    first.start(nursery)
+    content_id = content_id_of(data)
+    with first.open(content_id, SIZE) as handle:
+        await read_all(handle, MemorySource(data))
+        await settle(first)
+        assert await handle.verify()
+        assert handle.verified_data_fd() is not None        # every block checked in `first`
+    exported = first.export_checked()
+
+    def successor():
+        cache = make_cache(tmp_path / "cache")
+        cache.start(nursery)
+        cache.adopt_checked(exported)
+        return cache
+
+    with successor().open(content_id, SIZE) as handle:
+        assert handle.verified_data_fd() is not None        # served without a check of its blocks
+    with make_cache(tmp_path / "cache").open(content_id, SIZE) as handle:
+        assert handle.needs_check()                         # without them: checked again
+    with open(log_path(first, content_id), "ab") as log:
+        log.write(make_record(1, 12345))                    # block 1 recorded again, another crc
+    with successor().open(content_id, SIZE) as handle:
+        assert handle.needs_check()
+        assert handle._blob.checked[0] and not handle._blob.checked[1]
+    data_file = first.directory.blob_base(content_id).with_suffix(".data")
+    copy = data_file.read_bytes()
+    data_file.unlink()
+    data_file.write_bytes(copy)                             # another file: nothing is taken
+    with successor().open(content_id, SIZE) as handle:
+        assert not any(handle._blob.checked)

@@ -1,8 +1,10 @@
 """Hand-over through real mounts: a successor serves the live connection; readers see a stall, not an error."""
 
+import ctypes
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +188,37 @@ def wait_until_passed_through(path):
     """Read once so the blob is complete, then wait until opens pass through (after its crc check)."""
     path.read_bytes()
     assert eventually(lambda: passthrough_of(path) == "yes (on open)", timeout=30), passthrough_of(path)
+
+
+def fresh_mtime_ns(path):
+    """The file's mtime as the daemon says it now: statx with AT_STATX_FORCE_SYNC makes the
+    kernel ask (os.stat would answer from the attributes it cached, for an hour here)."""
+    buf = ctypes.create_string_buffer(256)
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, force_sync, statx_mtime = -100, 0x2000, 0x40
+    if libc.statx(at_fdcwd, os.fsencode(path), force_sync, statx_mtime, buf) != 0:
+        raise OSError(ctypes.get_errno(), "statx")
+    seconds, nanoseconds = struct.unpack_from("qI", buf, 112)      # struct statx: stx_mtime
+    return seconds * 1_000_000_000 + nanoseconds
+
+
+def test_an_upgrade_keeps_file_times_and_the_crc_checks_done(hub, model, mount_factory):
+    """The successor shows the times its predecessor showed (a new mtime makes the kernel drop
+    every page it cached of the file), and takes over the old daemon's block crc checks: a
+    file whose opens passed through before passes through at once, without a check of its
+    blocks first."""
+    mount = mount_factory(ONE_MODEL_MANIFEST, hub.endpoint, keeper=True)
+    path = served_file(mount)
+    wait_until_passed_through(path)
+    before = fresh_mtime_ns(path)
+    old = mount.daemon_pid()
+    assert upgrade(mount).returncode == 0
+    new_daemon(mount, old)
+    assert fresh_mtime_ns(path) == before
+    assert passthrough_of(path) == "yes (on open)"
+    with open(path, "rb") as opened:
+        assert passthrough_of(path) == "yes"
+        check_bytes(opened.fileno(), model)
 
 
 @pytest.mark.parametrize("how", ["upgrade", "sigkill"])

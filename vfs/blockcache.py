@@ -24,7 +24,8 @@ Durability rules:
 - A record carries the block's crc32 and its own crc32; a torn or garbled record is
   ignored (its block is fetched again). Later records for a block win over earlier ones.
 - A block read from disk for the first time in this process is checked against its crc
-  before it is served; a mismatch drops it and fetches it again.
+  before it is served; a mismatch drops it and fetches it again. (A daemon that took a
+  live mount over takes its predecessor's checks: `adopt_checked`.)
 - When every block is present the blob is hashed against its content id (sha256 for LFS
   files, git blob sha1 for small ones); only then is `.ok` written. A mismatch discards
   the blob's presence and says so in the log. Blobs of one block are hashed before a
@@ -532,6 +533,9 @@ class BlockCache:
         # A command beside a mount (pull, verify) never truncates a blob another process
         # holds; a mount discards bad bytes itself, since it is the one serving them.
         self.defer_discards = False
+        # Blocks a predecessor daemon on the same connection checked (`adopt_checked`),
+        # applied when the blob is first opened here.
+        self._handed_checks: dict[str, tuple[int, dict[int, int]]] = {}
 
     def start(self, nursery: trio.Nursery) -> None:
         """Background fetches and verifications run in `nursery` (one per mount)."""
@@ -559,7 +563,44 @@ class BlockCache:
             blob = _Blob(self.directory.blob_base(content_id), content_id, size, self.block_size)
             blob.open_files()
             self._blobs[content_id] = blob
+            self._apply_handed_checks(blob)
         return BlobHandle(self, blob)
+
+    def export_checked(self) -> dict[str, list]:
+        """The blocks whose crc this process checked, by blob: [data file inode, [[index,
+        crc], ...]], for a successor daemon on the same connection (`adopt_checked`)."""
+        out: dict[str, list] = {}
+        for content_id, blob in self._blobs.items():
+            if blob._data_fd is None or not any(blob.checked):
+                continue
+            checked = [[index, blob.crcs[index]] for index in range(blob.blocks)
+                       if blob.checked[index] and blob.present[index]]
+            out[content_id] = [os.fstat(blob._data_fd).st_ino, checked]
+        return out
+
+    def adopt_checked(self, exported: dict[str, list]) -> None:
+        """Take a predecessor's checks as this process's own (`export_checked`).
+
+        The crc check on a block's first read in a process guards against bytes that
+        changed on disk since they were written. A predecessor that held this cache's
+        mount.lock until the hand-over checked these moments ago; a block counts as
+        checked here only if it is still present with the same crc, in the same data
+        file (its inode), so anything written or replaced since is checked again."""
+        for content_id, (inode, checked) in exported.items():
+            self._handed_checks[content_id] = (inode, {index: crc for index, crc in checked})
+        for blob in self._blobs.values():
+            self._apply_handed_checks(blob)
+
+    def _apply_handed_checks(self, blob: _Blob) -> None:
+        handed = self._handed_checks.pop(blob.content_id, None)
+        if handed is None or blob._data_fd is None:
+            return
+        inode, checked = handed
+        if os.fstat(blob._data_fd).st_ino != inode:
+            return                      # replaced since (evicted and fetched again): check it here
+        for index, crc in checked.items():
+            if index < blob.blocks and blob.present[index] and blob.crcs[index] == crc:
+                blob.checked[index] = 1
 
     def peek_many(self, blobs: list[tuple[str, int]]) -> list[BlobState]:
         """`peek` of many (content id, size) pairs, for reports on repos of many files.

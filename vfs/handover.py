@@ -8,13 +8,16 @@ state, a directory beside the pid file that the serving daemon keeps current:
 - `session.json`: the connection's INIT request verbatim (the kernel sends it once per
   connection; the successor replays it to its libfuse session with `pyfuse3.adopt`), the
   inode table (path, inode, content of every entry, so the successor's tree gives each
-  the same number, after a /refresh too), and the generation of handle numbers.
+  the same number, after a /refresh too), the generation of handle numbers, and the
+  times every entry shows (a new mtime would make the kernel drop the files' cached pages).
   Written when the daemon serves and after each /refresh.
 - `opens.json`: the open files the kernel knows of, by passthrough mode and backing id
   (passthrough backing ids belong to the connection: a successor reuses them, since the
   kernel refuses a second backing file, or a daemon-served open, for an inode that has
   passthrough opens). Written before each open or release is answered, so that it is
   current even when the daemon is SIGKILLed.
+- `checked.json`, for a takeover only: the blocks whose crc the old daemon checked
+  (BlockCache.export_checked), so the successor does not check them again.
 
 File handles encode their inode (`handle_number`): the successor serves a read of a
 handle it never issued by opening that inode again (`Operations` does it on first use),
@@ -47,6 +50,7 @@ INODE_BITS = 32                 # fh = serial << 32 | inode
 SERIALS_PER_GENERATION = 1 << 20
 SESSION_FILE = control.SESSION_FILE
 OPENS_FILE = "opens.json"
+CHECKED_FILE = "checked.json"   # a takeover's: the blocks whose crc the old daemon checked
 
 
 def state_dir(mountpoint) -> Path:
@@ -171,6 +175,7 @@ class HandedOver:
     opens: dict = field(default_factory=dict)       # Passthrough.export()
     retired: list = field(default_factory=list)     # Operations.export_retired()
     session_text: str = ""                           # session.json as read (a refresh rewrites it)
+    mtime_ns: int | None = None                      # the times every entry shows (Operations.mtime_ns)
 
 
 def load_state(directory: Path) -> HandedOver:
@@ -184,7 +189,20 @@ def load_state(directory: Path) -> HandedOver:
     except (OSError, ValueError):
         opens = {}
     return HandedOver(base64.b64decode(session["init"]), session["generation"],
-                      InodeTable.load(session), opens, retired=session.get("retired", []), session_text=text)
+                      InodeTable.load(session), opens, retired=session.get("retired", []), session_text=text,
+                      mtime_ns=session.get("mtime_ns"))
+
+
+def take_checked(directory: Path) -> dict:
+    """The old daemon's checked blocks (BlockCache.export_checked), read once: they are
+    written for the one takeover under way, and no other successor may take them."""
+    path = directory / CHECKED_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _write(path: Path, document: dict) -> None:
@@ -199,15 +217,17 @@ class StateWriter:
     def __init__(self, directory: Path, generation: int, cache: Path | None = None):
         self.directory, self.generation, self.cache = directory, generation, cache
 
-    def write_session(self, tree, retired: list | None = None) -> None:
-        """`retired`: `Operations.export_retired()`, entries of earlier trees still open."""
+    def write_session(self, tree, retired: list | None = None, mtime_ns: int | None = None) -> None:
+        """`retired`: `Operations.export_retired()`, entries of earlier trees still open;
+        `mtime_ns`: the times every entry shows (a successor shows the same: the kernel drops a
+        file's cached pages when its mtime changes)."""
         init = pyfuse3.init_request() if can_adopt() else None
         if init is None:
             return                  # a stock pyfuse3: nothing can adopt this connection
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         _write(self.directory / SESSION_FILE, {"init": base64.b64encode(init).decode(),
                                                "generation": self.generation, **InodeTable.of(tree),
-                                               "retired": retired or [],
+                                               "retired": retired or [], "mtime_ns": mtime_ns,
                                                "cache": str(self.cache) if self.cache else None})
 
     def write_opens(self, opens: dict) -> None:
@@ -215,6 +235,9 @@ class StateWriter:
             _write(self.directory / OPENS_FILE, opens)
         except FileNotFoundError:
             pass                    # no session written (a stock pyfuse3): nothing adopts anyway
+
+    def write_checked(self, checked: dict) -> None:
+        _write(self.directory / CHECKED_FILE, checked)
 
 
 # ---------------------------------------------------------------------------
@@ -278,7 +301,10 @@ class Session:
                 raise errors.LaminaError("the mount was refreshed during the takeover; the old daemon "
                                          "serves on (upgrade again)")
             self.handed.opens = now.opens
+            operations.cache.adopt_checked(take_checked(self.state_dir))
         assert self.adopt_fd is not None
+        if self.handed.mtime_ns is not None:
+            operations.mtime_ns = self.handed.mtime_ns
         pyfuse3.adopt(operations, self.adopt_fd, self.handed.init_request, options)
         operations.adopt_opens(self.handed.opens, self.handed.generation + 1)
         operations.adopt_retired(self.handed.retired)
@@ -309,7 +335,7 @@ class Session:
         def tree_changed(tree) -> None:
             """After a /refresh: a successor must give the new entries the same numbers."""
             if self.writer is not None:
-                self.writer.write_session(tree, ops.export_retired())
+                self.writer.write_session(tree, ops.export_retired(), ops.mtime_ns)
         tree_changed(fs.tree)
         fs.on_new_tree = tree_changed
         if self.takeover is not None:
@@ -398,7 +424,8 @@ class ControlServer:
         pyfuse3.terminate()         # no request is read after this (the patched loop checks)
         try:
             await self.fs.ops.settled()
-            handed = await trio.to_thread.run_sync(self._hand_over, sock)
+            checked = self.fs.cache.export_checked()        # trio thread: the cache's state lives here
+            handed = await trio.to_thread.run_sync(self._hand_over, sock, checked)
             why = "it did not say it serves"
         except OSError as exc:
             handed, why = False, exc.strerror or str(exc)
@@ -427,11 +454,12 @@ class ControlServer:
         pyfuse3.resume()
         return True
 
-    def _hand_over(self, sock: socket.socket) -> bool:
+    def _hand_over(self, sock: socket.socket, checked: dict) -> bool:
         """In a worker thread: the state written, the descriptors sent, the successor's word."""
         opens = self.fs.ops.export_opens()
         assert self.session.writer is not None
         self.session.writer.write_opens(opens)
+        self.session.writer.write_checked(checked)
         fds = [pyfuse3.connection_fd()] + ([self.session.lock_fd] if self.session.lock_fd is not None else [])
         control._say(sock, {"ok": True, "state": str(self.session.writer.directory)}, fds)
         log.info("hand-over: descriptors sent")

@@ -188,9 +188,7 @@ async def _serve(fs: Filesystem, passthrough: Passthrough, mountpoint: Path, on_
         await trio.to_thread.run_sync(passthrough.write_status)
         api.serving = True
         if not fs.settings.offline and any(spec.hf for spec in fs.manifest.models):
-            nursery.start_soon(_connect_to_hub, fs.fetcher)
-            nursery.start_soon(_recheck_quietly, fs)
-            nursery.start_soon(_watch_hub, fs)
+            nursery.start_soon(_hub_work, fs, HUB_WORK_AFTER_HANDOVER if control.session.adopts else 0.0)
         await nursery.start(control.serve)
         assert fs.ops is not None       # made by run()
         fs.ops.opens_changed()          # in the trio thread, which changes them: writes stay in order
@@ -204,6 +202,20 @@ async def _serve(fs: Filesystem, passthrough: Passthrough, mountpoint: Path, on_
         on_ready()
         notifier.ready(status_of(fs.reports()))
         nursery.start_soon(keep_informed, notifier, fs.reports, api.probe)
+
+
+# A successor's first moments belong to the requests its predecessor left waiting: its
+# Hub work (a connection, a probe, the branches' re-check: threads that take the GIL from
+# the trio thread) starts this much later. The predecessor did the same work at its start.
+HUB_WORK_AFTER_HANDOVER = 2.0
+
+
+async def _hub_work(fs: Filesystem, after: float) -> None:
+    await trio.sleep(after)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_connect_to_hub, fs.fetcher)
+        nursery.start_soon(_recheck_quietly, fs)
+        nursery.start_soon(_watch_hub, fs)
 
 
 async def _connect_to_hub(fetcher: RangeFetcher) -> None:

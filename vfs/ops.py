@@ -102,7 +102,7 @@ class Operations(pyfuse3.Operations):
         self.handles = HandleNumbers()      # each encodes its inode: a successor can serve it (handover.py)
         self.opens_changed: Callable[[], None] = lambda: None   # before an open or release is answered
         self._changing_opens = 0        # opens and releases being handled (a hand-over waits for them)
-        self._mtime_ns = time.time_ns()
+        self.mtime_ns = time.time_ns()      # every entry's times; a successor keeps its predecessor's
         self._uid, self._gid = os.getuid(), os.getgid()
         self._retired: dict[int, Node] = {}     # nodes of earlier trees: open files may still stat them
 
@@ -142,7 +142,7 @@ class Operations(pyfuse3.Operations):
         attrs.st_blksize = 1024 * 1024
         attrs.st_blocks = -(-node.size // 512)
         attrs.st_uid, attrs.st_gid = self._uid, self._gid
-        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._mtime_ns
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self.mtime_ns
         attrs.attr_timeout = attrs.entry_timeout = ATTR_TIMEOUT
         return attrs
 
