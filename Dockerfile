@@ -10,24 +10,37 @@
 ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
-# A C compiler and libfuse3's headers build pyfuse3 when no wheel fits; they stay in this
-# stage. Python.h comes with the official python images; Debian's python3 needs python3-dev.
+# A C compiler builds libfuse 3.17 and pyfuse3 (contrib/build-passthrough.sh); dpkg-dev and
+# patch unpack and patch their sources. All of it stays in this stage. Python.h comes with
+# the official python images; Debian's python3 needs python3-dev.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-        gcc=4:12.2.0-3 libc6-dev=2.36-9+deb12u14 pkg-config=1.8.1-1 libfuse3-dev=3.14.0-4 \
+        gcc=4:12.2.0-3 libc6-dev=2.36-9+deb12u14 pkg-config=1.8.1-1 dpkg-dev=1.21.23 patch=2.7.6-7+deb12u1 \
  && if ! python3 -c 'import os, sysconfig; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")'; then \
         apt-get install -y --no-install-recommends python3-dev=3.11.2-1+b1; fi \
  && apt-get clean && rm -rf /var/lib/apt/lists/*
-# Two venvs: one to build the wheel with, one (without pip) that becomes the image's.
+# Two venvs: one to build the wheel with, and the image's own, whose pip is removed below.
 RUN python3 -m venv /opt/build-venv \
- && python3 -m venv --without-pip /opt/lamina-llm-cache
+ && python3 -m venv /opt/lamina-llm-cache
 # pip settings for an offline or mirrored build (PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX)
 # are build arguments of this stage only: nothing of them reaches the final image.
 ARG PIP_INDEX_URL
 ARG PIP_FIND_LINKS
 ARG PIP_NO_INDEX
 COPY contrib/docker/requirements.txt contrib/docker/build-requirements.txt /tmp/
-RUN /opt/build-venv/bin/pip install --no-cache-dir -r /tmp/build-requirements.txt \
+# The pinned dependencies but pyfuse3, which comes next.
+RUN /opt/build-venv/bin/pip install --no-cache-dir -c /tmp/build-requirements.txt setuptools \
+ && grep -iv '^pyfuse3==' /tmp/requirements.txt > /tmp/without-pyfuse3.txt \
+ && /opt/build-venv/bin/pip --python /opt/lamina-llm-cache/bin/python install --no-cache-dir --no-deps \
+        -r /tmp/without-pyfuse3.txt
+# pyfuse3 with FUSE passthrough and the hand-over (the keeper's restarts, `upgrade`), on
+# libfuse 3.17 built from Debian trixie's source into the venv, as `make install` builds
+# it: contrib/build-passthrough.sh. Every Python package it fetches (meson, ninja,
+# pyfuse3's build requirements) is held to build-requirements.txt by PIP_CONSTRAINT. Then
+# requirements.txt once more: its pyfuse3 pin must be the version just built (else pip
+# would replace it, and the check below fails the build).
+COPY contrib/build-passthrough.sh contrib/pyfuse3-passthrough.patch contrib/pyfuse3-handover.patch /src/contrib/
+RUN PIP_CONSTRAINT=/tmp/build-requirements.txt /src/contrib/build-passthrough.sh /opt/lamina-llm-cache \
  && /opt/build-venv/bin/pip --python /opt/lamina-llm-cache/bin/python install --no-cache-dir --no-deps \
         -r /tmp/requirements.txt
 COPY pyproject.toml README.md LICENSE /src/
@@ -36,13 +49,16 @@ COPY vfs /src/vfs
 RUN /opt/build-venv/bin/pip wheel --no-cache-dir --no-deps --no-build-isolation -w /tmp/dist /src \
  && /opt/build-venv/bin/pip --python /opt/lamina-llm-cache/bin/python install --no-cache-dir --no-deps \
         /tmp/dist/lamina_llm_cache-*.whl \
- && /opt/build-venv/bin/pip --python /opt/lamina-llm-cache/bin/python check
+ && /opt/build-venv/bin/pip --python /opt/lamina-llm-cache/bin/python check \
+ && /opt/lamina-llm-cache/bin/python -c 'import pyfuse3; pyfuse3.backing_open; pyfuse3.adopt' \
+ && /opt/lamina-llm-cache/bin/python -m pip uninstall --yes --quiet pip setuptools
 
 FROM ${BASE_IMAGE}
-# fusermount3 (unmounting, clearing a dead mount), libfuse3, and CAs for the Hub's TLS.
+# fusermount3 (unmounting, clearing a dead mount) and CAs for the Hub's TLS. pyfuse3 loads
+# the venv's own libfuse 3.17 (an rpath to /opt/lamina-llm-cache/libfuse/lib), not Debian's.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-        fuse3=3.14.0-4 libfuse3-3=3.14.0-4 ca-certificates=20250419~deb12u2 \
+        fuse3=3.14.0-4 ca-certificates=20250419~deb12u2 \
  && apt-get clean && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/lamina-llm-cache /opt/lamina-llm-cache
 COPY contrib/docker/entrypoint.sh /usr/local/bin/lamina-llm-cache-entrypoint

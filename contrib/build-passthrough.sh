@@ -94,7 +94,8 @@ build_pyfuse3_wheel() {
     out="$CACHE/wheels/$key"
     wheel=$(ls "$out"/pyfuse3-*.whl 2>/dev/null | head -1 || true)
     if [ -n "$wheel" ]; then echo "$wheel"; return; fi
-    quiet "$PY" -m pip download --no-deps --no-binary :all: "pyfuse3==$PYFUSE3_VERSION" -d "$BUILD"
+    # pyfuse3 from source, its build requirements as wheels (--no-binary :all: would build Cython too).
+    quiet "$PY" -m pip download --no-deps --no-binary pyfuse3 "pyfuse3==$PYFUSE3_VERSION" -d "$BUILD"
     tar -C "$BUILD" -xzf "$BUILD/pyfuse3-$PYFUSE3_VERSION.tar.gz"
     for patch in $PATCHES; do
         patch -d "$BUILD/pyfuse3-$PYFUSE3_VERSION" -p1 --quiet < "$patch"

@@ -159,17 +159,27 @@ def debootstrap_tarball(tarball: Path):
 
 
 def build_image(engine: Engine, tag: str = IMAGE):
-    """docker build of the project's Dockerfile on BASE_IMAGE, pip reading host-built wheels."""
+    """docker build of the project's Dockerfile on BASE_IMAGE, pip reading host-built wheels
+    and pyfuse3's source, which the image patches and builds itself."""
     wheels = BUILD / "wheels"
     requirements = REPO / "contrib" / "docker"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(wheels),
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run([*pip, "wheel", "--quiet", "-w", str(wheels),
                     "-r", str(requirements / "requirements.txt"),
                     "-r", str(requirements / "build-requirements.txt")],
                    check=True, capture_output=True, timeout=600)
+    subprocess.run([*pip, "download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d", str(wheels),
+                    pinned_pyfuse3()], check=True, capture_output=True, timeout=600)
     with serve_directory(wheels) as url:
         engine.docker("build", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
                       "--build-arg", "PIP_NO_INDEX=1", "--build-arg", f"PIP_FIND_LINKS={url}",
                       "-t", tag, str(REPO), timeout=1200)
+
+
+def pinned_pyfuse3() -> str:
+    """pyfuse3's line of contrib/docker/requirements.txt ("pyfuse3==X")."""
+    lines = (REPO / "contrib" / "docker" / "requirements.txt").read_text().splitlines()
+    return next(line.strip() for line in lines if line.lower().startswith("pyfuse3=="))
 
 
 @contextlib.contextmanager
