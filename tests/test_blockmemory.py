@@ -1,4 +1,4 @@
-"""The block buffers: bounded, least recently used recycled first, never one still in use."""
+"""The block buffers: bounded, blocks already read recycled before blocks fetched ahead, never one still in use."""
 
 import ctypes
 
@@ -31,15 +31,79 @@ async def test_a_block_taken_but_not_filled_is_not_served():
     assert memory.holds(("a", 0))
 
 
-async def test_the_least_recently_used_block_is_recycled_first():
+async def test_the_least_recently_read_block_is_recycled_first():
     memory = BlockMemory(BLOCK, 3)
     for index in range(3):
         await filled(memory, ("a", index), index)
-    assert bytes(memory.get(("a", 0)).bytes_of(0, 4)) == b"\0\0\0\0"     # 0 is now the most recent
+    for index in (1, 2, 0):
+        memory.serve(("a", index))
+    assert bytes(memory.serve(("a", 0)).bytes_of(0, 4)) == b"\0\0\0\0"     # 0 is now the most recent
     await filled(memory, ("a", 3), 3)
-    assert memory.get(("a", 1)) is None                                  # 1 was the oldest
+    assert memory.get(("a", 1)) is None                                  # 1 was read longest ago
     assert memory.get(("a", 0)) is not None and memory.get(("a", 2)) is not None
     assert bytes(memory.get(("a", 3)).bytes_of(BLOCK - 2, 2)) == b"\3\3"
+
+
+async def test_blocks_a_reader_has_passed_go_before_blocks_fetched_ahead():
+    # A stream: blocks 1 and 2 fetched ahead while the reader was in block 0, then block
+    # 0 read to its end. Block 0 was filled first and read last; it is still what goes.
+    memory = BlockMemory(BLOCK, 3)
+    for index in range(3):
+        await filled(memory, ("a", index), index)
+    memory.serve(("a", 0))
+    await filled(memory, ("a", 3), 3)                   # the window moves on
+    assert memory.get(("a", 0)) is None
+    assert memory.is_ready(("a", 1)) and memory.is_ready(("a", 2))
+    assert memory.recycled_unread == 0
+
+
+async def test_a_warm_up_touch_or_a_check_leaves_a_block_unread():
+    memory = BlockMemory(BLOCK, 2)
+    await filled(memory, ("a", 0), 0)
+    await filled(memory, ("a", 1), 1)
+    memory.serve(("a", 1))
+    memory.get(("a", 0))                    # a touch that serves no reader
+    assert memory.is_ready(("a", 0))
+    await filled(memory, ("a", 2), 2)
+    assert memory.is_ready(("a", 0)) and not memory.is_ready(("a", 1))
+
+
+async def test_blocks_fetched_ahead_are_recycled_oldest_first_when_nothing_else_is_free():
+    # Every buffer holds a block no reader has reached (four streams on eight buffers):
+    # one of them must go, and the oldest goes, so a stream abandoned half-way does not
+    # keep its blocks for ever.
+    memory = BlockMemory(BLOCK, 3)
+    for index in range(3):
+        await filled(memory, ("a", index), index)
+    await filled(memory, ("a", 3), 3)
+    assert not memory.is_ready(("a", 0))
+    assert memory.is_ready(("a", 1)) and memory.is_ready(("a", 2)) and memory.is_ready(("a", 3))
+    assert memory.recycled_unread == 1
+
+
+async def test_a_block_waited_for_is_served_before_its_buffer_can_go():
+    # A download holds its buffer until written; the reader waiting for it is woken
+    # before that and served, so the block is no longer unread when the buffer is let go.
+    memory = BlockMemory(BLOCK, 2)
+    await filled(memory, ("b", 0), 9)                   # fetched ahead, unread
+    downloading = await memory.take(("a", 0), BLOCK)
+    downloading.view[:BLOCK] = b"\7" * BLOCK
+    done = trio.Event()
+    served = []
+
+    async def reader():
+        await done.wait()
+        served.append(bytes(memory.serve(("a", 0)).bytes_of(0, 2)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        downloading.ready = True
+        done.set()
+        await trio.sleep(0.01)                          # the block's write, in a thread
+        memory.release(downloading)
+    assert served == [b"\7\7"]
+    await filled(memory, ("c", 0), 3)
+    assert memory.is_ready(("b", 0)) and not memory.is_ready(("a", 0))
 
 
 async def test_a_held_buffer_is_never_recycled_and_takers_wait_for_one():

@@ -652,7 +652,7 @@ class BlockCache:
         were tried here too: a miss still starts the kernel's read-ahead, whose pages then
         stay behind as a second copy of the model beside the FUSE page cache.)
         """
-        buffer = self._memory.get((blob.content_id, index))
+        buffer = self._memory.serve((blob.content_id, index))
         if buffer is None:
             return None
         STATS.served["block_buffers"] += length
@@ -668,7 +668,8 @@ class BlockCache:
         fetched = False
         for _ in range(READ_ROUNDS):
             await self._loaded(key)
-            buffer = self._memory.get(key)
+            # A warm-up's touch (no `served`) leaves a block fetched ahead as one: unread.
+            buffer = self._memory.get(key) if served is None else self._memory.serve(key)
             if buffer is not None:
                 _tally(served, "network" if fetched else "block_buffers", length)
                 return bytes(buffer.bytes_of(start, length))
@@ -678,6 +679,7 @@ class BlockCache:
             if blob.present[index]:
                 buffer = await self._load(blob, index)
                 if buffer is not None:      # still ours: nothing ran since the load ended
+                    buffer.served = buffer.served or served is not None
                     _tally(served, "cache_disk", length)
                     return bytes(buffer.bytes_of(start, length))
                 continue
@@ -701,7 +703,7 @@ class BlockCache:
     def _load_ahead(self, blob: _Blob, index: int) -> None:
         key = (blob.content_id, index)
         if (index < blob.blocks and blob.present[index] and key not in self._loads
-                and self._memory.get(key) is None and self._nursery is not None):
+                and not self._memory.is_ready(key) and self._nursery is not None):
             # Any failure: the reader meets the same problem and says so.
             spawn_guarded(self._nursery, f"{blob.content_id}: loading block {index} ahead", self._load,
                           blob, index, expected=(Exception,), level=logging.DEBUG)

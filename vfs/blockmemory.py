@@ -10,7 +10,13 @@ twice, once for the cache file and once for the mount's own pages. Reused buffer
 touched once, so memory stays flat however many gigabytes pass through.
 
 A buffer is *held* while a download or a load fills it or a write drains it; only
-buffers no one holds are recycled, least recently used first. Trio thread only.
+buffers no one holds are recycled. Which first: a buffer that holds nothing, then a block
+a reader has been served from (least recently read first), and only then a block fetched
+ahead that no reader has reached yet (oldest first). Least recently used alone would do
+the reverse under pressure: a block fetched ahead was taken before the reader read the
+blocks behind it, so it is the older one, and four readers sharing 8 buffers saw blocks
+thrown away before their reader got there and read back from the cache's disk
+(docs/BENCHMARKS.md, the shaped-link analysis). Trio thread only.
 """
 
 import mmap
@@ -32,6 +38,7 @@ class Buffer:
         self.length = 0
         self.ready = False          # holds the block's bytes (filled and, if checked, good)
         self.holds = 0
+        self.served = False         # a reader was served from it (not a block fetched ahead, unreached)
 
     def bytes_of(self, start: int, length: int) -> memoryview:
         return self.view[start:start + length]
@@ -43,6 +50,7 @@ class BlockMemory:
         self._buffers: list[Buffer] = []                          # allocated lazily: an idle mount stays small
         self._by_key: OrderedDict[BlockKey, Buffer] = OrderedDict()   # key -> Buffer, least recently used first
         self._waiting = trio.lowlevel.ParkingLot()     # takers waiting for a buffer no one holds
+        self.recycled_unread = 0    # blocks fetched ahead and recycled before a reader reached them
 
     def get(self, key: BlockKey) -> Buffer | None:
         """The ready buffer holding `key`, marked recently used; None if it is not here."""
@@ -51,6 +59,18 @@ class BlockMemory:
             return None
         self._by_key.move_to_end(key)
         return buffer
+
+    def serve(self, key: BlockKey) -> Buffer | None:
+        """`get`, for bytes going to a reader: the block is no longer one fetched ahead and unread."""
+        buffer = self.get(key)
+        if buffer is not None:
+            buffer.served = True
+        return buffer
+
+    def is_ready(self, key: BlockKey) -> bool:
+        """Whether `key`'s bytes are in memory (its place in the recycling order unchanged)."""
+        buffer = self._by_key.get(key)
+        return buffer is not None and buffer.ready
 
     def holds(self, key: BlockKey) -> bool:
         return key in self._by_key
@@ -65,7 +85,9 @@ class BlockMemory:
         self.forget(key)
         if buffer.key is not None:
             del self._by_key[buffer.key]
-        buffer.key, buffer.length, buffer.ready, buffer.holds = key, length, False, 1
+        if buffer.key is not None and not buffer.served and buffer.ready:
+            self.recycled_unread += 1
+        buffer.key, buffer.length, buffer.ready, buffer.holds, buffer.served = key, length, False, 1, False
         self._by_key[key] = buffer
         return buffer
 
@@ -76,10 +98,13 @@ class BlockMemory:
         for buffer in self._buffers:                # dropped ones first: they hold nothing
             if buffer.key is None and buffer.holds == 0:
                 return buffer
-        for buffer in self._by_key.values():        # then the least recently used
+        unread = None
+        for buffer in self._by_key.values():        # least recently used first
             if buffer.holds == 0:
-                return buffer
-        return None
+                if buffer.served or not buffer.ready:   # a reader was here, or nothing to lose
+                    return buffer
+                unread = unread or buffer               # fetched ahead: only if nothing else is free
+        return unread
 
     def release(self, buffer: Buffer) -> None:
         """Let go of a buffer `take` handed out; the last release makes it recyclable."""
