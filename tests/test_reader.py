@@ -116,3 +116,34 @@ def test_the_window_never_exceeds_half_the_buffers(tmp_path):
     cache = make_cache(tmp_path / "cache", buffers=4)
     assert Reader(cache, max_ahead=1 << 40).max_window == 2
     assert Reader(cache, max_ahead=BLOCK).max_window == 1
+
+
+async def test_streams_reading_at_once_share_the_buffers_and_lose_no_block_fetched_ahead(tmp_path, nursery):
+    # Four sequential readers of four files on 8 buffers: each may keep one block ahead
+    # (8 / 4, less the block it reads). With half the buffers each (4 ahead), their blocks
+    # fetched ahead pushed each other out of memory before the readers got there.
+    cache = make_cache(tmp_path / "cache", buffers=8)
+    cache.start(nursery)
+    reader = Reader(cache)
+    reader.start(nursery)
+    files = [random_bytes(12 * BLOCK, seed=number) for number in range(4)]
+    handles = [OpenFile(cache.open(content_id_of(data), len(data)), MemorySource(data), len(data))
+               for data in files]
+    windows = set()
+    for offset in range(0, 12 * BLOCK, 16 * KIB):
+        for handle, data in zip(handles, files):
+            assert await reader.read(handle, offset, 16 * KIB) == data[offset:offset + 16 * KIB]
+            windows.add(handle.window)
+        await trio.sleep(0.001)             # the fetches ahead land between the readers' reads
+    assert max(windows) == 1
+    assert cache._memory.recycled_unread == 0
+    await quiet(reader)
+    for handle in handles:
+        handle.blob.close()
+
+
+async def test_a_stream_alone_keeps_its_whole_window(setup, data):
+    reader, handle, _ = setup
+    for number in range(8):
+        await reader.read(handle, number * 32 * KIB, 32 * KIB)
+    assert handle.window == reader.max_window == 8

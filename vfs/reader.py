@@ -8,8 +8,10 @@ open handle keeps a little state, and three policies decide what to fetch beyond
   fetched in the background, each as parts side by side. How deep the window may grow is
   counted in parts, not blocks (readahead.py): as many blocks as hold the requests the
   concurrency controller gives this stream, plus one, within MAX_AHEAD bytes (half the
-  block buffers at most). So the controller decides how many requests carry one cold
-  stream, and a stream given few requests keeps few blocks. The first blocks of the
+  block buffers at most) and within the stream's share of the buffers: split among the
+  streams reading now, less the block each is reading. So the controller decides how
+  many requests carry one cold stream, a stream given few requests keeps few blocks, and
+  several streams never want more blocks than there are buffers. The first blocks of the
   window already cached are read into memory ahead of the reader (and crc-checked, the
   first time), off the trio thread. A jump resets the window: random readers fetch only
   what they touch. A read whose bytes are in memory or in the page cache is answered on
@@ -54,6 +56,7 @@ DIRECT_READ_MAX = 4 * MIB       # a bigger first touch just waits for its blocks
 WARMUP_PARALLEL = 4             # blocks a warm-up keeps fetching at once
 RESOLVES_ON_OPEN = 2            # threads following the Hub's redirect for files just opened
 LOAD_AHEAD = 4                  # cached blocks read into memory ahead of a stream
+STREAM_IDLE = 1.0               # seconds: a stream that read nothing for this long no longer shares the buffers
 SCRATCH_SIZE = 4 * MIB          # above FUSE's largest read (1 MiB today)
 
 Result = TypeVar("Result")
@@ -100,6 +103,7 @@ class Reader:
         self._warming: set[str] = set()     # content ids whose warm-up has run in this process
         self._prepared: set[str] = set()    # content ids whose source was prepared on open
         self._scratch = memoryview(bytearray(SCRATCH_SIZE))   # warm reads land here
+        self._streams: dict[int, float] = {}   # id of a handle -> when it last continued its stream
 
     def start(self, nursery: trio.Nursery) -> None:
         """Background work (warm-ups, resolves on open, cached blocks readied ahead) runs in
@@ -152,18 +156,33 @@ class Reader:
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def depth(self, source: BlockSource) -> int:
-        """How many blocks a read-ahead of `source` keeps fetching at once (readahead.py)."""
-        return readahead.blocks_ahead(source, self.cache.block_size, self.max_window)
+        """How many blocks a read-ahead of `source` keeps fetching at once (readahead.py), within
+        its stream's share of the block buffers."""
+        return min(readahead.blocks_ahead(source, self.cache.block_size, self.max_window), self._buffer_share())
+
+    def _buffer_share(self) -> int:
+        """Blocks one stream may keep ahead: the buffers split among the streams reading now,
+        less the block each is reading. Beyond it, the streams' blocks fetched ahead push
+        each other out of memory before their readers get there (four readers on 8 buffers
+        wanted 12) and are read back from the disk."""
+        now = trio.current_time()
+        for key in [k for k, last in self._streams.items() if now - last > STREAM_IDLE]:
+            del self._streams[key]
+        return max(1, self.cache.buffer_count // max(1, len(self._streams)) - 1)
 
     def _track(self, handle: OpenFile, offset: int, end: int) -> bool:
         """Note this read in the handle's state; True if it continues the handle's stream."""
         continuing = handle.reads > 0 and abs(offset - handle.next_offset) <= SEQUENTIAL_SLACK
         last = (end - 1) // self.cache.block_size
+        if continuing:
+            self._streams[id(handle)] = trio.current_time()
         if continuing and last != handle.depth_block:
             # The budget takes the controller's lock: asked once per block, not per FUSE read
             # (a 1 GiB read is 1,024-8,192 of them, 64 blocks). The window moves per block anyway.
             handle.depth, handle.depth_block = self.depth(handle.source), last
-        handle.window = min(handle.depth, max(1, handle.window * 2)) if continuing else 0
+        # The buffers' share is asked every read (it is cheap): a stream that started alone
+        # gives its buffers up as soon as others start, not a block later.
+        handle.window = min(handle.depth, self._buffer_share(), max(1, handle.window * 2)) if continuing else 0
         handle.next_offset = end
         handle.reads += 1
         return continuing
