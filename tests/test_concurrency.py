@@ -87,6 +87,24 @@ def test_grows_to_fill_a_link_whose_responses_vary_in_rate():
     assert rate >= 0.8 * 32 * per_request
 
 
+def test_reaches_the_cap_of_a_fast_link_within_a_few_round_trips():
+    # A cold load of a few hundred MiB takes about a second on this link: a ramp of half
+    # a second (8 -> 16 -> 32 in epochs of 0.2 s) cost a good part of it.
+    clock = Clock()
+    limit = OriginLimit(cap=32, clock=clock)
+    reached = []
+    finished = limit.finished
+
+    def note(*args, **kwargs):
+        finished(*args, **kwargs)
+        if limit.limit >= 32 and not reached:
+            reached.append(clock.now)
+
+    limit.finished = note
+    simulate(limit, clock, 2, per_request=40 * MB, delay=0.03)
+    assert reached and reached[0] <= 0.3
+
+
 def test_stops_growing_when_the_total_stops_growing():
     clock = Clock()
     limit = OriginLimit(cap=32, clock=clock)

@@ -12,7 +12,7 @@ gets an `OriginLimit`, which learns how many requests are worth having in flight
   request, so "useful" = requests in flight x efficiency is how many requests' worth of
   bytes the link actually carried.
 - Start-up: while requests still run at (nearly) the best rate, more requests mean more
-  total: the limit doubles each epoch.
+  total: the limit doubles each epoch (a short one: one request duration, 0.1 s at least).
 - Steady state: while efficiency stays high, the total still grows with the limit: +1 per
   epoch. When it falls well below (the link or the CPU is full, extra requests only queue
   and share it), the limit drops to what was useful, plus one to keep probing.
@@ -54,6 +54,7 @@ DEFAULT_MAX_IN_FLIGHT = 32
 INITIAL_LIMIT = 8                # a 16 MiB block in 2 MiB parts
 MIN_EPOCH = 0.2                 # seconds: shorter epochs are mostly noise
 EPOCH_DURATIONS = 2.0           # an epoch spans about this many request durations
+START_EPOCH = 0.1               # seconds, and one request duration: epochs while the limit doubles
 GROW_EFFICIENCY = 0.85          # at or above this share of the best rate, more requests still pay
 SHRINK_EFFICIENCY = 0.7         # below it, requests only share a full link: keep what was useful
 BEST_EPOCHS = 8                 # the best per-request rate is the best of this many epochs (links change)
@@ -187,7 +188,13 @@ class OriginLimit:
 
     def _epoch_over(self):
         epoch, now = self._epoch, self.clock()
-        length = max(MIN_EPOCH, EPOCH_DURATIONS * self._duration)
+        # Start-up asks only "does doubling still pay?", which one round of requests
+        # answers: shorter epochs then take a cold read to the cap sooner (8 -> 32 in
+        # 0.25 s instead of 0.43 on a 40 MB/s link with 30 ms replies, simulated).
+        if self.starting:
+            length = max(START_EPOCH, self._duration)
+        else:
+            length = max(MIN_EPOCH, EPOCH_DURATIONS * self._duration)
         return now - epoch.started >= length and epoch.completions >= max(2, int(self.limit) // 2)
 
     def _adapt(self):
