@@ -48,7 +48,10 @@ class BenchMount:
 
     def __exit__(self, *exc):
         try:
-            label = " ".join([self.cache_dir.name, *self.process.extra_args])
+            args = list(self.process.extra_args)
+            if "--api" in args:         # where its API listened says nothing about the mount
+                del args[args.index("--api"):args.index("--api") + 2]
+            label = " ".join([self.cache_dir.name, *args])
             self.peaks.append((rss_peak_bytes(self.process.process.pid), label))
         finally:
             self.process.stop()

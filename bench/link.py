@@ -9,8 +9,13 @@ a CDN edge and the distance to it do. On each link, in one run, back to back:
   10 MB/s a whole GiB would take two minutes and say nothing more);
 - a llama.cpp-style load (header reads, then mmap MAP_POPULATE) of the GGUF through a
   cold mount, against aria2c's download of it followed by the same load from local disk;
-- four cold readers of four different files at once, against aria2c -x16 -j4 downloading
-  the four.
+- four cold readers of four different files at once, three ways side by side: the
+  default mount (at most 32 requests to the origin) against aria2c -x16 -j4 downloading
+  the four (64 connections), the same mount against aria2c -x8 -j4 (32 connections: the
+  same number of requests in flight), and a mount with `--max-in-flight 64` against
+  aria2c -x16 -j4. Each mount's slowest reader against its fastest, and how much of the
+  four files it read back from its own disk (blocks fetched ahead and recycled before
+  their reader got there: /metrics, lamina_read_bytes{source="cache_disk"}).
 
 Each mount's most requests in flight at the simulator's CDN origin is recorded, and
 their mean over the cold read (sampled every SAMPLE_SECONDS): how full the mount kept the
@@ -19,11 +24,14 @@ link (the daemon's peak RSS goes into the benchmark's memory row).
 
 import datetime
 import os
+import re
 import shutil
+import socket
 import statistics
 import subprocess
 import threading
 import time
+import urllib.request
 
 from . import probes, report
 from .cases import MB, MIB, Row
@@ -31,6 +39,7 @@ from .cases import MB, MIB, Row
 LINKS = (("40 MB/s per response, 30 ms per reply", 40e6, 0.03),
          ("10 MB/s per response, 80 ms per reply", 10e6, 0.08))
 CURL_MIB = 64
+RAISED_CAP = 64                 # the four-reader row again with the cap raised to aria2c -x16 -j4's connections
 SAMPLE_SECONDS = 0.05           # how often the requests in flight at the simulator are sampled
 MARKERS = ("<!-- link-rows:begin -->", "<!-- link-rows:end -->")
 RERUN = "sudo .venv/bin/python -m bench --only link --repeats {repeats} --out docs"
@@ -90,8 +99,12 @@ def _rows(bench, name, tag):
     read, aria, curl = med("mount") / MB, med("aria2c") / MB, med("curl") / MB
     load, aria_load = med("load mount"), med("load aria2c")
     four, aria_four = med("four mount") / MB, med("four aria2c") / MB
+    aria_four_32 = med("four aria2c x8") / MB
+    four_64 = med("four mount cap64") / MB
     spread = max(bench.samples[f"{tag} four spread"])
+    spread_64 = max(bench.samples[f"{tag} four cap64 spread"])
     most = max(bench.samples[f"{tag} in flight"])
+    most_64 = max(bench.samples[f"{tag} in flight cap64"])
     mean = med("mean in flight")
     rows = [
         Row(f"cold sequential read, {name}", read, "aria2c -x16", aria, "MB/s", ">= 0.9x", read >= 0.9 * aria),
@@ -102,10 +115,21 @@ def _rows(bench, name, tag):
             load <= aria_load, higher_is_better=False),
         Row(f"4 cold readers of different files, total, {name}", four, "aria2c -x16 -j4 of the four files",
             aria_four, "MB/s", ">= 0.9x", four >= 0.9 * aria_four),
+        Row(f"4 cold readers of different files, total, {name}", four,
+            "aria2c -x8 -j4 of the four files (32 connections, as many as the mount's cap)",
+            aria_four_32, "MB/s", ">= 0.9x", four >= 0.9 * aria_four_32),
+        Row(f"4 cold readers of different files, total, mount with --max-in-flight {RAISED_CAP}, {name}", four_64,
+            "aria2c -x16 -j4 of the four files", aria_four, "MB/s", ">= 0.9x", four_64 >= 0.9 * aria_four),
         Row(f"4 cold readers: slowest reader's time / fastest's (worst round), {name}", spread, "", None, "x",
             "<= 2x", spread <= 2.0, higher_is_better=False),
+        Row(f"4 cold readers, --max-in-flight {RAISED_CAP}: slowest reader's time / fastest's (worst round), {name}",
+            spread_64, "", None, "x", "<= 2x", spread_64 <= 2.0, higher_is_better=False),
+        Row(f"4 cold readers: bytes read back from the cache's disk (median), {name}",
+            med("four disk") / MIB, "", None, "MiB", "-", None),
         Row(f"most requests in flight at the CDN origin (any round), {name}", most, "", None, "requests",
             "<= 32", most <= 32, higher_is_better=False),
+        Row(f"most requests in flight at the CDN origin, --max-in-flight {RAISED_CAP} (any round), {name}", most_64,
+            "", None, "requests", f"<= {RAISED_CAP}", most_64 <= RAISED_CAP, higher_is_better=False),
         Row(f"mean requests in flight during the cold sequential read, {name}", mean, "", None, "requests",
             "-", None),
     ]
@@ -147,17 +171,25 @@ def _cold_load(bench, tag):
 
 
 def _four_readers(bench, tag):
-    with bench.mount(fresh=True) as mount:
-        bench.cold()
-        bench.hub.client.reset_in_flight_peak()
-        total, seconds = _parallel_reads(mount.four)
-        bench.record(f"{tag} four mount", total / max(seconds))
-        bench.record(f"{tag} four spread", max(seconds) / min(seconds))
-        bench.record(f"{tag} in flight", bench.hub.client.most_in_flight("cdn"))
-    bench.cold()
     urls = [bench.hub.cdn_url("bench/four", path.name) for path in bench.four_sources]
     total = sum(path.stat().st_size for path in bench.four_sources)
-    bench.record(f"{tag} four aria2c", total / aria2c_seconds(bench, urls, jobs=4))
+    for cap in (None, RAISED_CAP):
+        suffix = "" if cap is None else f" cap{cap}"
+        api = f"127.0.0.1:{_free_port()}"
+        args = ["--api", api] + ([] if cap is None else ["--max-in-flight", str(cap)])
+        with bench.mount(fresh=True, args=args) as mount:
+            bench.cold()
+            bench.hub.client.reset_in_flight_peak()
+            total, seconds = _parallel_reads(mount.four)
+            bench.record(f"{tag} four mount{suffix}", total / max(seconds))
+            bench.record(f"{tag} four{suffix} spread", max(seconds) / min(seconds))
+            bench.record(f"{tag} in flight{suffix}", bench.hub.client.most_in_flight("cdn"))
+            if cap is None:
+                bench.record(f"{tag} four disk", served_from_disk(api))
+        bench.cold()
+        connections = 16 if cap is None else 8     # the second round of aria2c: as many connections as our cap
+        bench.record(f"{tag} four aria2c" + ("" if cap is None else " x8"),
+                     total / aria2c_seconds(bench, urls, jobs=4, connections=connections))
 
 
 def _parallel_reads(paths):
@@ -176,15 +208,15 @@ def _parallel_reads(paths):
     return sum(path.stat().st_size for path in paths), list(seconds.values())
 
 
-def aria2c_seconds(bench, urls, jobs=1, keep=None):
-    """Seconds for aria2c -x16 to download `urls` (`jobs` at once) into a fresh directory.
+def aria2c_seconds(bench, urls, jobs=1, keep=None, connections=16):
+    """Seconds for aria2c -x`connections` to download `urls` (`jobs` at once) into a fresh directory.
 
     The files are deleted after, unless `keep` names the directory (they are named 0, 1...)."""
     target = keep or bench.work / "aria2c-scratch"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     listing = "".join(f"{url}\n  out={index}\n" for index, url in enumerate(urls))
-    args = ["aria2c", "-q", "-x16", "-s16", "-k1M", f"-j{jobs}", "--file-allocation=none",
+    args = ["aria2c", "-q", f"-x{connections}", f"-s{connections}", "-k1M", f"-j{jobs}", "--file-allocation=none",
             "--allow-overwrite=true", "--auto-file-renaming=false", "--check-certificate=false",
             "-d", str(target), "-i", "-"]
     started = time.perf_counter()
@@ -218,6 +250,20 @@ class InFlightSampler:
     def summary(self):
         """(mean, most) requests in flight over the read."""
         return (statistics.mean(self.samples), max(self.samples)) if self.samples else (0.0, 0)
+
+
+def served_from_disk(api):
+    """Bytes the mount behind `api` served readers from its cache's disk (not from its block buffers)."""
+    with urllib.request.urlopen(f"http://{api}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    found = re.search(r'^lamina_read_bytes_total\{source="cache_disk"\} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else float("nan")
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _no_proxy_env():

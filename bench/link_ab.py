@@ -1,0 +1,131 @@
+"""`python -m bench.link_ab BASELINE --case four|load`: a shaped-link row, a baseline commit's daemon against this checkout's.
+
+For a change meant to move one row of `python -m bench --only link` (block buffers,
+the controller's ramp): both daemons run the same case against the same simulator and
+link, cold (fresh block cache, page cache dropped, the server's files read back in), in
+alternating order each round, so that the machine's load hits both alike.
+
+- `four`: four cold readers of four different files at once; the total MB/s, the
+  slowest reader's time over the fastest's, and the MiB served from the cache's disk
+  (blocks fetched ahead and recycled before their reader got there, read back).
+- `load`: a llama.cpp-style load (header reads, then mmap MAP_POPULATE) of a GGUF
+  through a cold mount; seconds.
+
+Each also gives the daemon's CPU time per MiB (all its threads, from /proc), which moves
+far less with the machine's load than the throughput does.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from vfs.testing.link import parse_rate
+from vfs.testing.mounts import MountProcess, isolated_environment
+
+from .data import MIB, four_files, gguf_file
+from .link import _free_port, _parallel_reads, served_from_disk
+from .loopback_ab import knows_no_keeper
+from .machine import drop_caches, warm
+from .overhead import ROOT, daemon_cpu_seconds, export
+from .probes import llama_style_load_seconds
+from .server import HubProcess
+
+MANIFEST = ("models:\n  four:\n    path: /models/four/\n    backend: vllm\n    hf: bench/four\n"
+            "  gguf:\n    path: /models/gguf/model.gguf\n    backend: llama.cpp\n    hf: bench/gguf\n"
+            "    file: model.gguf\n")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench.link_ab", description=__doc__.splitlines()[0])
+    parser.add_argument("baseline", help="the commit to compare against (e.g. the one before a change)")
+    parser.add_argument("--candidate", metavar="COMMIT",
+                        help="compare this commit's daemon with the baseline's, not this checkout's")
+    parser.add_argument("--case", choices=("four", "load"), default="four")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--four-mib", type=int, default=256, help="size of each of the four files")
+    parser.add_argument("--gguf-mib", type=int, default=320)
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "lamina-bench-link-ab"))
+    parser.add_argument("--rate", type=parse_rate, default=40e6, metavar="BYTES/S",
+                        help="cap each response at this rate (default 40MB)")
+    parser.add_argument("--delay", type=float, default=0.03, metavar="SECONDS",
+                        help="wait this long before every reply (default 0.03)")
+    parser.add_argument("--mount-args", default="", help="more arguments for both daemons, e.g. '--memory 256M'")
+    return parser.parse_args(argv)
+
+
+def one_round(case, hub, work, name, pythonpath, files, extra_args):
+    """The case's figures for one daemon: {figure: value}."""
+    cache = work / f"cache-{name}"
+    shutil.rmtree(cache, ignore_errors=True)
+    api = f"127.0.0.1:{_free_port()}"
+    env = isolated_environment(work, {"PYTHONPATH": str(pythonpath)})
+    mount = MountProcess(work / "models.yaml", work / "mnt", cache, hub.endpoint, work / f"{name}.log", env=env,
+                         extra_args=["--api", api, *extra_args], keeper=not knows_no_keeper(pythonpath))
+    mount.start()
+    try:
+        drop_caches()
+        warm(*files["four"], files["gguf"])
+        before = daemon_cpu_seconds(mount.process.pid)
+        if case == "four":
+            total, seconds = _parallel_reads(sorted((work / "mnt" / "four").iterdir()))
+            figures = {"MB/s": total / max(seconds) / 1e6, "spread": max(seconds) / min(seconds),
+                       "MiB from disk": served_from_disk(api) / MIB}
+        else:
+            total = files["gguf"].stat().st_size
+            figures = {"seconds": llama_style_load_seconds(work / "mnt" / "gguf" / "model.gguf")}
+        figures["us CPU per MiB"] = (daemon_cpu_seconds(mount.process.pid) - before) * 1e6 / (total / MIB)
+        return figures
+    finally:
+        mount.stop()
+
+
+def compare(results, base):
+    ours, theirs = results["this checkout"], results[base]
+    for figure in ours[0]:
+        mine, other = [r[figure] for r in ours], [r[figure] for r in theirs]
+        ratios = [o / t if t else float("nan") for o, t in zip(mine, other)]
+        print(f"{figure}: baseline median {statistics.median(other):,.2f} ({', '.join(f'{v:,.2f}' for v in other)}); "
+              f"this checkout median {statistics.median(mine):,.2f} ({', '.join(f'{v:,.2f}' for v in mine)}); "
+              f"per round this / baseline {', '.join(f'{r:.2f}' for r in ratios)}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        sys.exit("the benchmark drops the page cache and mounts: run it as root")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "models.yaml").write_text(MANIFEST)
+    commit, baseline = export(args.baseline, work / "exports")
+    base = f"baseline {commit[:12]}"
+    theirs = export(args.candidate, work / "exports") if args.candidate else None
+    daemons = {base: baseline, "this checkout": theirs[1] if theirs else ROOT}
+    files = {"four": four_files(work / "repo-four", args.four_mib * MIB),
+             "gguf": gguf_file(work / "repo-gguf", args.gguf_mib)}
+    os.chdir(work)          # not the checkout: PYTHONPATH alone decides which code a daemon runs
+    results: dict[str, list[dict]] = {name: [] for name in daemons}
+    print(f"uptime: {os.getloadavg()}", flush=True)
+    with HubProcess({"bench/four": files["four"][0].parent, "bench/gguf": files["gguf"].parent}) as hub:
+        hub.client.set_link(rate=args.rate, delay=args.delay)
+        print(f"case {args.case}; link: {args.rate / 1e6:g} MB/s per response, {args.delay * 1000:g} ms per reply",
+              flush=True)
+        for round_ in range(args.rounds):
+            order = list(daemons) if round_ % 2 == 0 else list(reversed(daemons))
+            for name in order:
+                figures = one_round(args.case, hub, work, name.split()[0], daemons[name], files,
+                                    args.mount_args.split())
+                results[name].append(figures)
+                print(f"round {round_ + 1}: {name}: " + ", ".join(f"{k} {v:,.2f}" for k, v in figures.items()),
+                      flush=True)
+    if theirs:
+        print(f"'this checkout' above is commit {theirs[0][:12]}")
+    compare(results, base)
+    print(f"load average at the end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
