@@ -147,3 +147,13 @@ async def test_a_stream_alone_keeps_its_whole_window(setup, data):
     for number in range(8):
         await reader.read(handle, number * 32 * KIB, 32 * KIB)
     assert handle.window == reader.max_window == 8
+
+
+async def test_readers_of_one_file_count_as_one_stream(setup, data):
+    # They read the same blocks: four handles on one file keep its whole window.
+    reader, handle, _ = setup
+    handles = [handle] + [OpenFile(handle.blob, handle.source, SIZE) for _ in range(3)]
+    for number in range(8):
+        for each in handles:
+            assert await reader.read(each, number * 32 * KIB, 32 * KIB) == data[number * 32 * KIB:(number + 1) * 32 * KIB]
+    assert [each.window for each in handles] == [reader.max_window] * 4

@@ -103,7 +103,9 @@ class Reader:
         self._warming: set[str] = set()     # content ids whose warm-up has run in this process
         self._prepared: set[str] = set()    # content ids whose source was prepared on open
         self._scratch = memoryview(bytearray(SCRATCH_SIZE))   # warm reads land here
-        self._streams: dict[int, float] = {}   # id of a handle -> when it last continued its stream
+        # content id -> when a stream of it last read on: readers of one file share its
+        # blocks, so they count once
+        self._streams: dict[str, float] = {}
 
     def start(self, nursery: trio.Nursery) -> None:
         """Background work (warm-ups, resolves on open, cached blocks readied ahead) runs in
@@ -161,8 +163,8 @@ class Reader:
         return min(readahead.blocks_ahead(source, self.cache.block_size, self.max_window), self._buffer_share())
 
     def _buffer_share(self) -> int:
-        """Blocks one stream may keep ahead: the buffers split among the streams reading now,
-        less the block each is reading. Beyond it, the streams' blocks fetched ahead push
+        """Blocks one stream may keep ahead: the buffers split among the files being read as
+        streams now, less the block each is reading. Beyond it, the streams' blocks fetched ahead push
         each other out of memory before their readers get there (four readers on 8 buffers
         wanted 12) and are read back from the disk."""
         now = trio.current_time()
@@ -175,7 +177,7 @@ class Reader:
         continuing = handle.reads > 0 and abs(offset - handle.next_offset) <= SEQUENTIAL_SLACK
         last = (end - 1) // self.cache.block_size
         if continuing:
-            self._streams[id(handle)] = trio.current_time()
+            self._streams[handle.blob.content_id] = trio.current_time()
         if continuing and last != handle.depth_block:
             # The budget takes the controller's lock: asked once per block, not per FUSE read
             # (a 1 GiB read is 1,024-8,192 of them, 64 blocks). The window moves per block anyway.
