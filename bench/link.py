@@ -70,8 +70,8 @@ def section(rows, machine, shape):
 
 Written by `{RERUN.format(repeats=shape['repeats'])}` ({when}; `make bench` writes it too). The simulator caps every
 response at a rate and delays every reply, as a CDN edge and the distance to it do;
-aria2c -x16 and one curl stream read the same file from the same simulator, back to back
-in the same run: {shape['big_mib']} MiB file, {shape['gguf_mib']} MiB GGUF, four files of
+aria2c -x16 (for four readers also -x8, and the mount also with --max-in-flight 64) and one
+curl stream read the same files from the same simulator, back to back in the same run: {shape['big_mib']} MiB file, {shape['gguf_mib']} MiB GGUF, four files of
 {shape['four_mib']} MiB, {shape['repeats']} rounds, medians (the most-in-flight and spread rows:
 the worst round). "Cold": a fresh block cache and a dropped page cache. The machine was
 shared with other work while this ran (2 cores; load average {loads} as each link began

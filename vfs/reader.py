@@ -164,9 +164,9 @@ class Reader:
 
     def _buffer_share(self) -> int:
         """Blocks one stream may keep ahead: the buffers split among the files being read as
-        streams now, less the block each is reading. Beyond it, the streams' blocks fetched ahead push
-        each other out of memory before their readers get there (four readers on 8 buffers
-        wanted 12) and are read back from the disk."""
+        streams now, less the block each is reading. Beyond it, the streams' blocks fetched
+        ahead push each other out of memory before their readers get there (four readers on
+        8 buffers wanted 12) and are read back from the disk."""
         now = trio.current_time()
         for key in [k for k, last in self._streams.items() if now - last > STREAM_IDLE]:
             del self._streams[key]
