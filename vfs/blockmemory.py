@@ -76,7 +76,8 @@ class BlockMemory:
         return key in self._by_key
 
     async def take(self, key: BlockKey, length: int) -> Buffer:
-        """A held buffer for `key` (not ready until filled), recycling the least recently used."""
+        """A held buffer for `key` (not ready until filled), recycled in the order the module's
+        docstring gives: one holding nothing, a block read, then a block fetched ahead."""
         while True:
             buffer = self._unused()
             if buffer is not None:
