@@ -199,15 +199,17 @@ def cmd_mount(args):
     if args.keeper and args.keeper_fd is None:     # refused manifests are told at once, not by a child
         from .keeper import keep_mount
         return keep_mount(args.argv, mountpoint, args.ready_fd, settings_for(args))
+    from .control import QuietStart, Takeover
+    taking_over = args.takeover and args.adopt_fd is None
+    quiet_start = QuietStart() if taking_over else None      # the old daemon serves meanwhile
     from . import mount
     from .api import parse_address
     from .assembly import HubPolicy, build_filesystem, open_cache_dir
-    from .control import Takeover
     from .handover import Session
     api_address = parse_address(args.api) if args.api else None
     settings = settings_for(args)
     session = Session(mountpoint, args.adopt_fd, args.handover_state,
-                      Takeover(mountpoint) if args.takeover and args.adopt_fd is None else None)
+                      Takeover(mountpoint, quiet_start) if taking_over else None)
     claim = session.claim_cache(open_cache_dir(settings))  # noqa: F841 - held till exit
     handed = session.prepare()          # a successor's tree keeps its predecessor's inode numbers
     fs = build_filesystem(settings, manifest, HubPolicy.STORED_FIRST, previous=handed.inodes if handed else None)
