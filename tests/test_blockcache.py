@@ -6,6 +6,7 @@ crash, verification, eviction, and the handle's contract.
 
 import errno
 import os
+import threading
 
 import pytest
 import trio
@@ -309,6 +310,31 @@ async def test_an_open_blob_is_never_evicted_and_the_least_recently_used_goes_fi
     left = {blob.content_id for blob in cache.directory.blobs()}
     assert ids[0] in left and ids[1] not in left and {ids[2], ids[3]} <= left
     held.close()
+
+
+async def test_a_blob_being_hashed_is_never_evicted_under_its_hash(tmp_path, nursery, monkeypatch):
+    blobs = [random_bytes(2 * BLOCK, seed=seed) for seed in range(2)]
+    ids = [content_id_of(blob) for blob in blobs]
+    hashing, finish = threading.Event(), threading.Event()
+    real_match = blockcache.matches_content_id
+
+    def slow_match(content_id, size, chunks):
+        if content_id == ids[0]:
+            hashing.set()
+            finish.wait(10)
+        return real_match(content_id, size, chunks)
+    monkeypatch.setattr(blockcache, "matches_content_id", slow_match)
+    cache = make_cache(tmp_path / "cache", max_size=2 * BLOCK, min_free_fraction=0.0)
+    cache.start(nursery)
+    with cache.open(ids[0], 2 * BLOCK) as handle:
+        await handle.fill(MemorySource(blobs[0]))
+    await trio.to_thread.run_sync(hashing.wait, 10)          # closed, its hash under way
+    with cache.open(ids[1], 2 * BLOCK) as handle:            # needs the room the first one takes
+        await handle.fill(MemorySource(blobs[1]))
+    finish.set()
+    while ids[0] in cache._verifying:
+        await trio.sleep(0.01)
+    assert cache.peek(ids[0], 2 * BLOCK).verified
 
 
 async def test_a_handle_owns_one_share_of_the_open_count_and_its_releases(tmp_path, data):

@@ -1069,6 +1069,7 @@ class BlockCache:
     def _protected(self) -> set[str]:
         busy = {blob.content_id for blob in self._blobs.values() if blob.open_count > 0}
         busy |= {content_id for content_id, _ in self._inflight}
+        busy |= self._verifying         # its hash reads the files an eviction would close
         return busy | self.kept
 
     def _let_go_of_evicted_blobs(self) -> None:
