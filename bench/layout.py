@@ -16,9 +16,14 @@ file behind it):
 The order rotates per round; the figure is the median of the per-round ratios to the
 local copy, with their geometric mean and range. Extents are counted with `filefrag`.
 Root: it mounts with passthrough and drops pages.
+
+`--compare-code DIR` adds a second mount whose daemon runs the code of DIR (a checkout of
+another commit, on PYTHONPATH), over its own cache filled the same way: the two daemons'
+loads side by side (e.g. before and after a change to how opens are answered).
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -84,6 +89,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--gguf-mib", type=int, default=320)
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "lamina-bench-layout"))
+    parser.add_argument("--compare-code", metavar="DIR", help="also load through a mount running DIR's code")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("the benchmark mounts with passthrough and drops pages: run it as root")
@@ -94,16 +100,23 @@ def main(argv=None) -> None:
     local.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(gguf, local)            # one sequential write, as a download leaves a file
     big, four = big_file(work / "repo-big", 16 * MIB), four_files(work / "repo-four", 1)   # the manifest names them
+    other = {"PYTHONPATH": os.path.abspath(args.compare_code)} if args.compare_code else None
     with HubProcess({"bench/big": big.parent, "bench/gguf": gguf.parent, "bench/four": four[0].parent}) as hub:
-        with PathMount(work, hub.endpoint, "mount", (), fresh=True) as mount:
-            probes.read_sequential(mount.gguf)
-            mount.wait_verified(mount.gguf)
-        with PathMount(work, hub.endpoint, "mount", ()) as mount:
+        for name, env in (("mount", None), ("other", other)) if other else (("mount", None),):
+            with PathMount(work, hub.endpoint, name, (), fresh=True, env=env) as mount:
+                probes.read_sequential(mount.gguf)
+                mount.wait_verified(mount.gguf)
+        with contextlib.ExitStack() as mounts:
+            mount = mounts.enter_context(PathMount(work, hub.endpoint, "mount", ()))
             wait_for_passthrough((mount.gguf,))
             blob = mount.blob_file(mount.gguf)
             copy = contiguous_copy(blob, work / "contiguous.gguf")
             files = {"the mount": (mount.gguf, blob), "its blob file": (blob, blob),
                      "a contiguous copy of the blob": (copy, copy), "the local copy": (local, local)}
+            if other:
+                compared = mounts.enter_context(PathMount(work, hub.endpoint, "other", (), env=other))
+                wait_for_passthrough((compared.gguf,))
+                files[f"the mount running {args.compare_code}"] = (compared.gguf, compared.blob_file(compared.gguf))
             for name, (path, behind) in files.items():
                 print(f"{name}: {extents(behind)} extents", flush=True)
             phases: dict[str, list[list[float]]] = {name: [] for name in files}

@@ -83,6 +83,9 @@ def parse_args(argv):
     parser.add_argument("--gguf-mib", type=int, default=320)
     parser.add_argument("--safetensors-mib", type=int, default=256)
     parser.add_argument("--fio-seconds", type=int, default=2)
+    parser.add_argument("--only", choices=("load",),
+                        help="load: only the llama.cpp-style load rows (both paths, the same pairs), no cold "
+                             "rounds; the table is printed, BENCHMARKS.md is left as it is")
     parser.add_argument("--out", default="docs", help="where BENCHMARKS.md is (its section is replaced)")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "lamina-bench-passthrough"))
     return parser.parse_args(argv)
@@ -189,12 +192,13 @@ class PathMount(BenchMount):
     """One path's mount, in its own directory (manifest, mountpoint, cache, log), with its
     REST API on so its read handler calls can be counted."""
 
-    def __init__(self, work, endpoint, name, args, fresh=False):
+    def __init__(self, work, endpoint, name, args, fresh=False, env=None):
+        """`env` adds to the daemon's environment (PYTHONPATH: another checkout's code)."""
         self.port = free_port()
         directory = Path(work) / name
         directory.mkdir(parents=True, exist_ok=True)
         super().__init__(directory, endpoint, directory / "cache", fresh,
-                         (*args, "--api", f"127.0.0.1:{self.port}"))
+                         (*args, "--api", f"127.0.0.1:{self.port}"), env=env)
 
     @property
     def st(self):
@@ -271,6 +275,8 @@ class Run:
         pair(self.samples, f"{name} load", number,
              cold("gguf", mount.gguf, lambda: size["gguf"] / probes.llama_style_load_seconds(mount.gguf)),
              cold("gguf", mount.gguf, lambda: size["gguf"] / probes.llama_style_load_seconds(local["gguf"])))
+        if self.args.only == "load":
+            return
         pair(self.samples, f"{name} st", number,
              cold("st", mount.st, lambda: size["st"] / seconds_of(_ST_LOAD, mount.st)),
              cold("st", mount.st, lambda: size["st"] / seconds_of(_ST_LOAD, local["st"])))
@@ -432,6 +438,23 @@ def markdown(run, args, seconds, loads):
     return "\n".join(lines + [END])
 
 
+def load_rows(run, args, seconds, loads):
+    """`--only load`: the load row of each path, as the section shows it."""
+    what, key, against, unit, target = ROWS[0]
+    lines = [f"`python -m bench.passthrough --only load --rounds {args.rounds}` (root), {time.strftime('%Y-%m-%d')}, "
+             f"{describe()}; {args.gguf_mib} MiB GGUF; {seconds:.0f} s in all.", "",
+             f"Load: `{loads[0]}` at the start, `{loads[1]}` at the end.", "",
+             "| path | row | mount | reference | ratio | range | target | met |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, _ in PATHS:
+        samples = run.samples.values[f"{name} {key} ratio"]
+        lines.append(f"| {name} " + row_line(run, what, f"{name} {key}", against, unit, target))
+        lines.append(f"| {name} | (geometric mean of the per-round ratios: "
+                     f"{statistics.geometric_mean(samples):.3f}x; rounds at or above 1: "
+                     f"{sum(ratio >= 1 for ratio in samples)} of {len(samples)}) | | | | | | |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if os.geteuid() != 0:
@@ -448,8 +471,13 @@ def main(argv=None):
             print(f"filling the {name} path's block cache", flush=True)
             run.fill(name, mount_args)
         run.hot_rounds()
-        run.cold_rounds()
+        if args.only is None:
+            run.cold_rounds()
     loads.append(uptime())
+    if args.only == "load":
+        print(load_rows(run, args, time.monotonic() - started, loads))
+        print("per-pair samples:", json.dumps(run.samples.values))
+        return
     section = markdown(run, args, time.monotonic() - started, loads)
     print(section)
     print("per-pair samples:", json.dumps(run.samples.values))
