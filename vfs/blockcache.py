@@ -536,9 +536,6 @@ class BlockCache:
         # Blocks a predecessor daemon on the same connection checked (`adopt_checked`),
         # applied when the blob is first opened here.
         self._handed_checks: dict[str, tuple[int, dict[int, int]]] = {}
-        # Called (trio thread) before an eviction picks its blobs: a mount lets go of blobs it
-        # keeps open only in case they are opened again (passthrough's lingering backing ids).
-        self.before_eviction: Callable[[], None] = lambda: None
 
     def start(self, nursery: trio.Nursery) -> None:
         """Background fetches and verifications run in `nursery` (one per mount)."""
@@ -1051,7 +1048,6 @@ class BlockCache:
         # Writers that found the budget broken at the same time evict one after the other;
         # each measures again first, so the room one made is not made twice.
         async with self._evicting:
-            self.before_eviction()
             # On ENOSPC (force) free a margin, so the very next block does not hit it again.
             extra = incoming * (8 if force else 1)
             amount = await trio.to_thread.run_sync(

@@ -160,7 +160,6 @@ def run(fs: Filesystem, mountpoint: str | Path, on_ready: Callable[[], None] = l
         control.close()
         if not session.handed_over:     # else the successor's now
             notifier.stopping()
-            passthrough.close_at_unmount()
             passthrough.clear_status()
         session.close()
         notifier.close()

@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -98,8 +98,6 @@ class Operations(pyfuse3.Operations):
         self.passthrough = passthrough
         if passthrough is not None:
             passthrough.configure(self)
-            # Lingering backing ids close in the background: the hand-over state must follow.
-            passthrough.changed = lambda: self.opens_changed()
         self._handles: dict[int, OpenFile | LocalHandle] = {}
         self.handles = HandleNumbers()      # each encodes its inode: a successor can serve it (handover.py)
         self.opens_changed: Callable[[], None] = lambda: None   # before an open or release is answered
@@ -261,16 +259,8 @@ class Operations(pyfuse3.Operations):
             self.passthrough.release(fh)
             self.opens_changed()
 
-    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
-        """The kernel dropped these inodes: a backing id kept for a reopen of one serves nothing."""
-        if self.passthrough is not None:
-            self.passthrough.forget(inode for inode, _ in inode_list)
-
     async def settled(self) -> None:
-        """Once no open or release is being handled (a hand-over must see their outcome);
-        until this daemon answers one again, no backing id closes in the background."""
-        if self.passthrough is not None:
-            self.passthrough.hold_ids()
+        """Once no open or release is being handled (a hand-over must see their outcome)."""
         while self._changing_opens:
             await trio.sleep(0.001)
 

@@ -12,17 +12,9 @@ Rules, the kernel's and ours:
   opens of a verified file are served by the daemon while a background task checks its
   blocks (O_DIRECT, no page cache); later opens pass through.
 - One backing id per inode, registered on its first passthrough open, shared by every
-  concurrent passthrough open of it. The kernel ties an inode to one backing file while
-  it has passthrough opens; a second id for the same file would make the open fail (EIO).
-- A blob's id lingers after the last release (LINGER_SECONDS, for LINGER_MOST files at
-  most), so a reopen soon after (llama.cpp opens a GGUF twice; a server reloads a model)
-  answers at once instead of registering the file again. A lingering id binds nothing in
-  the kernel (an inode is in passthrough mode only while it has passthrough opens), and
-  its handle keeps the blob open like an open file. It is closed when it expires, when
-  the kernel forgets the inode (FORGET), before the mount evicts (`--max-size`, the free
-  space floor: `BlockCache.before_eviction`), and at unmount; a successor daemon adopts
-  it like a live one (it belongs to the connection). Local files' ids do not linger: each
-  registration checks that nobody writes the file.
+  concurrent passthrough open of it, closed when the last one is released. The kernel
+  ties an inode to one backing file while it has passthrough opens; a second id for the
+  same file would make the open fail (EIO).
 - An inode is in one mode at a time. While it has opens the daemon serves (the kernel's
   "cached io" mode, with keep_cache), a passthrough open of it fails in the kernel with
   EIO, and the other way round. So a file that completes while open through the daemon
@@ -32,8 +24,7 @@ Rules, the kernel's and ours:
   it before sending RELEASE. So the daemon's count is never below the kernel's, and a
   count of zero here means zero there.
 - The handle that owns the backing id keeps the blob open: eviction (`--max-size`, gc
-  in another process through the blob's flock) never removes a blob with a live id,
-  lingering or not; the mount's own eviction lets lingering ids go first.
+  in another process through the blob's flock) never removes a blob with a live id.
 - keep_cache is never sent with a backing id (the kernel refuses the pair with EIO).
 - Stacking: a backing file on overlayfs (or another FUSE file system) is one layer deep;
   the mount asks the kernel for that depth at INIT, and for 0 otherwise, so the mount
@@ -53,14 +44,10 @@ import errno
 import fcntl
 import logging
 import os
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
-import trio
 
 from .blockcache import BlobHandle, BlockCache
 from .localsource import LocalHandle
@@ -71,8 +58,6 @@ log = logging.getLogger(__name__)
 
 CAP_SYS_ADMIN = 21
 STACKED_FILESYSTEMS = ("overlay", "fuse", "ecryptfs")   # a backing file there is one layer deep
-LINGER_SECONDS = 10.0     # a released blob's backing id stays registered this long for a reopen,
-LINGER_MOST = 16          # for this many files at most (each keeps its blob from eviction meanwhile)
 
 
 def has_cap_sys_admin() -> bool:
@@ -174,18 +159,10 @@ class Passthrough:
         self._checked_init = False
         self._checking: set[str] = set()                  # content ids whose blocks are being checked
         self._nursery = None
-        # Inodes whose backing id outlives their last release, oldest first -> when it expires.
-        self._lingering: OrderedDict[int, float] = OrderedDict()
-        self._lingered = trio.Event()                     # set when an id starts lingering
-        self.changed: Callable[[], None] = lambda: None   # the open files changed (ops writes the hand-over state)
-        self._held = False                                # a hand-over is under way (`hold_ids`)
-        cache.before_eviction = self.let_go_of_lingering
 
     def start(self, nursery) -> None:
-        """Checks of verified blobs' blocks, and the expiry of lingering ids, run in `nursery`
-        (one per mount)."""
+        """Checks of verified blobs' blocks run in `nursery` (one per mount)."""
         self._nursery = nursery
-        spawn_guarded(nursery, "expiring lingering backing ids", self._expire_lingering)
 
     def configure(self, operations: pyfuse3.Operations) -> None:
         """Ask for passthrough at INIT (the patched pyfuse3 reads these attributes)."""
@@ -211,12 +188,8 @@ class Passthrough:
         """Decide how open `fh` of `inode` is served: a backing id, or 0 (the daemon serves it)."""
         if not self._checked_init:
             self.after_init()
-        self._held = False                          # answering opens: this daemon serves
-        io = self._inodes.get(inode)
-        if io is not None and io.backing_id and not io.passed and not self._still_backing(io):
-            self._let_go([inode])                   # lingering, but its blob changed meanwhile
         io = self._inodes.setdefault(inode, InodeIO())
-        backing_id = self._backing_for(inode, io, content_id, size, describe)
+        backing_id = self._backing_for(io, content_id, size, describe)
         if backing_id:
             io.passed += 1
         else:
@@ -230,7 +203,6 @@ class Passthrough:
         backing id it is kept (the first open of the inode) or closed (a later one)."""
         if not self._checked_init:
             self.after_init()
-        self._held = False                          # answering opens: this daemon serves
         io = self._inodes.setdefault(inode, InodeIO())
         if io.backing_id:       # every open of a passthrough inode is one; the first's fd is registered
             backing_id = io.backing_id
@@ -266,13 +238,11 @@ class Passthrough:
         return backing_id
 
     def passing(self, inode: int) -> bool:
-        """True while `inode` has passthrough opens: every new open of it must pass through.
-        (A lingering id binds nothing: the kernel's inode has no opens then.)"""
+        """True while `inode` has a backing id: every new open of it must pass through."""
         io = self._inodes.get(inode)
-        return io is not None and io.passed > 0
+        return io is not None and io.backing_id != 0
 
     def release(self, fh: int) -> None:
-        self._held = False                          # answering releases: this daemon serves
         opened = self._opens.pop(fh, None)
         io = None if opened is None else self._inodes.get(opened[0])
         if opened is None or io is None:
@@ -281,77 +251,12 @@ class Passthrough:
         if passed:
             io.passed -= 1
             if io.passed == 0 and io.owner is not None:
-                self._linger_or_close(inode, io)
+                owner, io.owner, io.backing_id = io.owner, None, 0
+                owner.close()                       # closes the backing id first
         else:
             io.served -= 1
-        if io.served == 0 and io.passed == 0 and io.owner is None:
-            self._inodes.pop(inode, None)           # (gone already if its id was just closed)
-
-    def _linger_or_close(self, inode: int, io: InodeIO) -> None:
-        """The last passthrough open of `inode` was released: keep a blob's id for a reopen
-        (bounded in time and count), close any other at once."""
-        if self._nursery is None or not isinstance(io.owner, BlobHandle):
-            self._let_go([inode])                   # ops.release writes the hand-over state next
-            return
-        self._lingering[inode] = time.monotonic() + LINGER_SECONDS
-        self._lingering.move_to_end(inode)
-        self._lingered.set()
-        if len(self._lingering) > LINGER_MOST:
-            self._let_go([next(iter(self._lingering))])
-
-    def forget(self, inodes: Iterable[int]) -> None:
-        """The kernel forgot these inodes (FORGET): their lingering ids serve nothing now."""
-        self._let_go_lingering([inode for inode in inodes if inode in self._lingering])
-
-    def let_go_of_lingering(self) -> None:
-        """Close every lingering id (before the mount evicts): their blobs are idle."""
-        self._let_go_lingering(list(self._lingering))
-
-    def close_at_unmount(self) -> None:
-        """Close every lingering id: the mount is gone, and no successor has its connection."""
-        self._let_go(list(self._lingering))
-
-    def hold_ids(self) -> None:
-        """A hand-over starts: no id closes in the background until this daemon answers an open
-        or release again (it serves on: the hand-over failed). A successor adopts the ids the
-        hand-over state names; one closed behind its back would fail its next open."""
-        self._held = True
-
-    def _let_go_lingering(self, inodes: list[int]) -> None:
-        """Close lingering ids from outside an open or release (expiry, FORGET, eviction): the
-        hand-over state is written first, so a successor never adopts an id already closed."""
-        if not self._held and inodes:
-            self._let_go(inodes, tell=True)
-
-    def _let_go(self, inodes: list[int], tell: bool = False) -> None:
-        """Close the backing ids of `inodes`, none of which has a passthrough open."""
-        owners = []
-        for inode in inodes:
-            self._lingering.pop(inode, None)
-            io = self._inodes.get(inode)
-            if io is None or io.owner is None or io.passed:
-                continue
-            owners.append(io.owner)
-            io.owner, io.backing_id = None, 0
-            if io.served == 0:
-                del self._inodes[inode]
-        if owners and tell:
-            self.changed()
-        for owner in owners:
-            owner.close()                           # closes the backing id first
-
-    async def _expire_lingering(self) -> None:
-        while True:
-            if not self._lingering:
-                self._lingered = trio.Event()
-                await self._lingered.wait()
-                continue
-            first = next(iter(self._lingering.values()))    # the oldest expires first
-            await trio.sleep(max(0.0, first - time.monotonic()))
-            now = time.monotonic()
-            self._let_go_lingering([inode for inode, until in self._lingering.items() if until <= now])
-            if self._held:                          # a hand-over: expire once this daemon serves on
-                await trio.sleep(LINGER_SECONDS)
+        if io.served == 0 and io.passed == 0:
+            del self._inodes[inode]
 
     def export(self) -> dict:
         """The open files and backing ids, for a successor on the same connection (handover.py)."""
@@ -364,15 +269,9 @@ class Passthrough:
         EIO), so they are reused and closed here on the last release. `content_of(inode)`:
         the inode's (content_id, size), or None for a local file."""
         for inode_text, (served, passed, backing_id) in exported.get("inodes", {}).items():
-            inode = int(inode_text)
-            io = self._inodes[inode] = InodeIO(served, passed, backing_id)
+            io = self._inodes[int(inode_text)] = InodeIO(served, passed, backing_id)
             if backing_id:
-                io.owner = self._adopted_owner(backing_id, content_of(inode))
-                if not passed:          # lingering in the predecessor: it lingers here, afresh
-                    self._lingering[inode] = time.monotonic() + LINGER_SECONDS
-                    self._lingered.set()
-        for inode in [i for i in self._lingering if not isinstance(self._inodes[i].owner, BlobHandle)]:
-            self._let_go([inode])       # a local file's id never lingers (see _linger_or_close)
+                io.owner = self._adopted_owner(backing_id, content_of(int(inode_text)))
         self._opens.update((int(fh), (inode, bool(passed))) for fh, (inode, passed) in exported.get("opens", {}).items())
 
     def _adopted_owner(self, backing_id: int, content) -> "BlobHandle | _IdCloser":
@@ -383,9 +282,8 @@ class Passthrough:
         owner.on_close(close.close)
         return owner
 
-    def _backing_for(self, inode: int, io: InodeIO, content_id: str, size: int, describe: str) -> int:
+    def _backing_for(self, io: InodeIO, content_id: str, size: int, describe: str) -> int:
         if io.backing_id:
-            self._lingering.pop(inode, None)
             return io.backing_id                    # every open of a passthrough inode is one
         if self.off_reason is not None or io.served:
             return 0                                # off, or the inode is in the daemon's mode
@@ -408,11 +306,6 @@ class Passthrough:
         owner.on_close(lambda: self._close_quietly(backing_id))
         io.owner, io.backing_id = owner, backing_id
         return backing_id
-
-    @staticmethod
-    def _still_backing(io: InodeIO) -> bool:
-        """A lingering id's blob is still complete, verified and checked (in memory: cheap)."""
-        return not isinstance(io.owner, BlobHandle) or io.owner.verified_data_fd() is not None
 
     def _check_in_background(self, owner: BlobHandle, describe: str) -> None:
         """Check the blob's block crcs once in this process; opens after that may pass through.
@@ -461,7 +354,7 @@ class Passthrough:
     def describe_local(self, inode: int) -> str:
         """What the xattr `user.lamina.passthrough` says of a local file."""
         io = self._inodes.get(inode)
-        if io is not None and io.passed:
+        if io is not None and io.backing_id:
             return "yes"
         if self.off_reason is not None:
             return f"no: {self.off_reason}"
@@ -474,10 +367,8 @@ class Passthrough:
     def describe(self, inode: int, content_id: str, size: int) -> str:
         """What the xattr `user.lamina.passthrough` says of a file."""
         io = self._inodes.get(inode)
-        if io is not None and io.passed:
+        if io is not None and io.backing_id:
             return "yes"
-        if io is not None and io.backing_id and self._still_backing(io):
-            return "yes (on open)"                  # its id lingers: the next open reuses it
         if self.off_reason is not None:
             return f"no: {self.off_reason}"
         if io is not None and io.served:

@@ -3,18 +3,12 @@
 LAMINA_TEST_PASSTHROUGH_FAULT names it: eperm / eloop (the kernel refuses the backing
 file), stock (pyfuse3 without the patch), old-kernel (INIT grants no passthrough),
 non-root (no CAP_SYS_ADMIN). Tests only: the daemon's own fallback code then runs.
-
-Two more knobs watch backing ids rather than break them: LAMINA_TEST_BACKING_TRACE names a
-file each registration and close of a backing id is appended to ("PID open ID", "PID close
-ID"), and LAMINA_TEST_PASSTHROUGH_LINGER sets how long a released blob's id lingers.
 """
 
 import errno
 import os
 
 FAULT = os.environ.get("LAMINA_TEST_PASSTHROUGH_FAULT")
-TRACE = os.environ.get("LAMINA_TEST_BACKING_TRACE")
-LINGER = os.environ.get("LAMINA_TEST_PASSTHROUGH_LINGER")
 
 
 def refuse(number):
@@ -38,30 +32,3 @@ if FAULT:
         passthrough.has_cap_sys_admin = lambda: False
     else:
         raise SystemExit(f"unknown LAMINA_TEST_PASSTHROUGH_FAULT {FAULT!r}")
-
-
-def note(line):
-    with open(TRACE, "a") as trace:
-        trace.write(f"{os.getpid()} {line}\n")
-
-
-if TRACE:
-    import pyfuse3
-
-    registered, closed = pyfuse3.backing_open, pyfuse3.backing_close
-
-    def traced_open(fd):
-        backing_id = registered(fd)
-        note(f"open {backing_id}")
-        return backing_id
-
-    def traced_close(backing_id):
-        note(f"close {backing_id}")
-        return closed(backing_id)
-
-    pyfuse3.backing_open, pyfuse3.backing_close = traced_open, traced_close
-
-if LINGER:
-    from vfs import passthrough
-
-    passthrough.LINGER_SECONDS = float(LINGER)
