@@ -62,6 +62,7 @@ RUN apt-get update \
  && apt-get clean && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/lamina-llm-cache /opt/lamina-llm-cache
 COPY contrib/docker/entrypoint.sh /usr/local/bin/lamina-llm-cache-entrypoint
+COPY contrib/docker/fdholder.py /usr/local/bin/lamina-llm-cache-fdholder
 ENV PATH=/opt/lamina-llm-cache/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \

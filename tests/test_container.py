@@ -7,6 +7,7 @@ the whole file against the file the simulator serves. See tests/dockerkit.py for
 engine, the base image and the build are made on a machine without a registry.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import dockerkit
 from dockerkit import BASE_IMAGE, IMAGE, REPO
 from vfs.testing.hubsim import HubSimulator
 from vfs.testing.models import write_gguf
+from vfs.keeper import mounted_device
 from vfs.testing.readers import Readers
 
 MODEL = "tiny-llama"
@@ -135,9 +137,9 @@ class Node:
         self.engine, self.hub, self.parent, self.cache, self.manifest = engine, hub, parent, cache, manifest
         self.api_port = dockerkit.free_port()
 
-    def start_daemon(self, name="lamina", parent_volume=None):
+    def start_daemon(self, name="lamina", parent_volume=None, extra=()):
         self.engine.docker(
-            "run", "-d", "--name", name, "--network", "host",
+            "run", "-d", "--name", name, "--network", "host", *extra,
             "--device", "/dev/fuse", "--cap-add", "SYS_ADMIN", "--security-opt", "apparmor=unconfined",
             "-v", parent_volume or f"{self.parent}:/host:rshared",
             "-v", f"{self.cache}:/var/cache/lamina-llm-cache",
@@ -366,6 +368,61 @@ def test_readers_ride_out_a_killed_daemon_and_an_upgrade_inside_the_container(no
     assert f"keeper: the serving daemon (pid {killed}) was killed by SIGKILL" in logs, logs
     assert "keeper: upgrade: pid" in logs and " ERROR " not in logs, logs
     assert hashlib.sha256(path.read_bytes()).hexdigest() == node.hub.expected_sha256
+
+
+def wait_for_log(engine, container, text, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in engine.docker("logs", container).stderr:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{container} never logged {text!r}:\n{engine.docker('logs', container).stderr}")
+
+
+@pytest.mark.slow
+def test_a_holder_outside_keeps_the_connection_while_the_daemon_container_is_replaced(node, image):
+    """lamina-llm-cache-fdholder in a container of its own keeps the FUSE connection: the
+    daemon's container is killed (keeper and child) and removed, a new one adopts the kept
+    connection, and the readers on the host see a stall, not an error."""
+    holder_dir, run_dir = node.parent.parent / "holder", node.parent.parent / "run"
+    node.engine.docker("run", "-d", "--name", "fdholder", "--network", "none", "-v", f"{holder_dir}:/holder",
+                       "--entrypoint", "lamina-llm-cache-fdholder", IMAGE, "serve", "/holder")
+    wait_for_log(node.engine, "fdholder", "listening on")
+    with_holder = ["-v", f"{holder_dir}:/holder", "-v", f"{run_dir}:/run/lamina-llm-cache",
+                   "-e", "LAMINA_FD_HOLDER=/holder"]
+    node.start_daemon(extra=with_holder)
+    node.wait_ready()
+    wait_for_log(node.engine, "fdholder", "keeping lamina-fuse (/dev/fuse)")
+    path = node.parent / "models" / GGUF_IN_MOUNT
+    device = mounted_device(str(path.parent.parent))
+    try:
+        with Readers(path, node.hub.source, drop_every=0.5) as readers:
+            node.engine.docker("kill", "lamina")        # SIGKILL to the keeper (PID 1): the child dies with it
+            node.engine.docker("wait", "lamina")
+            node.engine.docker("rm", "lamina")
+            assert mounted_device(str(path.parent.parent)) == device, "the kept connection keeps the mount"
+            node.start_daemon(extra=with_holder)
+            node.wait_ready()
+            assert readers.wait_for_progress(3, timeout=30), readers.progress()
+        print(readers.results.summary())
+        assert readers.results.ok, readers.results.problems()
+        assert readers.results.errors == 0 and readers.results.wrong_bytes == 0
+        assert mounted_device(str(path.parent.parent)) == device, "the same mount, not a new one"
+        logs = node.engine.docker("logs", "lamina").stderr
+        assert "keeper: adopting the connection systemd kept" in logs and " ERROR " not in logs, logs
+        # A clean stop unmounts: the connection ends, and the holder lets go of it.
+        node.engine.docker("stop", "-t", "30", "lamina")
+        wait_for_log(node.engine, "fdholder", "dropped lamina-fuse: the connection ended")
+        assert mounted_device(str(path.parent.parent)) is None
+    finally:
+        abort_connection(device)
+
+
+def abort_connection(device):
+    """Fail every request of the mount `device` ("major:minor"), so a failed test leaves nothing waiting."""
+    if device is not None:
+        with contextlib.suppress(OSError):
+            Path(f"/sys/fs/fuse/connections/{device.split(':')[1]}/abort").write_text("1")
 
 
 @pytest.mark.slow

@@ -2,10 +2,12 @@
 
 import os
 import socket
+import stat
 import struct
 import subprocess
 import sys
 
+from conftest import needs_fuse
 from vfs.fdstore import LISTEN_FDS_START, listened_fds
 from vfs.notify import Notifier
 from vfs.resend import FUSE_NOTIFY_RESEND, resend_message
@@ -52,3 +54,22 @@ def test_store_fd_sends_fdstore_with_the_descriptor(tmp_path):
 def test_resend_is_a_bare_notify_header():
     length, code, unique = struct.unpack("=IiQ", resend_message())
     assert (length, code, unique) == (16, FUSE_NOTIFY_RESEND, 0)
+
+
+@needs_fuse
+def test_a_fuse_descriptor_is_known_by_its_device_not_its_path(tmp_path):
+    """A connection handed back from a container that has ended names a path that is gone;
+    the keeper must still know it for /dev/fuse (and nothing else for it)."""
+    from vfs.keeper import FUSE_DEVICE, _is_fuse_device
+    elsewhere = tmp_path / "not-dev-fuse"
+    os.mknod(elsewhere, 0o600 | stat.S_IFCHR, FUSE_DEVICE)
+    fuse_fd = os.open(elsewhere, os.O_RDWR)
+    read_end, write_end = os.pipe()
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        assert os.readlink(f"/proc/self/fd/{fuse_fd}") != "/dev/fuse"
+        assert _is_fuse_device(fuse_fd)
+        assert not _is_fuse_device(read_end) and not _is_fuse_device(null)
+    finally:
+        for fd in (fuse_fd, read_end, write_end, null):
+            os.close(fd)

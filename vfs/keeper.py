@@ -45,6 +45,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -474,11 +475,17 @@ def tell_keeper(link_fd: int, state_path: str | None = None) -> None:
         link.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
 
 
+FUSE_DEVICE = os.makedev(10, 229)       # /dev/fuse, the misc device "fuse"
+
+
 def _is_fuse_device(fd: int) -> bool:
+    """By the device number, not the path: a descriptor handed over from another mount
+    namespace (a container that has ended) no longer reads as /dev/fuse."""
     try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "/dev/fuse"
+        info = os.fstat(fd)
     except OSError:
         return False
+    return stat.S_ISCHR(info.st_mode) and info.st_rdev == FUSE_DEVICE
 
 
 def connection_fd() -> int:
