@@ -331,6 +331,7 @@ async def test_a_blob_being_hashed_is_never_evicted_under_its_hash(tmp_path, nur
     await trio.to_thread.run_sync(hashing.wait, 10)          # closed, its hash under way
     with cache.open(ids[1], 2 * BLOCK) as handle:            # needs the room the first one takes
         await handle.fill(MemorySource(blobs[1]))
+    await settle(cache)                                      # every block of it written, the hash still held
     finish.set()
     while ids[0] in cache._verifying:
         await trio.sleep(0.01)

@@ -1101,8 +1101,8 @@ class BlockCache:
             chunks = blockio.file_chunks(blob.data_fd, blob.direct_fd, blob.size)
             good = await trio.to_thread.run_sync(matches_content_id, blob.content_id, blob.size, chunks)
         if good:
-            blob.verified = True
             await self._record_verified(blob, describe)
+            blob.verified = True
             return True
         if self.defer_discards and not (blob.hold_fd is not None and cachedir.try_exclusive(blob.hold_fd)):
             log.error("%s: %s does not match its content id; another process has it open, so it is "
