@@ -241,13 +241,18 @@ def test_consumers_read_exact_bytes_and_heal_when_the_daemon_container_is_replac
     assert node.sha256_in("after-child", f"/models/{GGUF_IN_MOUNT}") == expected
     holder = Holder(node, parent, f"/lamina/models/{GGUF_IN_MOUNT}")
 
-    # The daemon killed (a dead mount), stopped cleanly, and unmounted by the DaemonSet's preStop.
-    for replace in ("kill", "stop", "prestop"):
+    # The daemon killed (a dead mount), killed and started again as a restart policy does (the
+    # same container, its files as they were), stopped cleanly, and unmounted by the
+    # DaemonSet's preStop.
+    for replace in ("kill", "restart", "stop", "prestop"):
         assert holder.ask("reopen") == expected
         end_daemon(node, replace)
-        node.start_daemon()
+        if replace == "restart":
+            node.engine.docker("start", "lamina")
+        else:
+            node.start_daemon()
         node.wait_ready()
-        if replace == "kill":
+        if replace in ("kill", "restart"):
             assert "left a dead mount; clearing it" in node.engine.docker("logs", "lamina").stderr
         # Healed, with no consumer restarted: the host, the consumers started before the first
         # mount with rslave, and those that bind the parent directory, whenever they started.
@@ -269,6 +274,10 @@ def test_consumers_read_exact_bytes_and_heal_when_the_daemon_container_is_replac
 def end_daemon(node, how):
     if how == "kill":
         node.engine.docker("rm", "-f", "lamina")
+        return
+    if how == "restart":
+        node.engine.docker("kill", "lamina")
+        node.engine.docker("wait", "lamina")
         return
     if how == "prestop":        # contrib/k8s/daemonset.yaml's preStop, then the SIGTERM that follows it
         node.engine.docker("exec", "lamina", "lamina-llm-cache", "unmount", "--lazy", "/host/models")
