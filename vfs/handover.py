@@ -11,11 +11,12 @@ state, a directory beside the pid file that the serving daemon keeps current:
   the same number, after a /refresh too), the generation of handle numbers, and the
   times every entry shows (a new mtime would make the kernel drop the files' cached pages).
   Written when the daemon serves and after each /refresh.
-- `opens.json`: the open files the kernel knows of, by passthrough mode and backing id
-  (passthrough backing ids belong to the connection: a successor reuses them, since the
-  kernel refuses a second backing file, or a daemon-served open, for an inode that has
-  passthrough opens). Written before each open or release is answered, so that it is
-  current even when the daemon is SIGKILLed.
+- `opens.json` and `opens.log`: the open files the kernel knows of, by passthrough mode
+  and backing id (passthrough backing ids belong to the connection: a successor reuses
+  them, since the kernel refuses a second backing file, or a daemon-served open, for an
+  inode that has passthrough opens). Recorded before each open or release is answered, so
+  that it is current even when the daemon is SIGKILLed: a snapshot and a journal of
+  changes (opensrecord.py).
 - `checked.json`, for a takeover only: the blocks whose crc the old daemon checked
   (BlockCache.export_checked), so the successor does not check them again.
 
@@ -43,13 +44,13 @@ import pyfuse3
 import trio
 
 from . import control, errors
+from .opensrecord import OpensRecord, read_record
 
 log = logging.getLogger(__name__)
 
 INODE_BITS = 32                 # fh = serial << 32 | inode
 SERIALS_PER_GENERATION = 1 << 20
 SESSION_FILE = control.SESSION_FILE
-OPENS_FILE = "opens.json"
 CHECKED_FILE = "checked.json"   # a takeover's: the blocks whose crc the old daemon checked
 
 
@@ -184,10 +185,7 @@ def load_state(directory: Path) -> HandedOver:
         session = json.loads(text)
     except (OSError, ValueError) as exc:
         raise errors.LaminaError(f"no usable hand-over state in {directory}: {exc}") from None
-    try:
-        opens = json.loads((directory / OPENS_FILE).read_text())
-    except (OSError, ValueError):
-        opens = {}
+    opens = read_record(directory)
     return HandedOver(base64.b64decode(session["init"]), session["generation"],
                       InodeTable.load(session), opens, retired=session.get("retired", []), session_text=text,
                       mtime_ns=session.get("mtime_ns"))
@@ -216,6 +214,7 @@ class StateWriter:
 
     def __init__(self, directory: Path, generation: int, cache: Path | None = None):
         self.directory, self.generation, self.cache = directory, generation, cache
+        self.opens = OpensRecord(directory)
 
     def write_session(self, tree, retired: list | None = None, mtime_ns: int | None = None) -> None:
         """`retired`: `Operations.export_retired()`, entries of earlier trees still open;
@@ -232,7 +231,7 @@ class StateWriter:
 
     def write_opens(self, opens: dict) -> None:
         try:
-            _write(self.directory / OPENS_FILE, opens)
+            self.opens.write(opens)
         except FileNotFoundError:
             pass                    # no session written (a stock pyfuse3): nothing adopts anyway
 
