@@ -19,18 +19,16 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
-from pathlib import Path
 
 from vfs.testing.link import parse_rate
 from vfs.testing.mounts import MountProcess, isolated_environment
 
 from .data import MIB, four_files, gguf_file
 from .link import _free_port, _parallel_reads, served_from_disk
-from .loopback_ab import knows_no_keeper
+from .loopback_ab import daemons_to_compare, knows_no_keeper
 from .machine import drop_caches, warm
-from .overhead import ROOT, daemon_cpu_seconds, export
+from .overhead import daemon_cpu_seconds
 from .probes import llama_style_load_seconds
 from .server import HubProcess
 
@@ -95,15 +93,7 @@ def compare(results, base):
 
 def main(argv=None):
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        sys.exit("the benchmark drops the page cache and mounts: run it as root")
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "models.yaml").write_text(MANIFEST)
-    commit, baseline = export(args.baseline, work / "exports")
-    base = f"baseline {commit[:12]}"
-    theirs = export(args.candidate, work / "exports") if args.candidate else None
-    daemons = {base: baseline, "this checkout": theirs[1] if theirs else ROOT}
+    work, base, daemons = daemons_to_compare(args, MANIFEST)
     files = {"four": four_files(work / "repo-four", args.four_mib * MIB),
              "gguf": gguf_file(work / "repo-gguf", args.gguf_mib)}
     os.chdir(work)          # not the checkout: PYTHONPATH alone decides which code a daemon runs

@@ -93,17 +93,23 @@ def compare(figures, base, unit, what):
           f"{sum(r > 1 for r in ratios)} of {len(ratios)} above 1)")
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def daemons_to_compare(args, manifest: str) -> tuple[Path, str, dict]:
+    """The work directory (with `manifest` in it), the baseline's label, and the code each
+    compared daemon runs, by label: the baseline's and this checkout's (or --candidate's)."""
     if os.geteuid() != 0:
         sys.exit("the benchmark drops the page cache and mounts: run it as root")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "models.yaml").write_text(MANIFEST)
+    (work / "models.yaml").write_text(manifest)
     commit, baseline = export(args.baseline, work / "exports")
     base = f"baseline {commit[:12]}"
     theirs = export(args.candidate, work / "exports") if args.candidate else None
-    daemons = {base: baseline, "this checkout": theirs[1] if theirs else ROOT}
+    return work, base, {base: baseline, "this checkout": theirs[1] if theirs else ROOT}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    work, base, daemons = daemons_to_compare(args, MANIFEST)
     big = big_file(work / "repo-big", args.size_mib * MIB)
     os.chdir(work)          # not the checkout: PYTHONPATH alone decides which code a daemon runs
     rates = {name: [] for name in daemons}

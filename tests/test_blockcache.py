@@ -124,6 +124,10 @@ async def test_a_torn_or_garbled_record_leaves_its_block_absent(tmp_path, data, 
     assert state.present_blocks == 1 and state.cached_bytes == BLOCK
 
 
+def full_disk(*args):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 async def test_a_record_the_disk_takes_only_part_of_is_trimmed_so_later_records_stay_aligned(tmp_path, monkeypatch):
     log = tmp_path / "blob.log"
     log.write_bytes(make_record(0, 1))
@@ -141,8 +145,6 @@ async def test_a_record_the_disk_takes_only_part_of_is_trimmed_so_later_records_
 
 async def test_a_block_the_disk_refuses_to_sync_or_record_is_served_but_not_cached(tmp_path, data, nursery,
                                                                                    monkeypatch, caplog):
-    def full_disk(*args):
-        raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(blockcache, "_sync_block", full_disk)
     cache = make_cache(tmp_path / "cache")
     cache.start(nursery)
@@ -155,8 +157,6 @@ async def test_a_block_the_disk_refuses_to_sync_or_record_is_served_but_not_cach
 
 async def test_a_blob_verified_on_a_disk_too_full_for_its_mark_is_still_served(tmp_path, data, nursery,
                                                                                  monkeypatch, caplog):
-    def full_disk(*args):
-        raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(blockcache, "write_atomically", full_disk)
     cache = make_cache(tmp_path / "cache")
     cache.start(nursery)
