@@ -523,6 +523,13 @@ def test_write_gguf_makes_a_file_gguf_can_read(tmp_path):
     assert write_gguf(tmp_path / "again.gguf", size_mib=4, seed=1).read_bytes() == path.read_bytes()
 
 
+def test_write_gguf_makes_a_model_bigger_than_one_random_draw(tmp_path):
+    path = write_gguf(tmp_path / "big.gguf", size_mib=600, seed=2)     # an embedding of more than 256 MiB
+    assert 590 < path.stat().st_size / 2**20 < 610
+    with open(path, "rb") as f:
+        assert f.read(4) == b"GGUF"
+
+
 def test_write_safetensors_dir_makes_a_loadable_model(tmp_path):
     from safetensors.numpy import load_file
 

@@ -57,8 +57,17 @@ def _ones(shape, dtype):
     return ONE[dtype] * _count(shape)
 
 
+# random.randbytes takes at most 2**31 - 1 bits at once; a piece this size keeps every
+# smaller tensor's bytes what they always were, and a multiple of every item size.
+RANDOM_PIECE = 2**28 - 4
+
+
+def _random_bytes(rng, size):
+    return b"".join(rng.randbytes(min(RANDOM_PIECE, size - start)) for start in range(0, size, RANDOM_PIECE))
+
+
 def _weights(rng, shape, dtype):
-    data = bytearray(rng.randbytes(_count(shape) * ITEM_SIZE[dtype]))
+    data = bytearray(_random_bytes(rng, _count(shape) * ITEM_SIZE[dtype]))
     step = ITEM_SIZE[dtype]
     high = _F16_HIGH if dtype == F16 else _F32_HIGH
     data[step - 1::step] = data[step - 1::step].translate(high)
