@@ -12,8 +12,10 @@
 # relative to itself ($ORIGIN), so the wheel works in any venv of the same layout.
 #
 # Everything fetched or built is kept in $LAMINA_BUILD_CACHE (default
-# ~/.cache/lamina-llm-cache/passthrough), keyed by the patch, this script, the
-# libfuse version and the Python ABI: a rerun installs from there in seconds.
+# ~/.cache/lamina-llm-cache-build/passthrough), keyed by the patch, this script, the
+# libfuse version and the Python ABI: a rerun installs from there in seconds. Not
+# under ~/.cache/lamina-llm-cache: that is the block cache's default directory, and
+# a mount refuses a directory that holds anything but a block cache.
 set -eu
 
 VENV=$(cd "$1" && pwd)
@@ -23,8 +25,19 @@ PATCHES="$HERE/pyfuse3-passthrough.patch $HERE/pyfuse3-handover.patch"
 PYFUSE3_VERSION=3.5.0
 LIBFUSE_MIN=3.17
 LIBFUSE_SUITE=trixie
-CACHE=${LAMINA_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lamina-llm-cache/passthrough}
 PREFIX="$VENV/libfuse"
+USER_CACHE=${XDG_CACHE_HOME:-$HOME/.cache}
+CACHE=${LAMINA_BUILD_CACHE:-$USER_CACHE/lamina-llm-cache-build/passthrough}
+
+# Earlier versions kept the build cache inside the block cache's default directory,
+# which `mount` then refused; move it out (and the directory goes if nothing else is in it).
+move_old_build_cache() {
+    old="$USER_CACHE/lamina-llm-cache/passthrough"
+    [ -z "${LAMINA_BUILD_CACHE:-}" ] && [ -d "$old" ] && [ ! -e "$CACHE" ] || return 0
+    mkdir -p "$(dirname "$CACHE")"
+    mv "$old" "$CACHE"
+    rmdir "$USER_CACHE/lamina-llm-cache" 2>/dev/null || true
+}
 
 log() { echo "build-passthrough: $*" >&2; }
 
@@ -108,6 +121,7 @@ build_pyfuse3_wheel() {
 }
 
 main() {
+    move_old_build_cache
     mkdir -p "$CACHE"
     # One build at a time per cache: make install may run in several checkouts at once.
     exec 9>"$CACHE/lock"

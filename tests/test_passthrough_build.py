@@ -41,3 +41,31 @@ def test_the_patched_file_info_carries_a_backing_id_and_defaults_to_none():
     assert pyfuse3.FileInfo().backing_id == 0
     assert pyfuse3.FileInfo(backing_id=7, keep_cache=False).backing_id == 7
     assert pyfuse3.passthrough_enabled() is False      # no session: nothing negotiated
+
+
+SCRIPT = Path(__file__).resolve().parent.parent / "contrib" / "build-passthrough.sh"
+
+
+def build_cache_shell(home, then):
+    """Run the script's cache settings and `then` in sh, for a user whose home is `home`."""
+    text = SCRIPT.read_text()
+    start, end = text.index("USER_CACHE="), text.index("\n}\n", text.index("move_old_build_cache() {")) + 3
+    done = subprocess.run(["sh", "-eu", "-c", text[start:end] + then], env={"HOME": str(home), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_the_build_cache_is_never_inside_the_block_caches_default_directory(tmp_path):
+    from vfs.settings import Settings
+    block_cache = Path(str(Settings().cache_dir).replace(str(Path.home()), str(tmp_path), 1))
+    build_cache = Path(build_cache_shell(tmp_path, 'echo "$CACHE"'))
+    assert build_cache.is_relative_to(tmp_path) and not build_cache.is_relative_to(block_cache)
+
+
+def test_a_build_cache_an_older_install_left_in_the_block_caches_directory_is_moved_out(tmp_path):
+    old = tmp_path / ".cache" / "lamina-llm-cache" / "passthrough"
+    (old / "wheels").mkdir(parents=True)
+    (old / "wheels" / "pyfuse3.whl").write_text("built")
+    moved = Path(build_cache_shell(tmp_path, 'move_old_build_cache; echo "$CACHE"'))
+    assert (moved / "wheels" / "pyfuse3.whl").read_text() == "built"
+    assert not (tmp_path / ".cache" / "lamina-llm-cache").exists()      # a mount may make it its cache now
