@@ -111,8 +111,8 @@ def main(argv=None):
                 results[name].append(figures)
                 print(f"round {round_ + 1}: {name}: " + ", ".join(f"{k} {v:,.2f}" for k, v in figures.items()),
                       flush=True)
-    if theirs:
-        print(f"'this checkout' above is commit {theirs[0][:12]}")
+    if args.candidate:
+        print(f"'this checkout' above is commit {args.candidate}")
     compare(results, base)
     print(f"load average at the end: {os.getloadavg()}")
 
