@@ -12,7 +12,8 @@ alternating order each round, so that the machine's load hits both alike.
   through a cold mount; seconds.
 
 Each also gives the daemon's CPU time per MiB (all its threads, from /proc), which moves
-far less with the machine's load than the throughput does.
+far less with the machine's load than the throughput does, and the machine's idle share
+while the case ran: near 0%, the cores were the limit, not the link.
 """
 
 import argparse
@@ -67,7 +68,7 @@ def one_round(case, hub, work, name, pythonpath, files, extra_args):
     try:
         drop_caches()
         warm(*files["four"], files["gguf"])
-        before = daemon_cpu_seconds(mount.process.pid)
+        before, idle_before = daemon_cpu_seconds(mount.process.pid), machine_idle_ticks()
         if case == "four":
             total, seconds = _parallel_reads(sorted((work / "mnt" / "four").iterdir()))
             figures = {"MB/s": total / max(seconds) / 1e6, "spread": max(seconds) / min(seconds),
@@ -76,9 +77,26 @@ def one_round(case, hub, work, name, pythonpath, files, extra_args):
             total = files["gguf"].stat().st_size
             figures = {"seconds": llama_style_load_seconds(work / "mnt" / "gguf" / "model.gguf")}
         figures["us CPU per MiB"] = (daemon_cpu_seconds(mount.process.pid) - before) * 1e6 / (total / MIB)
+        # Whether the machine or the link was the limit: at 0% idle, every process (the
+        # daemon, the simulator, the readers) waited for a core, not for bytes.
+        idle_after = machine_idle_ticks()
+        figures["% machine idle"] = idle_share(idle_before, idle_after, 0)
+        figures["% machine iowait"] = idle_share(idle_before, idle_after, 1)
         return figures
     finally:
         mount.stop()
+
+
+def machine_idle_ticks():
+    """(idle, iowait, total) CPU ticks of the whole machine so far (/proc/stat)."""
+    ticks = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    return ticks[3], ticks[4], sum(ticks)
+
+
+def idle_share(before, after, which):
+    """The share of the machine's CPU time (in %) between two `machine_idle_ticks` that was
+    idle (`which` 0) or waiting on the disk (1)."""
+    return 100.0 * (after[which] - before[which]) / max(1, after[2] - before[2])
 
 
 def compare(results, base):
