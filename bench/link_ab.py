@@ -6,8 +6,9 @@ link, cold (fresh block cache, page cache dropped, the server's files read back 
 alternating order each round, so that the machine's load hits both alike.
 
 - `four`: four cold readers of four different files at once; the total MB/s, the
-  slowest reader's time over the fastest's, and the MiB served from the cache's disk
-  (blocks fetched ahead and recycled before their reader got there, read back).
+  slowest reader's time over the fastest's, the MiB served from the cache's disk
+  (blocks fetched ahead and recycled before their reader got there, read back), and the
+  requests in flight at the simulator's CDN, on average over the read.
 - `load`: a llama.cpp-style load (header reads, then mmap MAP_POPULATE) of a GGUF
   through a cold mount; seconds.
 
@@ -26,7 +27,7 @@ from vfs.testing.link import parse_rate
 from vfs.testing.mounts import MountProcess, isolated_environment
 
 from .data import MIB, four_files, gguf_file
-from .link import _free_port, _parallel_reads, served_from_disk
+from .link import InFlightSampler, _free_port, _parallel_reads, served_from_disk
 from .loopback_ab import daemons_to_compare, knows_no_keeper
 from .machine import drop_caches, warm
 from .overhead import daemon_cpu_seconds
@@ -70,9 +71,10 @@ def one_round(case, hub, work, name, pythonpath, files, extra_args):
         warm(*files["four"], files["gguf"])
         before, idle_before = daemon_cpu_seconds(mount.process.pid), machine_idle_ticks()
         if case == "four":
-            total, seconds = _parallel_reads(sorted((work / "mnt" / "four").iterdir()))
+            with InFlightSampler(hub.client) as in_flight:
+                total, seconds = _parallel_reads(sorted((work / "mnt" / "four").iterdir()))
             figures = {"MB/s": total / max(seconds) / 1e6, "spread": max(seconds) / min(seconds),
-                       "MiB from disk": served_from_disk(api) / MIB}
+                       "MiB from disk": served_from_disk(api) / MIB, "mean in flight": in_flight.summary()[0]}
         else:
             total = files["gguf"].stat().st_size
             figures = {"seconds": llama_style_load_seconds(work / "mnt" / "gguf" / "model.gguf")}

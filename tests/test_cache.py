@@ -233,8 +233,11 @@ def odd_filesystem(request, tmp_path):
     subprocess.run(["umount", "-l", str(target)])
 
 
+# The cache's filesystem comes before mount_factory in these tests' arguments: fixtures are
+# torn down last set up first, so the mounts stop before their cache's filesystem goes (the
+# other order unmounted it under a daemon still storing blocks read ahead: logged errors).
 def test_a_cache_on_a_filesystem_without_o_direct_or_nowait_reads_still_works(
-        hub, big_source, mount_factory, odd_filesystem):
+        hub, big_source, odd_filesystem, mount_factory):
     mount = mount_factory(MANIFEST, hub.endpoint, cache_dir=odd_filesystem / "cache", args=BLOCK)
     path = mount.mountpoint / "big" / "model.gguf"
     assert sha256_of(path) == sha256_of(big_source)
@@ -255,7 +258,7 @@ def test_a_cache_on_a_filesystem_without_o_direct_or_nowait_reads_still_works(
     assert "Traceback" not in again.log_text() and "ERROR" not in again.log_text()
 
 
-def test_a_full_disk_never_corrupts_the_cache_and_reads_stay_exact(hub, big_source, mount_factory, tiny_tmpfs):
+def test_a_full_disk_never_corrupts_the_cache_and_reads_stay_exact(hub, big_source, tiny_tmpfs, mount_factory):
     mount = mount_factory(MANIFEST, hub.endpoint, cache_dir=tiny_tmpfs / "cache", args=BLOCK)
     mount.expect_log_errors("not cached (disk full); served from memory")
     path = mount.mountpoint / "big" / "model.gguf"

@@ -1,6 +1,7 @@
 """The cache directory: its format marker, blob layout, LRU eviction and kept models. No root."""
 
 import os
+import shutil
 
 import pytest
 
@@ -85,6 +86,34 @@ def test_usage_counts_the_blocks_a_sparse_blob_really_occupies(tmp_path):
         sparse.truncate(1 << 30)                    # a 1 GiB blob with nothing cached yet
         sparse.write(b"y" * 65536)
     assert 65536 <= directory.usage() < 1 << 20
+
+
+def test_folders_removed_while_blobs_are_listed_are_skipped_not_raised(tmp_path, monkeypatch):
+    # An eviction (or another process's gc) can empty and remove a folder between the
+    # listing of its parent and its own: the listing must go on without it.
+    directory = CacheDir(tmp_path / "cache", 65536)
+    kept, removed = "sha256:" + "12" * 32, "sha1:" + "34" * 20
+    blob_of(directory, kept, 4096, last_used=1)
+    blob_of(directory, removed, 4096, last_used=2)
+    real_scandir = os.scandir
+
+    class Listed(list):             # what os.scandir gave, read to the end: a context manager too
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            return None
+
+    def scandir_then_remove(path):
+        with real_scandir(path) as entries:
+            listed = Listed(entries)
+        if not isinstance(path, int) and os.fspath(path) == os.fspath(tmp_path / "cache" / "blobs"):
+            shutil.rmtree(tmp_path / "cache" / "blobs" / "sha1", ignore_errors=True)     # listed, then gone
+        return listed
+
+    monkeypatch.setattr(os, "scandir", scandir_then_remove)
+    assert [blob.content_id for blob in directory.blobs()] == [kept]
+    assert directory.usage() == 4096
 
 
 def test_kept_models_survive_a_restart_and_can_be_let_go(tmp_path):

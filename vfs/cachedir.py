@@ -69,15 +69,23 @@ class CacheDir:
             self.blob_base(prefix + "0").parent.mkdir(parents=True, exist_ok=True)
 
     def blobs(self) -> list[BlobOnDisk]:
-        """Every blob stored, with its real disk use and last use."""
+        """Every blob stored, with its real disk use and last use.
+
+        Folders and files may vanish while this runs (an eviction here, another process's
+        gc): what vanished is simply not listed. (A glob raised FileNotFoundError for a
+        folder emptied and removed mid-scan, which failed a block's store on a full disk.)"""
         found = []
-        for data in (self.root / "blobs").glob("*/*/*.data"):
-            content_id = f"{data.parent.parent.name}:{data.stem}"
-            try:
-                info = data.stat()
-            except FileNotFoundError:
-                continue
-            found.append(BlobOnDisk(content_id, data.with_suffix(""), info.st_blocks * 512, info.st_mtime))
+        for algo in _entries(self.root / "blobs"):
+            for folder in _entries(algo.path):
+                for entry in _entries(folder.path):
+                    if not entry.name.endswith(".data"):
+                        continue
+                    try:
+                        info = entry.stat()
+                    except FileNotFoundError:
+                        continue
+                    base = Path(entry.path[:-len(".data")])
+                    found.append(BlobOnDisk(f"{algo.name}:{base.name}", base, info.st_blocks * 512, info.st_mtime))
         return found
 
     def blob_files(self) -> dict[str, set[str]]:
@@ -245,3 +253,12 @@ def _read_format(marker: Path) -> int:
             f"{marker.parent}: cache format {version} is not supported by this version "
             f"(it reads format {FORMAT_VERSION}); use another --cache-dir or upgrade")
     return block_size
+
+
+def _entries(path: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
+    """The entries of a folder, or none if it is gone (or is not a folder)."""
+    try:
+        with os.scandir(path) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
