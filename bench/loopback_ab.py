@@ -128,8 +128,8 @@ def main(argv=None):
                 cpu[name].append(per_mib)
                 print(f"round {round_ + 1}: {name}: {rate:,.0f} MB/s, {per_mib:,.0f} us CPU per MiB, "
                       f"requests in flight: mean {mean:.1f}, most {most}", flush=True)
-    if theirs:
-        print(f"'this checkout' above is commit {theirs[0][:12]}")
+    if args.candidate:
+        print(f"'this checkout' above is commit {args.candidate}")
     compare(rates, base, "MB/s", "throughput")
     compare(cpu, base, "us per MiB", "daemon CPU")
 

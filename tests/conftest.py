@@ -93,11 +93,32 @@ def mount_factory(tmp_path):
     # or the clean-up cuts the connection under it while it answers.
     for mount in reversed(mounts):
         mount.stop()
+    forget_runtime_entries(mounts)
     problems = [f"{mount.log_path.name}: {line}" for mount in mounts if mount.check_log
                 for line in mount.log_problems()]
     if problems:
         pytest.fail("the daemon logged what the test did not expect (mount.expect_log_errors declares "
                     "provoked errors):\n" + "\n".join(problems), pytrace=False)
+
+
+def forget_runtime_entries(mounts):
+    """Remove the pid file, control socket and hand-over state of each mount whose daemon
+    is gone.
+
+    A daemon a test SIGKILLs never removes them (a new mount on the same mount point copes
+    with them); without this, every run of the suite left a dozen under /run."""
+    from vfs import control, daemons, handover
+    for mount in mounts:
+        pid_file = daemons.pid_file(mount.mountpoint)
+        try:
+            pid = int(pid_file.read_text().split()[0])
+            os.kill(pid, 0)
+            continue                    # a daemon still serves it: not the suite's to clear
+        except (OSError, ValueError, IndexError):
+            pass
+        pid_file.unlink(missing_ok=True)
+        control.socket_path(mount.mountpoint).unlink(missing_ok=True)
+        shutil.rmtree(handover.state_dir(mount.mountpoint), ignore_errors=True)
 
 
 def eventually(condition, timeout=10.0):
